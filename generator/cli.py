@@ -1,0 +1,169 @@
+"""The perturbgen command line: generate, validate, schema, variants.
+
+Exit codes: 0 ok; 1 `generate --check` found drift; 2 invalid spec or usage;
+3 the generator itself failed (a bug: please report it).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from generator.errors import SpecError, SpecErrors
+from generator.render import GenerationError, drift, load_spec, render_spec, write_folder
+from generator.spec import ARMS, Spec
+
+app = typer.Typer(
+    name="perturbgen",
+    help="Generate standalone PyTorch training scripts for adaptive perturbation training.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+SpecArgs = Annotated[
+    list[Path],
+    typer.Argument(
+        help="Spec files, or folders whose *.yaml files are specs.", show_default=False
+    ),
+]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--set",
+        metavar="KEY.PATH=VALUE",
+        help="Override a spec field (the value is YAML), e.g. --set optimizer.lr=0.05.",
+    ),
+]
+
+ARM_TABLE = [
+    ("baseline", "0 (no perturbation code is emitted)", "-", "-"),
+    ("fixed", "eps_fixed", "-", "-"),
+    ("phase_only", "eps_phase[p]", "yes", "no"),
+    ("schedule_only", "eps_base * exp(-lambda * t)", "-", "yes"),
+    ("full", "eps_phase[p] * exp(-lambda * t_p)", "yes", "yes"),
+]
+
+
+def _spec_files(paths: list[Path]) -> tuple[list[Path], list[SpecError]]:
+    files, errors = [], []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(p for p in path.glob("*.yaml") if p.is_file())
+            if not found:
+                errors.append(SpecError(str(path), None, "", "folder holds no *.yaml spec"))
+            files += found
+        else:
+            files.append(path)
+    return files, errors
+
+
+def _fail(errors: list[SpecError]) -> None:
+    for error in errors:
+        typer.echo(str(error), err=True)
+    typer.echo(f"{len(errors)} error(s); nothing was written.", err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def generate(
+    specs: SpecArgs,
+    out: Annotated[
+        Path, typer.Option("-o", "--out", help="Folder that receives one folder per spec.")
+    ] = Path("generated"),
+    variant: Annotated[
+        Optional[list[str]],
+        typer.Option("--variant", help="Emit only this arm (repeatable), e.g. --variant fixed."),
+    ] = None,
+    set_: SetOpt = None,
+    check: Annotated[
+        bool, typer.Option("--check", help="Write nothing; exit 1 if the output folder differs.")
+    ] = False,
+) -> None:
+    """Render every arm of each spec into OUT/<spec name>/."""
+    files, errors = _spec_files(specs)
+    rendered = []
+    for path in files:
+        try:
+            rendered.append(render_spec(path, set_ or [], variant or []))
+        except SpecErrors as exc:
+            errors += exc.errors
+        except GenerationError as exc:
+            typer.echo(f"internal error while generating {path}: {exc}", err=True)
+            raise typer.Exit(3) from None
+    names = [r.name for r in rendered]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        errors.append(SpecError(str(out / name), None, "", "two specs share this name"))
+    if errors:
+        _fail(errors)
+    if check:
+        problems = [p for r in rendered for p in drift(r, out)]
+        if problems:
+            for problem in problems:
+                typer.echo(f"drift: {problem}")
+            command = " ".join(["perturbgen generate", *map(str, specs), "-o", str(out)])
+            typer.echo(f"{out}/ is out of date; refresh it with: {command}")
+            raise typer.Exit(1)
+        typer.echo(f"{out}/ is up to date ({len(rendered)} spec(s)).")
+        return
+    for r in rendered:
+        target = write_folder(r, out)
+        typer.echo(f"wrote {target}/ ({', '.join(r.files)})")
+
+
+@app.command()
+def validate(specs: SpecArgs, set_: SetOpt = None) -> None:
+    """Check specs and print every problem as FILE:LINE: path: message."""
+    files, errors = _spec_files(specs)
+    for path in files:
+        try:
+            spec, _ = load_spec(path, set_ or [])
+            arms = [*spec.variants, *(f"baseline_{b}" for b in sorted(spec.baselines))]
+            typer.echo(f"{path}: ok ({spec.name}: {', '.join(arms)})")
+        except SpecErrors as exc:
+            errors += exc.errors
+    if errors:
+        _fail(errors)
+
+
+@app.command()
+def schema(
+    out: Annotated[
+        Optional[Path], typer.Option("-o", "--out", help="Write here instead of stdout.")
+    ] = None,
+) -> None:
+    """Print the spec's JSON Schema (committed as specs/spec.schema.json)."""
+    text = schema_text()
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        out.write_text(text)
+        typer.echo(f"wrote {out}")
+
+
+def schema_text() -> str:
+    document = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        **Spec.model_json_schema(),
+    }
+    return json.dumps(document, indent=2) + "\n"
+
+
+@app.command()
+def variants() -> None:
+    """List the ablation arms and the noise std eps(t) each adds after an optimizer step."""
+    assert [row[0] for row in ARM_TABLE] == list(ARMS)
+    header = ("arm", "eps(t)", "phase detector", "decay in phase")
+    widths = [max(len(row[i]) for row in [header, *ARM_TABLE]) for i in range(4)]
+    for row in [header, *ARM_TABLE]:
+        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    typer.echo("t: optimizer steps since the start; t_p: steps since the last phase change;")
+    typer.echo("p: the phase (exploration, convergence, fine_tuning) the detector reports.")
+
+
+def main() -> None:
+    app()

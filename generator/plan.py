@@ -1,0 +1,175 @@
+"""Plan: a validated Spec becomes one frozen RenderModel per emitted arm.
+
+Every decision a template would otherwise make with a multi-line condition is a named
+field here, so that it is tested in Python and the templates stay layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import textwrap
+from dataclasses import dataclass
+from typing import Any
+
+from generator import __version__
+from generator.loading import Located, merge
+from generator.spec import SGD, Spec, SyntheticData, input_shape
+
+
+@dataclass(frozen=True)
+class Constant:
+    """One module-level constant of the emitted script, with its unit comment."""
+
+    name: str
+    value: Any
+    comment: str
+
+
+@dataclass(frozen=True)
+class RenderModel:
+    """Everything the templates need to emit one arm's script."""
+
+    version: str
+    spec_hash: str
+    spec_name: str
+    description_lines: tuple[str, ...]  # the spec's description, wrapped for a docstring
+    arm: str  # file name part: baseline, fixed, baseline_adam, ...
+    kind: str  # the method's arm: baseline, fixed, phase_only, schedule_only, full
+    script: str
+    override: str  # the sections an extra baseline overrides ("optimizer, schedule"), or ""
+    eps_formula: str
+    dataset: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    arch: str
+    optimizer: str
+    schedule: str
+    constants: tuple[Constant, ...]
+
+    @property
+    def perturbs(self) -> bool:
+        """Whether the script holds perturbation code at all (never in a baseline)."""
+        return self.kind != "baseline"
+
+    @property
+    def kernel(self) -> str | None:
+        """The noise path this script uses (None: it adds no noise)."""
+        return "torch" if self.perturbs else None
+
+
+@dataclass(frozen=True)
+class ReadmeModel:
+    """The emitted folder's README.md."""
+
+    spec_name: str
+    description: str
+    version: str
+    arms: tuple[RenderModel, ...]
+
+
+def spec_hash(spec: Spec) -> str:
+    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def eps_formula(spec: Spec, kind: str) -> str:
+    p = spec.perturbation
+    ratio = " * lr_t / lr_0" if p.scale == "lr" else ""
+    return {
+        "baseline": "eps(t) = 0 (no perturbation)",
+        "fixed": f"eps(t) = eps_fixed{ratio} = {p.fixed!r}{ratio}",
+    }[kind]
+
+
+def constants(spec: Spec, arm: str, kind: str) -> tuple[Constant, ...]:
+    shape, classes = input_shape(spec)
+    c = [
+        Constant("SPEC_NAME", spec.name, "the spec this script was generated from"),
+        Constant("ARM", arm, "the ablation arm"),
+        Constant("SEED", spec.seed, "seeds init, data order and the noise stream"),
+        Constant("DATASET", spec.data.dataset, "--smoke swaps in synthetic data of this shape"),
+        Constant("DATA_ROOT", spec.data.root, "folder holding (or caching) the data"),
+        Constant("INPUT_SHAPE", shape, "one example, without the batch dimension"),
+        Constant("NUM_CLASSES", classes, "output classes"),
+    ]
+    if isinstance(spec.data, SyntheticData):
+        c += [
+            Constant("TRAIN_SIZE", spec.data.train_size, "synthetic training examples"),
+            Constant("VAL_SIZE", spec.data.val_size, "synthetic validation examples"),
+            Constant("SYNTHETIC_NOISE", spec.data.noise, "std of the noise around prototypes"),
+        ]
+    c.append(Constant("BATCH_SIZE", spec.data.batch_size, "examples per optimizer step"))
+    model = spec.model
+    if model.arch == "mlp":
+        c.append(Constant("IN_FEATURES", math.prod(shape), "flattened input size"))
+        c.append(Constant("HIDDEN", tuple(model.hidden), "hidden layer widths"))
+    elif model.arch == "cnn1d":
+        c.append(Constant("WIDTH", model.width, "channels of each convolution"))
+    opt = spec.optimizer
+    c.append(Constant("LR", opt.lr, "peak learning rate"))
+    if isinstance(opt, SGD):
+        c += [
+            Constant("MOMENTUM", opt.momentum, "SGD momentum coefficient"),
+            Constant("DAMPENING", opt.dampening, "SGD dampening"),
+            Constant("NESTEROV", opt.nesterov, "Nesterov momentum"),
+        ]
+    else:
+        c += [
+            Constant("BETAS", tuple(opt.betas), "Adam moment decay rates"),
+            Constant("ADAM_EPS", opt.eps, "Adam denominator epsilon"),
+        ]
+    c.append(Constant("WEIGHT_DECAY", opt.weight_decay, "L2 penalty (decoupled for adamw)"))
+    c.append(Constant("WARMUP_EPOCHS", spec.schedule.warmup_epochs, "linear LR warm-up, epochs"))
+    if spec.schedule.name == "cosine":
+        c.append(Constant("MIN_LR_RATIO", spec.schedule.min_lr_ratio, "final LR / LR"))
+    c += [
+        Constant("EPOCHS", spec.train.epochs, "passes over the training set"),
+        Constant("TARGET_ACCURACY", spec.train.target_accuracy, "for time-to-target"),
+        Constant("STABILITY_WINDOW", spec.train.stability_window, "epochs, for the val-loss CV"),
+    ]
+    p = spec.perturbation
+    if kind != "baseline":
+        c += [
+            Constant("APPLY_TO", p.apply_to, "'weights': only tensors with ndim >= 2"),
+            Constant("NOISE_SCALE", p.scale, "'lr': eps follows lr_t / lr_0"),
+        ]
+    if kind == "fixed":
+        c.append(Constant("EPS_FIXED", p.fixed, "noise std, parameter units"))
+    return tuple(c)
+
+
+def plan(spec: Spec, doc: Located) -> list[RenderModel]:
+    """One RenderModel per arm: the spec's variants, then its extra baselines by name."""
+    arms: list[tuple[str, str, Spec, str]] = [(v, v, spec, "") for v in spec.variants]
+    base = Located({k: v for k, v in doc.data.items() if k != "baselines"})
+    for name, override in sorted(spec.baselines.items()):
+        sections = {k: v for k, v in override.model_dump().items() if v is not None}
+        child = Spec.model_validate(merge(base, Located(sections)).data)
+        arms.append((f"baseline_{name}", "baseline", child, ", ".join(sorted(sections))))
+    digest = spec_hash(spec)
+    models = []
+    for arm, kind, s, override in arms:
+        shape, classes = input_shape(s)
+        models.append(
+            RenderModel(
+                version=__version__,
+                spec_hash=digest,
+                spec_name=s.name,
+                description_lines=tuple(textwrap.wrap(s.description, 88)),
+                arm=arm,
+                kind=kind,
+                script=f"train_{arm}.py",
+                override=override,
+                eps_formula=eps_formula(s, kind),
+                dataset=s.data.dataset,
+                input_shape=shape,
+                num_classes=classes,
+                arch=s.model.arch,
+                optimizer=s.optimizer.name,
+                schedule=s.schedule.name,
+                constants=constants(s, arm, kind),
+            )
+        )
+    return models

@@ -1,0 +1,467 @@
+"""The spec: pydantic v2 models of DESIGN §2, and validation that names file:line: path."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from generator.errors import SpecError, SpecErrors
+from generator.loading import Located, dotted, merge
+
+NAME_PATTERN = r"^[a-z][a-z0-9_]*$"
+ARMS = ("baseline", "fixed", "phase_only", "schedule_only", "full")
+
+Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=32)]
+PosInt = Annotated[int, Field(gt=0)]
+PosFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0, lt=1)]
+Arm = Literal["baseline", "fixed", "phase_only", "schedule_only", "full"]
+
+
+class Section(BaseModel):
+    """Every spec section: unknown keys are errors, numbers finite, types not coerced."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True, frozen=True)
+
+
+# --- data ------------------------------------------------------------------------------
+
+
+class _Data(Section):
+    root: str = Field("data", min_length=1, description="Folder that holds (or caches) the data.")
+    batch_size: PosInt = Field(128, description="Examples per optimizer step (global batch).")
+    augment: bool = Field(False, description="Standard augmentation (image datasets only).")
+
+
+class SyntheticData(_Data):
+    """Deterministic, learnable data of any shape: class prototypes plus Gaussian noise."""
+
+    dataset: Literal["synthetic"]
+    shape: list[PosInt] = Field([1, 40], min_length=1, max_length=3, description="Input shape.")
+    num_classes: Annotated[int, Field(ge=2)] = 10
+    train_size: PosInt = 1024
+    val_size: PosInt = 256
+    noise: NonNegFloat = Field(1.0, description="Std of the noise around each prototype.")
+
+
+class MNIST1DData(_Data):
+    """MNIST-1D made locally by the `mnist1d` package (4000 train, 1000 test, length 40)."""
+
+    dataset: Literal["mnist1d"]
+
+
+class CIFAR10Data(_Data):
+    dataset: Literal["cifar10"]
+
+
+class CIFAR100Data(_Data):
+    dataset: Literal["cifar100"]
+
+
+class ImageFolderData(_Data):
+    """root/train/<class>/* and root/val/<class>/* images."""
+
+    dataset: Literal["imagefolder"]
+    num_classes: Annotated[int, Field(ge=2)]
+    image_size: PosInt = 224
+    workers: Annotated[int, Field(ge=0)] = 4
+
+
+Data = Annotated[
+    Union[SyntheticData, MNIST1DData, CIFAR10Data, CIFAR100Data, ImageFolderData],
+    Field(discriminator="dataset"),
+]
+
+# --- model -----------------------------------------------------------------------------
+
+
+class MLPModel(Section):
+    arch: Literal["mlp"]
+    hidden: list[PosInt] = Field([100, 100], description="Hidden layer widths (ReLU between).")
+
+
+class CNN1dModel(Section):
+    """The MNIST-1D paper's CNN: three stride-2 convolutions and a linear head."""
+
+    arch: Literal["cnn1d"]
+    width: PosInt = Field(25, description="Channels of every convolution.")
+
+
+class ResNet18Model(Section):
+    arch: Literal["resnet18"]
+
+
+class VGG16Model(Section):
+    arch: Literal["vgg16"]
+
+
+class EfficientNetB0Model(Section):
+    arch: Literal["efficientnet_b0"]
+
+
+Model = Annotated[
+    Union[MLPModel, CNN1dModel, ResNet18Model, VGG16Model, EfficientNetB0Model],
+    Field(discriminator="arch"),
+]
+
+# --- optimizer -------------------------------------------------------------------------
+
+
+class SGD(Section):
+    name: Literal["sgd"]
+    lr: PosFloat
+    momentum: Fraction = 0.0
+    dampening: Fraction = 0.0
+    nesterov: bool = False
+    weight_decay: NonNegFloat = 0.0
+
+
+class Adam(Section):
+    name: Literal["adam"]
+    lr: PosFloat
+    betas: list[Fraction] = Field([0.9, 0.999], min_length=2, max_length=2)
+    eps: PosFloat = 1e-8
+    weight_decay: NonNegFloat = 0.0
+
+
+class AdamW(Adam):
+    name: Literal["adamw"]  # type: ignore[assignment]
+    weight_decay: NonNegFloat = 0.01
+
+
+Optimizer = Annotated[Union[SGD, Adam, AdamW], Field(discriminator="name")]
+
+# --- schedule --------------------------------------------------------------------------
+
+
+class _Schedule(Section):
+    warmup_epochs: NonNegFloat = Field(0.0, description="Linear warm-up from 0, in epochs.")
+
+
+class ConstantSchedule(_Schedule):
+    name: Literal["constant"]
+
+
+class CosineSchedule(_Schedule):
+    name: Literal["cosine"]
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.0, description="Final learning rate as a fraction of optimizer.lr."
+    )
+
+
+class StepSchedule(_Schedule):
+    name: Literal["step"]
+    step_epochs: PosInt = 30
+    gamma: Annotated[float, Field(gt=0, le=1)] = 0.1
+
+
+class OneCycleSchedule(_Schedule):
+    name: Literal["onecycle"]
+    pct_start: Annotated[float, Field(gt=0, lt=1)] = 0.3
+    div_factor: Annotated[float, Field(ge=1)] = 25.0
+    final_div_factor: Annotated[float, Field(ge=1)] = 1e4
+
+
+Schedule = Annotated[
+    Union[ConstantSchedule, CosineSchedule, StepSchedule, OneCycleSchedule],
+    Field(discriminator="name"),
+]
+
+# --- training, perturbation, detector --------------------------------------------------
+
+
+class Train(Section):
+    epochs: PosInt = 60
+    target_accuracy: Annotated[float, Field(gt=0, le=1)] = Field(
+        0.9, description="Validation accuracy whose first crossing is 'time to target'."
+    )
+    stability_window: Annotated[int, Field(ge=2)] = Field(
+        20, description="Last epochs over which the validation-loss CV is taken."
+    )
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    compile: bool = False
+
+
+class PhaseEps(Section):
+    exploration: NonNegFloat = 2e-3
+    convergence: NonNegFloat = 1e-3
+    fine_tuning: NonNegFloat = 2.5e-4
+
+
+class Perturbation(Section):
+    kernel: Literal["auto", "triton", "torch"] = "auto"
+    apply_to: Literal["all", "weights"] = Field(
+        "all", description="'weights': only tensors with ndim >= 2 (no biases, no norms)."
+    )
+    scale: Literal["absolute", "lr"] = Field(
+        "absolute", description="'lr': epsilon follows lr_t / lr_0."
+    )
+    fixed: NonNegFloat = Field(1e-3, description="The fixed arm's noise std (parameter units).")
+    eps: PhaseEps = PhaseEps()
+    base: NonNegFloat = Field(2e-3, description="schedule_only's epsilon at step 0.")
+    decay: NonNegFloat = Field(1e-3, description="lambda of exp(-lambda t), per optimizer step.")
+
+
+class Thresholds(Section):
+    mode: Literal["relative", "absolute"] = "relative"
+    tau1: PosFloat = 0.5
+    tau2: PosFloat = 0.5
+    tau3: PosFloat = 0.1
+    tau4: PosFloat = 0.2
+
+
+class PhaseDetector(Section):
+    every: PosInt = Field(10, description="Optimizer steps between two samples.")
+    window: Annotated[int, Field(ge=3)] = Field(20, description="Samples in the sliding window.")
+    thresholds: Thresholds = Thresholds()
+    patience: PosInt = Field(3, description="Consecutive votes needed to change phase.")
+    monotonic: bool = False
+
+
+class BaselineOverride(Section):
+    """An extra baseline arm: the spec with these sections merged in."""
+
+    data: dict[str, Any] | None = None
+    model: dict[str, Any] | None = None
+    optimizer: dict[str, Any] | None = None
+    schedule: dict[str, Any] | None = None
+    train: dict[str, Any] | None = None
+
+
+def _plain_text(text: str) -> str:
+    """Descriptions land in docstrings and READMEs: one line, no escapes, no quote runs."""
+    if not text.isprintable() or "\\" in text or '"""' in text:
+        raise ValueError('must be one printable line without backslashes or """')
+    return text
+
+
+class Spec(Section):
+    """One experiment: the model, data and training of every arm, and the arms to emit."""
+
+    model_config = ConfigDict(title="perturbgen spec")
+
+    extends: str | None = Field(None, description="Parent spec, relative to this file.")
+    name: Name = Field(description="Names the output folder.")
+    description: Annotated[str, AfterValidator(_plain_text)] = Field("", max_length=500)
+    seed: Annotated[int, Field(ge=0, lt=2**31)] = 0
+    data: Data
+    model: Model
+    optimizer: Optimizer
+    schedule: Schedule = ConstantSchedule(name="constant")
+    train: Train = Train()
+    perturbation: Perturbation = Perturbation()
+    phase_detector: PhaseDetector = PhaseDetector()
+    variants: list[Arm] = Field(["baseline", "fixed"], min_length=1)
+    baselines: dict[Name, BaselineOverride] = {}
+
+
+# What the emitted script can do today; everything else is refused, never emitted half-done.
+SUPPORTED: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("data", "dataset"): ("synthetic", "mnist1d"),
+    ("model", "arch"): ("mlp", "cnn1d"),
+    ("optimizer", "name"): ("sgd", "adam"),
+    ("schedule", "name"): ("constant", "cosine"),
+    ("train", "amp"): ("none",),
+    ("train", "compile"): (False,),
+    ("perturbation", "kernel"): ("auto", "torch"),
+}
+SUPPORTED_ARMS = ("baseline", "fixed")
+
+
+def _get(spec: BaseModel, path: tuple[str, ...]) -> Any:
+    value: Any = spec
+    for part in path:
+        value = getattr(value, part)
+    return value
+
+
+# Input shape (without the batch dimension) and class count of each fixed dataset.
+DATASET_SHAPES: dict[str, tuple[tuple[int, ...], int]] = {"mnist1d": ((1, 40), 10)}
+
+
+def input_shape(spec: Spec) -> tuple[tuple[int, ...], int]:
+    """(shape of one example, number of classes) as the emitted script sees them."""
+    if isinstance(spec.data, SyntheticData):
+        return tuple(spec.data.shape), spec.data.num_classes
+    return DATASET_SHAPES[spec.data.dataset]
+
+
+def semantic_problems(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
+    """Cross-field checks a researcher would want, and what is not supported yet."""
+    problems: list[tuple[tuple[str | int, ...], str]] = []
+    opt = spec.optimizer
+    if isinstance(opt, SGD) and opt.nesterov and (opt.momentum == 0 or opt.dampening != 0):
+        problems.append((("optimizer", "nesterov"), "nesterov needs momentum > 0 and dampening 0"))
+    th = spec.phase_detector.thresholds
+    if th.tau3 > th.tau1:
+        problems.append(
+            (
+                ("phase_detector", "thresholds", "tau3"),
+                f"must be <= tau1 ({th.tau1}) (got {th.tau3})",
+            )
+        )
+    if th.tau4 > th.tau2:
+        problems.append(
+            (
+                ("phase_detector", "thresholds", "tau4"),
+                f"must be <= tau2 ({th.tau2}) (got {th.tau4})",
+            )
+        )
+    seen: set[str] = set()
+    for i, arm in enumerate(spec.variants):
+        if arm in seen:
+            problems.append((("variants", i), f"{arm!r} is listed twice"))
+        seen.add(arm)
+    if spec.data.augment and spec.data.dataset in ("synthetic", "mnist1d"):
+        problems.append(
+            (("data", "augment"), f"no augmentation is defined for {spec.data.dataset}")
+        )
+    if spec.model.arch == "cnn1d" and spec.data.dataset in DATASET_SHAPES | {"synthetic": 0}:
+        shape, _ = input_shape(spec)
+        if len(shape) != 2 or shape[1] < 3:
+            problems.append(
+                (
+                    ("data", "shape"),
+                    "cnn1d needs data of shape [channels, length] "
+                    f"with length >= 3 (got {list(shape)})",
+                )
+            )
+    for path, allowed in SUPPORTED.items():
+        value = _get(spec, path)
+        if value not in allowed:
+            shown = ", ".join(repr(a) if isinstance(a, str) else str(a).lower() for a in allowed)
+            problems.append((path, f"{value!r} is not supported yet (supported: {shown})"))
+    for i, arm in enumerate(spec.variants):
+        if arm not in SUPPORTED_ARMS:
+            problems.append(
+                (
+                    ("variants", i),
+                    f"arm {arm!r} is not supported yet "
+                    f"(supported: {', '.join(SUPPORTED_ARMS)})",
+                )
+            )
+    return problems
+
+
+def _message(err: dict[str, Any], path: tuple, data: Any) -> str:
+    kind, ctx = err["type"], err.get("ctx", {})
+    got = f" (got {err.get('input')!r})"
+    if kind == "extra_forbidden":
+        close = difflib.get_close_matches(str(path[-1]), _allowed_keys(path, data), n=1)
+        return "unknown key" + (f"; did you mean {close[0]!r}?" if close else "")
+    if kind == "missing":
+        return "required key is missing"
+    bounds = {
+        "greater_than": ">",
+        "greater_than_equal": ">=",
+        "less_than": "<",
+        "less_than_equal": "<=",
+    }
+    if kind in bounds:
+        bound = next(iter(ctx.values()))
+        if isinstance(bound, float) and bound.is_integer():
+            bound = int(bound)
+        return f"must be {bounds[kind]} {bound}{got}"
+    if kind == "finite_number":
+        return f"must be a finite number{got}"
+    if kind == "literal_error":
+        return f"must be one of {ctx['expected']}{got}"
+    if kind == "union_tag_invalid":
+        return f"must be one of {ctx['expected_tags']}{got}"
+    if kind == "union_tag_not_found":
+        return f"required key {ctx['discriminator']} is missing"
+    if kind == "string_pattern_mismatch":
+        return f"must be a lowercase ASCII identifier matching {ctx['pattern']}{got}"
+    text = err["msg"].removeprefix("Value error, ")
+    text = text[0].lower() + text[1:]
+    return text if kind in ("too_short", "too_long") else text + got
+
+
+def _allowed_keys(path: tuple, data: Any) -> list[str]:
+    """The keys a mapping at ``path[:-1]`` may have, for the 'did you mean' hint."""
+    model: Any = Spec
+    node = data
+    for part in path[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        node = node.get(part) if isinstance(node, dict) else None
+        if field is None:
+            return []
+        members = [
+            a
+            for a in (get_args(field.annotation) or (field.annotation,))
+            if isinstance(a, type) and issubclass(a, BaseModel)
+        ]
+        model = next((m for m in members if _matches_kind(m, node)), None)
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+def _matches_kind(model: type[BaseModel], node: Any) -> bool:
+    for name, field in model.model_fields.items():
+        if get_origin(field.annotation) is Literal:
+            return isinstance(node, dict) and node.get(name) in get_args(field.annotation)
+    return True
+
+
+def _data_path(loc: tuple, data: Any) -> tuple:
+    """The loc of a pydantic error as a path into the data: union tags dropped."""
+    path: list[Any] = []
+    node = data
+    for i, part in enumerate(loc):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+            path.append(part)
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+            path.append(part)
+        elif i == len(loc) - 1 and isinstance(node, dict) and part != "[key]":
+            path.append(part)  # a missing key: name it
+        # else: a union tag or a dict-key marker; not part of the data
+    return tuple(path)
+
+
+def validate(doc: Located, file: str) -> Spec:
+    """Validate a loaded spec; raise SpecErrors listing every problem with file:line.
+
+    Each extra baseline is validated too, as the spec with its override merged in.
+    """
+    spec = _validate_one(doc.data, doc, file, ())
+    base = Located({k: v for k, v in doc.data.items() if k != "baselines"})
+    errors: list[SpecError] = []
+    for name, override in sorted(spec.baselines.items()):
+        sections = {k: v for k, v in override.model_dump().items() if v is not None}
+        try:
+            _validate_one(merge(base, Located(sections)).data, doc, file, ("baselines", name))
+        except SpecErrors as exc:
+            errors.extend(exc.errors)
+    if errors:
+        raise SpecErrors(errors)
+    return spec
+
+
+def _validate_one(data: Any, doc: Located, file: str, prefix: tuple) -> Spec:
+    errors: list[SpecError] = []
+
+    def report(path: tuple, message: str) -> None:
+        origin_file, line = doc.origin(prefix + path, file)
+        errors.append(SpecError(origin_file, line, dotted(prefix + path), message))
+
+    try:
+        spec = Spec.model_validate(data)
+    except ValidationError as exc:
+        for err in exc.errors():
+            path = _data_path(err["loc"], data)
+            if err["type"] == "union_tag_invalid":  # name the kind key, not the whole section
+                path += (err["ctx"]["discriminator"].strip("'"),)
+                err = {**err, "input": err["ctx"]["tag"]}
+            report(path, _message(err, path, data))
+    else:
+        for path, message in semantic_problems(spec):
+            report(path, message)
+    if errors:
+        raise SpecErrors(sorted(set(errors), key=lambda e: (e.file, e.line or 0, e.path)))
+    return spec

@@ -1,0 +1,62 @@
+"""Shared helpers: the repository layout and ways to drive the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from generator.cli import app
+
+REPO = Path(__file__).resolve().parent.parent
+SPECS = sorted((REPO / "specs").glob("*.yaml"))
+GENERATED = REPO / "generated"
+SCRIPTS = sorted(GENERATED.glob("*/train_*.py"))
+
+MINIMAL = """\
+name: tiny
+data: {dataset: synthetic, shape: [8], num_classes: 3, train_size: 64, val_size: 32}
+model: {arch: mlp, hidden: [16]}
+optimizer: {name: sgd, lr: 0.1, momentum: 0.9}
+train: {epochs: 2, stability_window: 2}
+variants: [baseline, fixed]
+"""
+
+
+def cli(*args: str, cwd: Path | None = None):
+    """Run the perturbgen CLI in-process; a traceback would show up as result.exception."""
+    old = os.getcwd()
+    try:
+        if cwd:
+            os.chdir(cwd)
+        return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=True)
+    finally:
+        os.chdir(old)
+
+
+def run_script(script: Path, *args: str, cwd: Path, timeout: int = 300, env=None):
+    """Run an emitted script as a user would: its own process, its own folder."""
+    return subprocess.run(
+        [sys.executable, str(script), *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture
+def write_spec(tmp_path):
+    """Write a spec file into tmp_path and return its path."""
+
+    def write(text: str = MINIMAL, name: str = "spec.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(text)
+        return path
+
+    return write

@@ -1,0 +1,113 @@
+"""Layer 3: the golden record in generated/ is exactly what the CLI emits now."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import GENERATED, REPO, SPECS, cli
+
+from generator import render
+from generator.cli import schema_text
+
+REFRESH = "perturbgen generate specs -o generated"
+
+
+def tree(root):
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_golden_record_matches(tmp_path):
+    result = cli("generate", REPO / "specs", "-o", tmp_path)
+    assert result.exit_code == 0, result.output
+    fresh, golden = tree(tmp_path), tree(GENERATED)
+    problems = []
+    for name in sorted(set(fresh) | set(golden)):
+        if fresh.get(name) != golden.get(name):
+            diff = difflib.unified_diff(
+                golden.get(name, b"").decode().splitlines(),
+                fresh.get(name, b"").decode().splitlines(),
+                f"generated/{name}",
+                f"fresh/{name}",
+                lineterm="",
+                n=2,
+            )
+            problems.append("\n".join(list(diff)[:40]))
+    assert not problems, (
+        "generated/ is stale; refresh it with: " + REFRESH + "\n" + "\n".join(problems)
+    )
+
+
+def test_check_passes_on_the_committed_record():
+    result = cli("generate", "specs/", "--check", cwd=REPO)
+    assert result.exit_code == 0, result.output
+    assert "up to date" in result.output
+
+
+def test_check_reports_drift_after_a_template_edit(tmp_path, monkeypatch):
+    templates = tmp_path / "templates"
+    shutil.copytree(render.templates_dir(), templates)
+    partial = templates / "_model.py.jinja"
+    partial.write_text(partial.read_text().replace("# Model", "# Model (edited)"))
+    monkeypatch.setattr(render, "templates_dir", lambda: templates)
+    render.environment.cache_clear()
+    try:
+        result = cli("generate", "specs/", "--check", cwd=REPO)
+    finally:
+        render.environment.cache_clear()
+    assert result.exit_code == 1
+    assert "drift: generated/mnist1d_cnn/train_baseline.py differs" in result.output
+    assert "refresh it with: " + REFRESH in result.output
+
+
+def test_output_is_identical_under_two_hash_seeds(tmp_path):
+    outputs = []
+    for seed in ("0", "12345"):
+        out = tmp_path / seed
+        subprocess.run(
+            [sys.executable, "-m", "generator", "generate", "specs", "-o", str(out)],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        )
+        outputs.append(tree(out))
+    assert outputs[0] == outputs[1] and outputs[0]
+
+
+def test_manifest_lists_every_file_with_its_hash():
+    import hashlib
+
+    for folder in sorted(p for p in GENERATED.iterdir() if p.is_dir()):
+        manifest = json.loads((folder / "manifest.json").read_text())
+        files = {p.name: p for p in folder.iterdir() if p.name != "manifest.json"}
+        assert set(manifest["files"]) == set(files)
+        for name, digest in manifest["files"].items():
+            assert hashlib.sha256(files[name].read_bytes()).hexdigest() == digest
+        assert manifest["resolved_spec"]["name"] == folder.name
+
+
+def test_schema_file_is_current():
+    assert (
+        REPO / "specs" / "spec.schema.json"
+    ).read_text() == schema_text(), "refresh with: perturbgen schema -o specs/spec.schema.json"
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.name)
+def test_example_specs_point_editors_at_the_schema(path):
+    assert path.read_text().startswith("# yaml-language-server: $schema=spec.schema.json\n")
+
+
+def test_every_spec_has_a_golden_folder():
+    assert sorted(p.name for p in GENERATED.iterdir() if p.is_dir()) == sorted(
+        p.stem for p in SPECS
+    )

@@ -1,0 +1,68 @@
+"""Layer 2: the render model — every decision a template would otherwise make."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from conftest import REPO
+
+from generator.plan import plan
+from generator.render import load_spec, pyrepr
+
+
+def models_for(path, overrides=()):
+    spec, doc = load_spec(path, list(overrides))
+    return {m.arm: m for m in plan(spec, doc)}
+
+
+def names(model):
+    return [c.name for c in model.constants]
+
+
+def test_arms_and_extra_baselines_in_order():
+    models = models_for(REPO / "specs" / "mnist1d_cnn.yaml")
+    assert list(models) == ["baseline", "fixed", "baseline_adam", "baseline_sgd_constant"]
+    assert models["baseline_adam"].kind == "baseline"
+    assert models["baseline_adam"].optimizer == "adam"
+    assert models["baseline_adam"].override == "optimizer"
+    assert models["baseline_sgd_constant"].schedule == "constant"
+    assert models["fixed"].script == "train_fixed.py"
+
+
+def test_baseline_has_no_perturbation(write_spec):
+    models = models_for(write_spec())
+    base, fixed = models["baseline"], models["fixed"]
+    assert not base.perturbs and base.kernel is None
+    assert fixed.perturbs and fixed.kernel == "torch"
+    assert not {"EPS_FIXED", "APPLY_TO", "NOISE_SCALE"} & set(names(base))
+    assert {"EPS_FIXED", "APPLY_TO", "NOISE_SCALE"} <= set(names(fixed))
+
+
+def test_constants_follow_the_spec(write_spec):
+    models = models_for(write_spec(), ["perturbation.fixed=0.02", "perturbation.scale=lr"])
+    values = {c.name: c.value for c in models["fixed"].constants}
+    assert values["EPS_FIXED"] == 0.02 and values["NOISE_SCALE"] == "lr"
+    assert values["INPUT_SHAPE"] == (8,) and values["IN_FEATURES"] == 8
+    assert values["MOMENTUM"] == 0.9 and "BETAS" not in values
+    assert models["fixed"].eps_formula == "eps(t) = eps_fixed * lr_t / lr_0 = 0.02 * lr_t / lr_0"
+
+
+def test_every_constant_has_a_comment():
+    for model in models_for(REPO / "specs" / "mnist1d_cnn.yaml").values():
+        assert all(c.comment for c in model.constants)
+        assert len(set(names(model))) == len(names(model))
+
+
+def test_mnist1d_shape():
+    model = models_for(REPO / "specs" / "mnist1d_cnn.yaml")["baseline"]
+    assert (model.input_shape, model.num_classes) == ((1, 40), 10)
+
+
+def test_pyrepr_refuses_what_python_source_cannot_hold():
+    assert pyrepr((1,)) == "(1,)"
+    assert pyrepr({"a": [1.5, None, True]}) == "{'a': [1.5, None, True]}"
+    assert pyrepr('x"""\n') == repr('x"""\n')
+    for bad in (math.inf, math.nan, object()):
+        with pytest.raises(Exception, match="non-finite|cannot emit"):
+            pyrepr(bad)

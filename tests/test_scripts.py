@@ -1,0 +1,230 @@
+"""Layers 5 and 6: emitted scripts run — smoke runs of every arm, then their behaviour."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import GENERATED, MINIMAL, SCRIPTS, cli, run_script
+
+TIMING = {"elapsed_s", "seconds_to_target"}
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def without_timing(records):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+@pytest.fixture(scope="module")
+def tiny_scripts(tmp_path_factory):
+    """Every arm of the minimal spec (MLP, SGD, synthetic data), generated once."""
+    root = tmp_path_factory.mktemp("tiny")
+    (root / "spec.yaml").write_text(MINIMAL)
+    assert cli("generate", root / "spec.yaml", "-o", root / "gen").exit_code == 0
+    return root / "gen" / "tiny"
+
+
+@pytest.mark.parametrize(
+    "script", SCRIPTS, ids=[p.relative_to(GENERATED).as_posix() for p in SCRIPTS]
+)
+def test_smoke_run(script, tmp_path):
+    result = run_script(script, "--smoke", "--out", tmp_path / "run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "run"
+    assert {p.name for p in run.iterdir()} == {
+        "config.json",
+        "metrics.jsonl",
+        "phases.jsonl",
+        "summary.json",
+        "last.pt",
+        "best.pt",
+        script.name,
+    }
+    metrics = read_jsonl(run / "metrics.jsonl")
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert all(math.isfinite(m["train_loss"]) and 0 <= m["val_acc"] <= 1 for m in metrics)
+    perturbs = not script.stem.startswith("train_baseline")
+    assert all((m["eps"] > 0) is perturbs for m in metrics)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == metrics[-1]["step"] == 8
+    config = json.loads((run / "config.json").read_text())
+    assert config["smoke"] is True and config["kernel"] == ("torch" if perturbs else None)
+    assert (run / script.name).read_bytes() == script.read_bytes()
+
+
+def test_mnist1d_baseline_reaches_its_target(tmp_path):
+    """The default spec's CNN trains for real: >= 0.85 test accuracy within its 60 epochs."""
+    script = GENERATED / "mnist1d_cnn" / "train_baseline.py"
+    result = run_script(
+        script,
+        "--out",
+        tmp_path / "run",
+        "--data-root",
+        tmp_path / "data",
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["epochs"] == 60 and summary["final_val_acc"] >= 0.85, summary
+    assert summary["epochs_to_target"] is not None  # the spec's 0.90 is reached too
+    assert (tmp_path / "data" / "mnist1d.pt").exists()  # made locally and cached
+
+
+def test_resume_continues_exactly(tiny_scripts, tmp_path):
+    """Stopped mid-epoch and resumed, a run ends bit-identical to an uninterrupted one."""
+    script = tiny_scripts / "train_fixed.py"
+    straight = run_script(script, "--smoke", "--out", tmp_path / "a", cwd=tmp_path)
+    first = run_script(
+        script, "--smoke", "--max-steps", "5", "--out", tmp_path / "b", cwd=tmp_path
+    )
+    assert straight.returncode == 0 and first.returncode == 0, first.stderr
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["status"] == "stopped"
+    second = run_script(script, "--smoke", "--resume", "--out", tmp_path / "b", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert torch.equal(a["perturbation"]["generator"], b["perturbation"]["generator"])
+    assert without_timing(read_jsonl(tmp_path / "a" / "metrics.jsonl")) == without_timing(
+        read_jsonl(tmp_path / "b" / "metrics.jsonl")
+    )
+
+
+def test_same_seed_same_run_other_seed_other_run(tiny_scripts, tmp_path):
+    script = tiny_scripts / "train_fixed.py"
+    runs = {}
+    for name, seed in (("a", "3"), ("b", "3"), ("c", "4")):
+        assert (
+            run_script(
+                script, "--smoke", "--seed", seed, "--out", tmp_path / name, cwd=tmp_path
+            ).returncode
+            == 0
+        )
+        runs[name] = without_timing(read_jsonl(tmp_path / name / "metrics.jsonl"))
+    assert runs["a"] == runs["b"]
+    assert runs["a"] != runs["c"]
+
+
+def test_divergence_exits_3_and_keeps_the_last_good_checkpoint(tmp_path):
+    (tmp_path / "spec.yaml").write_text(MINIMAL)
+    assert (
+        cli(
+            "generate",
+            tmp_path / "spec.yaml",
+            "-o",
+            tmp_path / "gen",
+            "--set",
+            "optimizer.lr=1.0e+30",
+        ).exit_code
+        == 0
+    )
+    script = tmp_path / "gen" / "tiny" / "train_baseline.py"
+    result = run_script(script, "--smoke", "--out", tmp_path / "run", cwd=tmp_path)
+    assert result.returncode == 3
+    assert "error: the training loss is nan at step" in result.stderr
+    assert "Traceback" not in result.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "diverged"
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    assert not metrics.exists() or "NaN" not in metrics.read_text()
+    if (tmp_path / "run" / "last.pt").exists():  # any checkpoint left is a finite one
+        state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
+        assert all(torch.isfinite(t).all() for t in state.values())
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--epochs", "0"], "argument --epochs: must be > 0 (got 0)"),
+        (["--epochs", "x"], "argument --epochs: invalid positive_int value: 'x'"),
+        (["--seed", "-1"], "argument --seed: must be in [0, 2**31) (got -1)"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["--device", "warp"], "--device 'warp' is not a device"),
+        (["--resume"], "nothing to resume"),
+    ],
+)
+def test_bad_arguments_exit_2(tiny_scripts, tmp_path, args, message):
+    result = run_script(
+        tiny_scripts / "train_baseline.py", "--smoke", "--out", tmp_path / "r", *args, cwd=tmp_path
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_finished_run_is_not_overwritten(tiny_scripts, tmp_path):
+    script = tiny_scripts / "train_baseline.py"
+    assert run_script(script, "--smoke", "--out", tmp_path / "r", cwd=tmp_path).returncode == 0
+    before = (tmp_path / "r" / "metrics.jsonl").read_bytes()
+    again = run_script(script, "--smoke", "--out", tmp_path / "r", cwd=tmp_path)
+    assert again.returncode == 2 and "already holds a run" in again.stderr
+    assert (tmp_path / "r" / "metrics.jsonl").read_bytes() == before
+    other = run_script(
+        script, "--smoke", "--seed", "9", "--resume", "--out", tmp_path / "r", cwd=tmp_path
+    )
+    assert other.returncode == 2 and "was made with other settings (seed)" in other.stderr
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tiny_scripts, tmp_path):
+    script = tiny_scripts / "train_baseline.py"
+    assert (
+        run_script(
+            script, "--smoke", "--max-steps", "2", "--out", tmp_path / "r", cwd=tmp_path
+        ).returncode
+        == 0
+    )
+    ckpt = tmp_path / "r" / "last.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:100])
+    result = run_script(script, "--smoke", "--resume", "--out", tmp_path / "r", cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"error: cannot load checkpoint {ckpt}" in result.stderr
+
+
+def test_noise_has_the_spec_std(tmp_path):
+    """With lr ~ 0 the only change to a weight is the noise: its std must be eps_fixed.
+
+    Each of the CNN's n = 4,328 parameters (3 classes) moves by the sum of 8 independent
+    N(0, eps^2) draws, i.e. N(0, 8 eps^2). The sample std of n normal values has relative standard
+    error 1/sqrt(2n) = 1.1 %, so a 5 % band is 4.7 sigma; the mean's s.e. is sqrt(8/n) eps.
+    """
+    (tmp_path / "spec.yaml").write_text(MINIMAL)
+    eps = 0.01
+    assert (
+        cli(
+            "generate",
+            tmp_path / "spec.yaml",
+            "-o",
+            tmp_path / "gen",
+            "--set",
+            "optimizer={name: sgd, lr: 1.0e-12}",
+            "--set",
+            f"perturbation.fixed={eps}",
+            "--set",
+            "model={arch: cnn1d}",
+            "--set",
+            "data.shape=[1, 40]",
+        ).exit_code
+        == 0
+    )
+    folder = tmp_path / "gen" / "tiny"
+    for arm in ("baseline", "fixed"):
+        assert (
+            run_script(
+                folder / f"train_{arm}.py", "--smoke", "--out", tmp_path / arm, cwd=tmp_path
+            ).returncode
+            == 0
+        )
+    a = torch.load(tmp_path / "baseline" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "fixed" / "last.pt", weights_only=True)["model"]
+    delta = torch.cat([(b[k] - a[k]).flatten() for k in a])
+    assert delta.numel() == 4328
+    per_step = delta.std().item() / math.sqrt(8)  # 8 independent steps add up in variance
+    assert abs(per_step / eps - 1) < 0.05, per_step
+    assert abs(delta.mean().item()) < 5 * eps * math.sqrt(8) / math.sqrt(4328)
