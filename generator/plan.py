@@ -15,7 +15,14 @@ from typing import Any
 
 from generator import __version__
 from generator.loading import Located, merge
-from generator.spec import SGD, Spec, SyntheticData, input_shape
+from generator.spec import SGD, ImageFolderData, Spec, SyntheticData, input_shape
+
+# Per-channel mean and std used to standardise each image dataset.
+NORMALIZATION = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # ImageNet's
+}
 
 
 @dataclass(frozen=True)
@@ -43,9 +50,13 @@ class RenderModel:
     dataset: str
     input_shape: tuple[int, ...]
     num_classes: int
+    image_data: bool  # uint8 images, normalised per channel on the device
+    crop_flip: bool  # CIFAR's pad-crop-flip augmentation, done on tensors
     arch: str
     optimizer: str
     schedule: str
+    amp: str
+    compile: bool
     constants: tuple[Constant, ...]
 
     @property
@@ -100,6 +111,18 @@ def constants(spec: Spec, arm: str, kind: str) -> tuple[Constant, ...]:
             Constant("VAL_SIZE", spec.data.val_size, "synthetic validation examples"),
             Constant("SYNTHETIC_NOISE", spec.data.noise, "std of the noise around prototypes"),
         ]
+    if isinstance(spec.data, ImageFolderData):
+        c += [
+            Constant("IMAGE_SIZE", spec.data.image_size, "pixels, height and width"),
+            Constant("WORKERS", spec.data.workers, "DataLoader processes decoding images"),
+        ]
+    if spec.data.dataset in NORMALIZATION:
+        mean, std = NORMALIZATION[spec.data.dataset]
+        c += [
+            Constant("AUGMENT", spec.data.augment, "random crops and flips while training"),
+            Constant("NORM_MEAN", mean, "per-channel mean of the training images"),
+            Constant("NORM_STD", std, "per-channel std of the training images"),
+        ]
     c.append(Constant("BATCH_SIZE", spec.data.batch_size, "examples per optimizer step"))
     model = spec.model
     if model.arch == "mlp":
@@ -107,6 +130,11 @@ def constants(spec: Spec, arm: str, kind: str) -> tuple[Constant, ...]:
         c.append(Constant("HIDDEN", tuple(model.hidden), "hidden layer widths"))
     elif model.arch == "cnn1d":
         c.append(Constant("WIDTH", model.width, "channels of each convolution"))
+    elif model.arch == "efficientnet_b0":
+        c += [
+            Constant("DROP_PATH", model.drop_path, "stochastic depth of the last block"),
+            Constant("DROPOUT", model.dropout, "dropout before the classifier"),
+        ]
     opt = spec.optimizer
     c.append(Constant("LR", opt.lr, "peak learning rate"))
     if isinstance(opt, SGD):
@@ -122,8 +150,20 @@ def constants(spec: Spec, arm: str, kind: str) -> tuple[Constant, ...]:
         ]
     c.append(Constant("WEIGHT_DECAY", opt.weight_decay, "L2 penalty (decoupled for adamw)"))
     c.append(Constant("WARMUP_EPOCHS", spec.schedule.warmup_epochs, "linear LR warm-up, epochs"))
-    if spec.schedule.name == "cosine":
-        c.append(Constant("MIN_LR_RATIO", spec.schedule.min_lr_ratio, "final LR / LR"))
+    sched = spec.schedule
+    if sched.name == "cosine":
+        c.append(Constant("MIN_LR_RATIO", sched.min_lr_ratio, "final LR / LR"))
+    elif sched.name == "step":
+        c += [
+            Constant("STEP_EPOCHS", sched.step_epochs, "epochs between LR drops"),
+            Constant("GAMMA", sched.gamma, "LR factor at each drop"),
+        ]
+    elif sched.name == "onecycle":
+        c += [
+            Constant("PCT_START", sched.pct_start, "fraction of steps spent rising"),
+            Constant("DIV_FACTOR", sched.div_factor, "LR / starting LR"),
+            Constant("FINAL_DIV_FACTOR", sched.final_div_factor, "starting LR / final LR"),
+        ]
     c += [
         Constant("EPOCHS", spec.train.epochs, "passes over the training set"),
         Constant("TARGET_ACCURACY", spec.train.target_accuracy, "for time-to-target"),
@@ -166,9 +206,13 @@ def plan(spec: Spec, doc: Located) -> list[RenderModel]:
                 dataset=s.data.dataset,
                 input_shape=shape,
                 num_classes=classes,
+                image_data=s.data.dataset in NORMALIZATION,
+                crop_flip=s.data.dataset in ("cifar10", "cifar100"),
                 arch=s.model.arch,
                 optimizer=s.optimizer.name,
                 schedule=s.schedule.name,
+                amp=s.train.amp,
+                compile=s.train.compile,
                 constants=constants(s, arm, kind),
             )
         )

@@ -99,7 +99,13 @@ class VGG16Model(Section):
 
 
 class EfficientNetB0Model(Section):
+    """EfficientNet-B0: MBConv blocks with squeeze-excitation and stochastic depth."""
+
     arch: Literal["efficientnet_b0"]
+    drop_path: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.2, description="Stochastic-depth rate of the last block (linear in depth)."
+    )
+    dropout: Annotated[float, Field(ge=0, lt=1)] = Field(0.2, description="Before the head.")
 
 
 Model = Annotated[
@@ -260,12 +266,6 @@ class Spec(Section):
 
 # What the emitted script can do today; everything else is refused, never emitted half-done.
 SUPPORTED: dict[tuple[str, ...], tuple[str, ...]] = {
-    ("data", "dataset"): ("synthetic", "mnist1d"),
-    ("model", "arch"): ("mlp", "cnn1d"),
-    ("optimizer", "name"): ("sgd", "adam"),
-    ("schedule", "name"): ("constant", "cosine"),
-    ("train", "amp"): ("none",),
-    ("train", "compile"): (False,),
     ("perturbation", "kernel"): ("auto", "torch"),
 }
 SUPPORTED_ARMS = ("baseline", "fixed")
@@ -279,13 +279,21 @@ def _get(spec: BaseModel, path: tuple[str, ...]) -> Any:
 
 
 # Input shape (without the batch dimension) and class count of each fixed dataset.
-DATASET_SHAPES: dict[str, tuple[tuple[int, ...], int]] = {"mnist1d": ((1, 40), 10)}
+DATASET_SHAPES: dict[str, tuple[tuple[int, ...], int]] = {
+    "mnist1d": ((1, 40), 10),
+    "cifar10": ((3, 32, 32), 10),
+    "cifar100": ((3, 32, 32), 100),
+}
+IMAGE_MODELS = ("resnet18", "vgg16", "efficientnet_b0")
 
 
 def input_shape(spec: Spec) -> tuple[tuple[int, ...], int]:
     """(shape of one example, number of classes) as the emitted script sees them."""
     if isinstance(spec.data, SyntheticData):
         return tuple(spec.data.shape), spec.data.num_classes
+    if isinstance(spec.data, ImageFolderData):
+        size = spec.data.image_size
+        return (3, size, size), spec.data.num_classes
     return DATASET_SHAPES[spec.data.dataset]
 
 
@@ -319,12 +327,21 @@ def semantic_problems(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
         problems.append(
             (("data", "augment"), f"no augmentation is defined for {spec.data.dataset}")
         )
-    if spec.model.arch == "cnn1d" and spec.data.dataset in DATASET_SHAPES | {"synthetic": 0}:
-        shape, _ = input_shape(spec)
+    shape, _ = input_shape(spec)
+    shape_path = ("data", "shape" if spec.data.dataset == "synthetic" else "dataset")
+    if spec.model.arch in IMAGE_MODELS and (len(shape) != 3 or min(shape[1:]) < 32):
+        problems.append(
+            (
+                shape_path,
+                f"{spec.model.arch} needs images of shape [channels, height, width] "
+                f"with height and width >= 32 (got {list(shape)})",
+            )
+        )
+    if spec.model.arch == "cnn1d":
         if len(shape) != 2 or shape[1] < 3:
             problems.append(
                 (
-                    ("data", "shape"),
+                    shape_path,
                     "cnn1d needs data of shape [channels, length] "
                     f"with length >= 3 (got {list(shape)})",
                 )

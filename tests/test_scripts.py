@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import GENERATED, MINIMAL, SCRIPTS, cli, run_script
+from conftest import GENERATED, MINIMAL, SCRIPTS, cli, run_inprocess, run_script
 
 TIMING = {"elapsed_s", "seconds_to_target"}
 
@@ -33,7 +33,7 @@ def tiny_scripts(tmp_path_factory):
     "script", SCRIPTS, ids=[p.relative_to(GENERATED).as_posix() for p in SCRIPTS]
 )
 def test_smoke_run(script, tmp_path):
-    result = run_script(script, "--smoke", "--out", tmp_path / "run", cwd=tmp_path)
+    result = run_inprocess(script, "--smoke", "--out", tmp_path / "run")
     assert result.returncode == 0, result.stderr
     run = tmp_path / "run"
     assert {p.name for p in run.iterdir()} == {
@@ -79,13 +79,11 @@ def test_mnist1d_baseline_reaches_its_target(tmp_path):
 def test_resume_continues_exactly(tiny_scripts, tmp_path):
     """Stopped mid-epoch and resumed, a run ends bit-identical to an uninterrupted one."""
     script = tiny_scripts / "train_fixed.py"
-    straight = run_script(script, "--smoke", "--out", tmp_path / "a", cwd=tmp_path)
-    first = run_script(
-        script, "--smoke", "--max-steps", "5", "--out", tmp_path / "b", cwd=tmp_path
-    )
+    straight = run_inprocess(script, "--smoke", "--out", tmp_path / "a")
+    first = run_inprocess(script, "--smoke", "--max-steps", "5", "--out", tmp_path / "b")
     assert straight.returncode == 0 and first.returncode == 0, first.stderr
     assert json.loads((tmp_path / "b" / "summary.json").read_text())["status"] == "stopped"
-    second = run_script(script, "--smoke", "--resume", "--out", tmp_path / "b", cwd=tmp_path)
+    second = run_inprocess(script, "--smoke", "--resume", "--out", tmp_path / "b")
     assert second.returncode == 0, second.stderr
     a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
@@ -102,9 +100,7 @@ def test_same_seed_same_run_other_seed_other_run(tiny_scripts, tmp_path):
     runs = {}
     for name, seed in (("a", "3"), ("b", "3"), ("c", "4")):
         assert (
-            run_script(
-                script, "--smoke", "--seed", seed, "--out", tmp_path / name, cwd=tmp_path
-            ).returncode
+            run_inprocess(script, "--smoke", "--seed", seed, "--out", tmp_path / name).returncode
             == 0
         )
         runs[name] = without_timing(read_jsonl(tmp_path / name / "metrics.jsonl"))
@@ -151,8 +147,8 @@ def test_divergence_exits_3_and_keeps_the_last_good_checkpoint(tmp_path):
     ],
 )
 def test_bad_arguments_exit_2(tiny_scripts, tmp_path, args, message):
-    result = run_script(
-        tiny_scripts / "train_baseline.py", "--smoke", "--out", tmp_path / "r", *args, cwd=tmp_path
+    result = run_inprocess(
+        tiny_scripts / "train_baseline.py", "--smoke", "--out", tmp_path / "r", *args
     )
     assert result.returncode == 2
     assert message in result.stderr
@@ -161,28 +157,24 @@ def test_bad_arguments_exit_2(tiny_scripts, tmp_path, args, message):
 
 def test_a_finished_run_is_not_overwritten(tiny_scripts, tmp_path):
     script = tiny_scripts / "train_baseline.py"
-    assert run_script(script, "--smoke", "--out", tmp_path / "r", cwd=tmp_path).returncode == 0
+    assert run_inprocess(script, "--smoke", "--out", tmp_path / "r").returncode == 0
     before = (tmp_path / "r" / "metrics.jsonl").read_bytes()
-    again = run_script(script, "--smoke", "--out", tmp_path / "r", cwd=tmp_path)
+    again = run_inprocess(script, "--smoke", "--out", tmp_path / "r")
     assert again.returncode == 2 and "already holds a run" in again.stderr
     assert (tmp_path / "r" / "metrics.jsonl").read_bytes() == before
-    other = run_script(
-        script, "--smoke", "--seed", "9", "--resume", "--out", tmp_path / "r", cwd=tmp_path
-    )
+    other = run_inprocess(script, "--smoke", "--seed", "9", "--resume", "--out", tmp_path / "r")
     assert other.returncode == 2 and "was made with other settings (seed)" in other.stderr
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tiny_scripts, tmp_path):
     script = tiny_scripts / "train_baseline.py"
     assert (
-        run_script(
-            script, "--smoke", "--max-steps", "2", "--out", tmp_path / "r", cwd=tmp_path
-        ).returncode
+        run_inprocess(script, "--smoke", "--max-steps", "2", "--out", tmp_path / "r").returncode
         == 0
     )
     ckpt = tmp_path / "r" / "last.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:100])
-    result = run_script(script, "--smoke", "--resume", "--out", tmp_path / "r", cwd=tmp_path)
+    result = run_inprocess(script, "--smoke", "--resume", "--out", tmp_path / "r")
     assert result.returncode == 2
     assert f"error: cannot load checkpoint {ckpt}" in result.stderr
 
@@ -216,8 +208,8 @@ def test_noise_has_the_spec_std(tmp_path):
     folder = tmp_path / "gen" / "tiny"
     for arm in ("baseline", "fixed"):
         assert (
-            run_script(
-                folder / f"train_{arm}.py", "--smoke", "--out", tmp_path / arm, cwd=tmp_path
+            run_inprocess(
+                folder / f"train_{arm}.py", "--smoke", "--out", tmp_path / arm
             ).returncode
             == 0
         )

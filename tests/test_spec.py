@@ -103,9 +103,14 @@ CASES = {
         ("[baseline, fixed]", "[baseline, full]"),
         "6: variants[1]: arm 'full' is not supported yet (supported: baseline, fixed)",
     ),
-    "model not supported yet": (
+    "kernel not supported yet": (
+        ("variants:", "perturbation: {kernel: triton}\nvariants:"),
+        "6: perturbation.kernel: 'triton' is not supported yet (supported: 'auto', 'torch')",
+    ),
+    "image model on flat data": (
         ("model: {arch: mlp, hidden: [16]}", "model: {arch: resnet18}"),
-        "3: model.arch: 'resnet18' is not supported yet (supported: 'mlp', 'cnn1d')",
+        "2: data.shape: resnet18 needs images of shape [channels, height, width] with height "
+        "and width >= 32 (got [8])",
     ),
     "cnn1d on flat data": (
         ("model: {arch: mlp, hidden: [16]}", "model: {arch: cnn1d}"),

@@ -76,24 +76,42 @@ def derived_seed(seed, stream, index=0):
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def synthetic_split(size, seed, noise):
+def synthetic_split(size, split, noise):
     """Deterministic, learnable data: one Gaussian prototype per class plus noise."""
     g = torch.Generator().manual_seed(derived_seed(0, "synthetic-prototypes"))
     prototypes = torch.randn((NUM_CLASSES, *INPUT_SHAPE), generator=g)
-    g = torch.Generator().manual_seed(derived_seed(seed, "synthetic"))
+    g = torch.Generator().manual_seed(derived_seed(split, "synthetic"))
     y = torch.randint(NUM_CLASSES, (size,), generator=g)
     x = prototypes[y] + noise * torch.randn((size, *INPUT_SHAPE), generator=g)
     return x, y
 
 
-def load_data(root, smoke):
-    """(x_train, y_train, x_val, y_val) as CPU tensors."""
+class TensorData:
+    """A dataset held whole as tensors on the training device."""
+
+    def __init__(self, x_train, y_train, x_val, y_val, device):
+        self.x_train, self.y_train = x_train.to(device), y_train.to(device)
+        self.x_val, self.y_val = x_val.to(device), y_val.to(device)
+        self.train_size = len(self.x_train)
+
+    def train_batches(self, order, first, batch_size, seed, epoch):
+        """Batches `first`, `first + 1`, ... of the epoch whose example order is `order`."""
+        for batch in range(first, (len(order) + batch_size - 1) // batch_size):
+            idx = order[batch * batch_size : (batch + 1) * batch_size].to(self.x_train.device)
+            x = self.x_train[idx]
+            yield x, self.y_train[idx]
+
+    def val_batches(self, batch_size):
+        for i in range(0, len(self.x_val), batch_size):
+            yield self.x_val[i : i + batch_size], self.y_val[i : i + batch_size]
+
+
+def load_data(root, smoke, seed, device):
+    """The train and validation data, ready to hand out batches on `device`."""
     if smoke:
-        return (*synthetic_split(64, 1, 1.0), *synthetic_split(32, 2, 1.0))
-    return (
-        *synthetic_split(TRAIN_SIZE, 1, SYNTHETIC_NOISE),
-        *synthetic_split(VAL_SIZE, 2, SYNTHETIC_NOISE),
-    )
+        return TensorData(*synthetic_split(32, 1, 1.0), *synthetic_split(16, 2, 1.0), device)
+    train = synthetic_split(TRAIN_SIZE, 1, SYNTHETIC_NOISE)
+    return TensorData(*train, *synthetic_split(VAL_SIZE, 2, SYNTHETIC_NOISE), device)
 
 
 # ----------------------------------------------------------------------------------------
@@ -126,7 +144,7 @@ def build_optimizer(model):
     )
 
 
-def lr_at(step, total_steps, warmup_steps):
+def lr_at(step, total_steps, warmup_steps, steps_per_epoch):
     """Learning rate of optimizer step `step` (0-based): linear warm-up, then the schedule."""
     if step < warmup_steps:
         return LR * (step + 1) / warmup_steps
@@ -235,7 +253,7 @@ def seed_int(text):
     return value
 
 
-def parse_args(argv):
+def build_parser():
     parser = argparse.ArgumentParser(
         description=f"Train arm `{ARM}` of spec `{SPEC_NAME}`. Defaults come from the spec.",
     )
@@ -289,7 +307,7 @@ def parse_args(argv):
         action="store_true",
         help="tiny synthetic data of the same shape, at most 2 epochs",
     )
-    return parser.parse_args(argv)
+    return parser
 
 
 def pick_device(name):
@@ -305,17 +323,30 @@ def pick_device(name):
 
 
 @torch.no_grad()
-def evaluate(model, x, y, batch_size=1024):
-    """Mean cross-entropy and accuracy over a whole split."""
+def evaluate(model, data, batch_size):
+    """Mean cross-entropy and accuracy over the whole validation split."""
     model.eval()
-    loss_sum, correct = 0.0, 0
-    for i in range(0, len(x), batch_size):
-        xb, yb = x[i : i + batch_size], y[i : i + batch_size]
+    loss_sum, correct, count = 0.0, 0, 0
+    for xb, yb in data.val_batches(batch_size):
         logits = model(xb)
-        loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
+        loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum").item()
         correct += (logits.argmax(1) == yb).sum().item()
+        count += len(yb)
     model.train()
-    return loss_sum / len(x), correct / len(x)
+    return loss_sum / count, correct / count
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def summarize(history, status, step):
@@ -347,7 +378,7 @@ def summarize(history, status, step):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     device = pick_device(args.device)
     run_name = f"{ARM}-smoke" if args.smoke else f"{ARM}-seed{args.seed}"
     out = Path(args.out or f"runs/{SPEC_NAME}/{run_name}")
@@ -356,7 +387,7 @@ def main(argv=None):
     if not args.resume and (out / "last.pt").exists():
         fail(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
     epochs = min(args.epochs, 2) if args.smoke else args.epochs
-    batch_size = min(args.batch_size, 16) if args.smoke else args.batch_size
+    batch_size = min(args.batch_size, 8) if args.smoke else args.batch_size
     config = {
         "spec": SPEC_NAME,
         "arm": ARM,
@@ -368,6 +399,8 @@ def main(argv=None):
         "device": str(device),
         "smoke": args.smoke,
         "kernel": "torch",
+        "amp": "none",
+        "compile": False,
         "torch": str(torch.__version__),
         "constants": {
             "SPEC_NAME": SPEC_NAME,
@@ -397,13 +430,14 @@ def main(argv=None):
         },
     }
 
-    x_train, y_train, x_val, y_val = (t.to(device) for t in load_data(args.data_root, args.smoke))
-    steps_per_epoch = (len(x_train) + batch_size - 1) // batch_size
+    data = load_data(args.data_root, args.smoke, args.seed, device)
+    steps_per_epoch = (data.train_size + batch_size - 1) // batch_size
     total_steps = epochs * steps_per_epoch
     warmup_steps = round(WARMUP_EPOCHS * steps_per_epoch)
 
     torch.manual_seed(derived_seed(args.seed, "init"))
     model = build_model().to(device)
+    forward = model
     optimizer = build_optimizer(model)
     perturbation = Perturbation(model, args.seed, device)
     state = {"epoch": 0, "batch": 0, "step": 0, "sums": [0.0, 0, 0, 0.0], "history": []}
@@ -419,7 +453,7 @@ def main(argv=None):
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         perturbation.load_state_dict(ckpt["perturbation"])
-        torch.set_rng_state(ckpt["torch_rng"])
+        set_rng_state(ckpt["rng"])
         state = ckpt["state"]
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "config.json", json.dumps(config, indent=2) + "\n")
@@ -434,7 +468,7 @@ def main(argv=None):
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "perturbation": perturbation.state_dict(),
-                "torch_rng": torch.get_rng_state(),
+                "rng": rng_state(),
                 "state": state,
             },
             path,
@@ -454,8 +488,9 @@ def main(argv=None):
         first = state["batch"] if epoch == state["epoch"] else 0
         loss_sum, correct, seen, eps_sum = state["sums"] if first else (0.0, 0, 0, 0.0)
         g = torch.Generator().manual_seed(derived_seed(args.seed, "data", epoch))
-        order = torch.randperm(len(x_train), generator=g).to(device)
-        for batch in range(first, steps_per_epoch):
+        order = torch.randperm(data.train_size, generator=g)
+        batches = data.train_batches(order, first, batch_size, args.seed, epoch)
+        for batch, (xb, yb) in enumerate(batches, start=first):
             if args.max_steps is not None and step >= args.max_steps:
                 state.update(
                     epoch=epoch, batch=batch, step=step, sums=[loss_sum, correct, seen, eps_sum]
@@ -464,12 +499,10 @@ def main(argv=None):
                 finish("stopped")
                 print(f"stopped after {step} steps (--max-steps); continue with --resume")
                 return 0
-            idx = order[batch * batch_size : (batch + 1) * batch_size]
-            xb, yb = x_train[idx], y_train[idx]
-            lr = lr_at(step, total_steps, warmup_steps)
+            lr = lr_at(step, total_steps, warmup_steps, steps_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            logits = model(xb)
+            logits = forward(xb)
             loss = F.cross_entropy(logits, yb)
             loss_value = loss.item()
             if not math.isfinite(loss_value):
@@ -489,7 +522,7 @@ def main(argv=None):
             loss_sum += loss_value * len(yb)
             correct += (logits.argmax(1) == yb).sum().item()
             seen += len(yb)
-        val_loss, val_acc = evaluate(model, x_val, y_val)
+        val_loss, val_acc = evaluate(forward, data, batch_size)
         record = {
             "epoch": epoch + 1,
             "step": step,

@@ -1,0 +1,315 @@
+"""Behaviour of the complete emitted script: datasets on disk, models, schedules, AMP,
+compile, and resume after a hard kill."""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import runpy
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import GENERATED, MINIMAL, generate, run_inprocess
+
+IMAGE_MLP = ["model={arch: mlp, hidden: [16]}", "train.epochs=1"]
+
+
+def script_namespace(path):
+    return runpy.run_path(str(path), run_name="perturbgen_test")
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+# --- models: the published parameter counts say these are the real architectures --------
+
+
+def test_resnet18_parameter_counts():
+    ns = script_namespace(GENERATED / "cifar10_resnet18" / "train_baseline.py")
+    assert n_params(ns["ResNet18"](3, 224, 1000)) == 11_689_512  # ImageNet stem
+    assert n_params(ns["ResNet18"](3, 32, 10)) == 11_173_962  # CIFAR stem
+
+
+def test_vgg16_bn_parameter_count():
+    ns = script_namespace(GENERATED / "cifar100_vgg16" / "train_baseline.py")
+    assert n_params(ns["VGG16"](3, 224, 1000)) == 138_365_992
+    model = ns["VGG16"](3, 32, 100)
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 100)
+
+
+def test_efficientnet_b0_parameter_count():
+    ns = script_namespace(GENERATED / "imagenet100_efficientnet_b0" / "train_baseline.py")
+    model = ns["EfficientNetB0"](3, 1000)
+    assert n_params(model) == 5_288_548
+    drops = [b.drop_path for b in model.modules() if type(b).__name__ == "MBConv"]
+    assert len(drops) == 16 and drops[0] == 0 and drops[-1] == pytest.approx(0.2 * 15 / 16)
+
+
+# --- datasets in their exact on-disk formats ---------------------------------------------
+
+
+def write_cifar(root, dataset):
+    rng = np.random.default_rng(0)
+
+    def batch(n, classes, key):
+        return {
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            key: rng.integers(0, classes, n).tolist(),
+        }
+
+    if dataset == "cifar10":
+        folder = root / "cifar-10-batches-py"
+        files = {f"data_batch_{i}": batch(16, 10, b"labels") for i in range(1, 6)}
+        files["test_batch"] = batch(24, 10, b"labels")
+    else:
+        folder = root / "cifar-100-python"
+        files = {"train": batch(80, 100, b"fine_labels"), "test": batch(24, 100, b"fine_labels")}
+    folder.mkdir(parents=True)
+    for name, content in files.items():
+        (folder / name).write_bytes(pickle.dumps(content))
+    return folder
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
+def test_cifar_trains_from_python_batches(dataset, tmp_path):
+    spec = {"cifar10": "cifar10_resnet18", "cifar100": "cifar100_vgg16"}[dataset]
+    folder = generate(
+        tmp_path,
+        (GENERATED.parent / "specs" / f"{spec}.yaml").read_text(),
+        *IMAGE_MLP,
+        "data.batch_size=16",
+    )
+    write_cifar(tmp_path / "data", dataset)
+    result = run_inprocess(
+        folder / "train_fixed.py", "--data-root", tmp_path / "data", "--out", tmp_path / "run"
+    )
+    assert result.returncode == 0, result.stderr
+    (metrics,) = [
+        json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert metrics["step"] == 80 // 16 and math.isfinite(metrics["val_loss"])
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["constants"]["AUGMENT"]
+
+
+def test_missing_and_broken_cifar_are_clear_errors(tmp_path):
+    folder = generate(
+        tmp_path, (GENERATED.parent / "specs" / "cifar10_resnet18.yaml").read_text(), *IMAGE_MLP
+    )
+    result = run_inprocess(
+        folder / "train_baseline.py", "--data-root", tmp_path / "none", "--out", tmp_path / "r1"
+    )
+    assert result.returncode == 2
+    assert (
+        f"error: cifar10 not found: expected {tmp_path / 'none'}/cifar-10-batches-py/"
+        "data_batch_1; download cifar-10-python.tar.gz"
+    ) in result.stderr
+    batches = write_cifar(tmp_path / "data", "cifar10")
+    (batches / "data_batch_3").write_bytes(b"not a pickle")
+    result = run_inprocess(
+        folder / "train_baseline.py", "--data-root", tmp_path / "data", "--out", tmp_path / "r2"
+    )
+    assert result.returncode == 2
+    assert f"error: {batches / 'data_batch_3'} is not a cifar10 python batch" in result.stderr
+
+
+def test_crop_flip_takes_a_window_of_the_padded_image():
+    ns = script_namespace(GENERATED / "cifar10_resnet18" / "train_baseline.py")
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    out = ns["random_crop_flip"](x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    flips = 0
+    for i in range(64):
+        windows = [
+            (dy, dx, f)
+            for dy in range(9)
+            for dx in range(9)
+            for f in (False, True)
+            if torch.equal(
+                out[i], (lambda w: w.flip(2) if f else w)(padded[i, :, dy : dy + 32, dx : dx + 32])
+            )
+        ]
+        assert windows, f"sample {i} is not a crop of its padded image"
+        flips += windows[0][2]
+    assert 16 <= flips <= 48  # Binomial(64, 1/2): outside [16, 48] has probability < 1e-4
+
+
+def write_image_folder(root, classes=2, per_class=6):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            folder = root / split / f"class_{c}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (30 + 7 * i, 40, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_image_folder_trains_with_pillow(workers, tmp_path):
+    folder = generate(
+        tmp_path,
+        (GENERATED.parent / "specs" / "imagenet100_efficientnet_b0.yaml").read_text(),
+        *IMAGE_MLP,
+        "data.num_classes=2",
+        "data.image_size=32",
+        f"data.workers={workers}",
+        "data.batch_size=4",
+        "train.amp=none",
+    )
+    write_image_folder(tmp_path / "images")
+    result = run_inprocess(
+        folder / "train_fixed.py", "--data-root", tmp_path / "images", "--out", tmp_path / "run"
+    )
+    assert result.returncode == 0, result.stderr
+    (metrics,) = [
+        json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert metrics["step"] == 3  # 12 training images in batches of 4
+
+
+def test_image_folder_with_the_wrong_class_count(tmp_path):
+    folder = generate(
+        tmp_path,
+        (GENERATED.parent / "specs" / "imagenet100_efficientnet_b0.yaml").read_text(),
+        *IMAGE_MLP,
+        "data.image_size=32",
+        "data.workers=0",
+    )
+    write_image_folder(tmp_path / "images", classes=3)
+    result = run_inprocess(
+        folder / "train_baseline.py", "--data-root", tmp_path / "images", "--out", tmp_path / "run"
+    )
+    assert result.returncode == 2
+    assert (
+        f"{tmp_path / 'images' / 'train'} holds 3 class folders; the spec says 100"
+        in result.stderr
+    )
+
+
+# --- optimizers and schedules -------------------------------------------------------------
+
+
+SCHEDULES = {
+    "constant": ("{name: constant, warmup_epochs: 1}", {0: 0.01, 9: 0.1, 10: 0.1, 99: 0.1}),
+    "cosine": ("{name: cosine, min_lr_ratio: 0.1}", {0: 0.1, 50: 0.055, 100: 0.01}),
+    "step": ("{name: step, step_epochs: 2, gamma: 0.5}", {19: 0.1, 20: 0.05, 45: 0.025}),
+    "onecycle": (
+        "{name: onecycle, pct_start: 0.25, div_factor: 10, final_div_factor: 100}",
+        {0: 0.01, 25: 0.1, 100: 0.0001},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_learning_rate_schedules(name, tmp_path):
+    schedule, expected = SCHEDULES[name]
+    folder = generate(tmp_path, MINIMAL, f"schedule={schedule}")
+    lr_at = script_namespace(folder / "train_baseline.py")["lr_at"]
+    total, steps_per_epoch = 100, 10
+    warmup = 10 if name == "constant" else 0
+    for step, lr in expected.items():
+        assert lr_at(step, total, warmup, steps_per_epoch) == pytest.approx(lr), step
+
+
+def test_adamw_is_decoupled_adam(tmp_path):
+    folder = generate(tmp_path, MINIMAL, "optimizer={name: adamw, lr: 0.001}")
+    ns = script_namespace(folder / "train_baseline.py")
+    optimizer = ns["build_optimizer"](ns["build_model"]())
+    assert type(optimizer) is torch.optim.AdamW
+    assert optimizer.defaults["weight_decay"] == 0.01
+
+
+# --- AMP and compile ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("setting", ["train.amp=bf16", "train.amp=fp16", "train.compile=true"])
+def test_amp_and_compile_smoke(setting, tmp_path):
+    folder = generate(tmp_path, MINIMAL, setting)
+    source = (folder / "train_fixed.py").read_text()
+    result = run_inprocess(folder / "train_fixed.py", "--smoke", "--out", tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    key, value = setting.removeprefix("train.").split("=")
+    assert str(config[key]).lower() == value
+    if key == "amp":
+        assert "torch.autocast" in source and ("GradScaler" in source) is (value == "fp16")
+    else:
+        ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+        assert not any(k.startswith("_orig_mod") for k in ckpt["model"])  # uncompiled names
+
+
+# --- the command line and exact resume after SIGKILL ------------------------------------
+
+
+def test_help_explains_every_flag(tmp_path):
+    folder = generate(tmp_path)
+    parser = script_namespace(folder / "train_fixed.py")["build_parser"]()
+    flags = {a.option_strings[-1]: a.help for a in parser._actions if a.dest != "help"}
+    assert sorted(flags) == sorted(
+        [
+            "--epochs",
+            "--max-steps",
+            "--batch-size",
+            "--data-root",
+            "--out",
+            "--seed",
+            "--device",
+            "--resume",
+            "--smoke",
+        ]
+    )
+    assert all(text and len(text) > 15 for text in flags.values()), flags
+    result = subprocess.run(
+        [sys.executable, folder / "train_fixed.py", "--help"], capture_output=True, text=True
+    )
+    assert result.returncode == 0 and "--max-steps" in result.stdout
+
+
+def test_sigkill_mid_epoch_then_resume_matches(tmp_path):
+    """A run killed with SIGKILL in its second epoch resumes from the epoch-1 checkpoint and
+    ends with exactly the parameters and metrics of an uninterrupted run."""
+    spec = MINIMAL.replace("train_size: 64", "train_size: 12000")
+    folder = generate(tmp_path, spec, "data.batch_size=4", "train.epochs=3")
+    script = folder / "train_fixed.py"
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, script, "--out", killed],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        metrics = killed / "metrics.jsonl"
+        if metrics.exists() and metrics.read_text().count("\n") == 1:
+            time.sleep(0.3)  # well inside epoch 2 (about 1 s long here)
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = run_inprocess(script, "--out", killed, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    straight = run_inprocess(script, "--out", tmp_path / "straight")
+    assert straight.returncode == 0
+    a = torch.load(killed / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    strip = [
+        {k: v for k, v in json.loads(line).items() if k != "elapsed_s"}
+        for line in (killed / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert strip == [
+        {k: v for k, v in json.loads(line).items() if k != "elapsed_s"}
+        for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert len(strip) == 3
