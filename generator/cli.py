@@ -6,6 +6,7 @@ Exit codes: 0 ok; 1 `generate --check` found drift; 2 invalid spec or usage;
 
 from __future__ import annotations
 
+import difflib
 import json
 import sys
 from pathlib import Path
@@ -113,6 +114,31 @@ def generate(
     for r in rendered:
         target = write_folder(r, out)
         typer.echo(f"wrote {target}/ ({', '.join(r.files)})")
+
+
+@app.command()
+def diff(
+    spec: Annotated[Path, typer.Argument(help="The spec file.", show_default=False)],
+    arm_a: Annotated[str, typer.Argument(help="The arm to diff from, e.g. fixed.")],
+    arm_b: Annotated[str, typer.Argument(help="The arm to diff to, e.g. full.")],
+    set_: SetOpt = None,
+) -> None:
+    """Print the unified diff between two arms' scripts: the ablation, as code."""
+    try:
+        rendered = render_spec(spec, set_ or [], [arm_a, arm_b])
+    except SpecErrors as exc:
+        _fail(exc.errors)
+    except GenerationError as exc:
+        typer.echo(f"internal error while generating {spec}: {exc}", err=True)
+        raise typer.Exit(3) from None
+    a, b = (f"train_{arm}.py" for arm in (arm_a, arm_b))
+    lines = difflib.unified_diff(
+        rendered.files[a].decode().splitlines(keepends=True),
+        rendered.files[b].decode().splitlines(keepends=True),
+        a,
+        b,
+    )
+    sys.stdout.write("".join(lines))
 
 
 @app.command()

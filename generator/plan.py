@@ -46,7 +46,8 @@ class RenderModel:
     kind: str  # the method's arm: baseline, fixed, phase_only, schedule_only, full
     script: str
     override: str  # the sections an extra baseline overrides ("optimizer, schedule"), or ""
-    eps_formula: str
+    eps_formula: str  # e.g. "eps(t) = eps_base * exp(-lambda * t)"
+    eps_values: str  # e.g. "eps_base = 0.002, lambda = 0.001"
     dataset: str
     input_shape: tuple[int, ...]
     num_classes: int
@@ -63,6 +64,11 @@ class RenderModel:
     def perturbs(self) -> bool:
         """Whether the script holds perturbation code at all (never in a baseline)."""
         return self.kind != "baseline"
+
+    @property
+    def detector(self) -> bool:
+        """Whether the script holds the phase detector (phase_only and full only)."""
+        return self.kind in ("phase_only", "full")
 
     @property
     def kernel(self) -> str | None:
@@ -85,12 +91,23 @@ def spec_hash(spec: Spec) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def eps_formula(spec: Spec, kind: str) -> str:
+def eps_formula(spec: Spec, kind: str) -> tuple[str, str]:
+    """eps(t) of an arm and the spec's numbers in it, for docstrings and READMEs."""
     p = spec.perturbation
     ratio = " * lr_t / lr_0" if p.scale == "lr" else ""
+    phases = f"eps_phase = ({p.eps.exploration!r}, {p.eps.convergence!r}, {p.eps.fine_tuning!r})"
     return {
-        "baseline": "eps(t) = 0 (no perturbation)",
-        "fixed": f"eps(t) = eps_fixed{ratio} = {p.fixed!r}{ratio}",
+        "baseline": ("eps(t) = 0 (no perturbation)", ""),
+        "fixed": (f"eps(t) = eps_fixed{ratio}", f"eps_fixed = {p.fixed!r}"),
+        "phase_only": (f"eps(t) = eps_phase[p]{ratio}", phases),
+        "schedule_only": (
+            f"eps(t) = eps_base * exp(-lambda * t){ratio}",
+            f"eps_base = {p.base!r}, lambda = {p.decay!r}",
+        ),
+        "full": (
+            f"eps(t) = eps_phase[p] * exp(-lambda * t_p){ratio}",
+            f"{phases}, lambda = {p.decay!r}",
+        ),
     }[kind]
 
 
@@ -177,6 +194,27 @@ def constants(spec: Spec, arm: str, kind: str) -> tuple[Constant, ...]:
         ]
     if kind == "fixed":
         c.append(Constant("EPS_FIXED", p.fixed, "noise std, parameter units"))
+    if kind in ("phase_only", "full"):
+        eps = (p.eps.exploration, p.eps.convergence, p.eps.fine_tuning)
+        c.append(Constant("EPS_PHASE", eps, "noise std in exploration, convergence, fine-tuning"))
+    if kind == "schedule_only":
+        c.append(Constant("EPS_BASE", p.base, "noise std at step 0, parameter units"))
+    if kind in ("schedule_only", "full"):
+        c.append(Constant("DECAY", p.decay, "lambda of exp(-lambda t), per optimizer step"))
+    if kind in ("phase_only", "full"):
+        d = spec.phase_detector
+        c += [
+            Constant("EVERY", d.every, "optimizer steps between detector samples"),
+            Constant("WINDOW", d.window, "samples in the detector's sliding window"),
+            Constant("THRESHOLD_MODE", d.thresholds.mode, "'relative': over the first window"),
+            Constant("TAU1", d.thresholds.tau1, "exploration: grad_var above"),
+            Constant("TAU2", d.thresholds.tau2, "exploration: param_delta above"),
+            Constant("TAU3", d.thresholds.tau3, "fine-tuning: grad_var below"),
+            Constant("TAU4", d.thresholds.tau4, "fine-tuning: param_delta below"),
+            Constant("TAU_SMOOTH", d.thresholds.tau_smooth, "loss_smooth threshold, or None"),
+            Constant("PATIENCE", d.patience, "consecutive votes to change phase"),
+            Constant("MONOTONIC", d.monotonic, "phases only advance"),
+        ]
     return tuple(c)
 
 
@@ -202,7 +240,8 @@ def plan(spec: Spec, doc: Located) -> list[RenderModel]:
                 kind=kind,
                 script=f"train_{arm}.py",
                 override=override,
-                eps_formula=eps_formula(s, kind),
+                eps_formula=eps_formula(s, kind)[0],
+                eps_values=eps_formula(s, kind)[1],
                 dataset=s.data.dataset,
                 input_shape=shape,
                 num_classes=classes,

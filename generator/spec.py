@@ -217,6 +217,11 @@ class Thresholds(Section):
     tau2: PosFloat = 0.5
     tau3: PosFloat = 0.1
     tau4: PosFloat = 0.2
+    tau_smooth: PosFloat | None = Field(
+        None,
+        description="If given, exploration also needs loss_smooth > tau_smooth and "
+        "fine-tuning loss_smooth < tau_smooth.",
+    )
 
 
 class PhaseDetector(Section):
@@ -268,7 +273,7 @@ class Spec(Section):
 SUPPORTED: dict[tuple[str, ...], tuple[str, ...]] = {
     ("perturbation", "kernel"): ("auto", "torch"),
 }
-SUPPORTED_ARMS = ("baseline", "fixed")
+SUPPORTED_ARMS = ARMS
 
 
 def _get(spec: BaseModel, path: tuple[str, ...]) -> Any:

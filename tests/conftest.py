@@ -76,6 +76,7 @@ def run_inprocess(script: Path, *args: str) -> Finished:
 
 def generate(tmp_path: Path, spec_text: str = MINIMAL, *overrides: str) -> Path:
     """Generate a spec's arms into tmp_path; return the folder of scripts."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "spec.yaml").write_text(spec_text)
     args = [arg for o in overrides for arg in ("--set", o)]
     result = cli("generate", tmp_path / "spec.yaml", "-o", tmp_path / "gen", *args)

@@ -117,7 +117,10 @@ def test_check_on_a_missing_folder_is_drift(write_spec, tmp_path):
 def test_validate_ok():
     result = cli("validate", REPO / "specs")
     assert result.exit_code == 0, result.output
-    assert "mnist1d_cnn: baseline, fixed, baseline_adam, baseline_sgd_constant" in result.output
+    assert (
+        "mnist1d_cnn: baseline, fixed, phase_only, schedule_only, full, baseline_adam, "
+        "baseline_sgd_constant"
+    ) in result.output
 
 
 def test_usage_error_exits_2():

@@ -22,7 +22,15 @@ def names(model):
 
 def test_arms_and_extra_baselines_in_order():
     models = models_for(REPO / "specs" / "mnist1d_cnn.yaml")
-    assert list(models) == ["baseline", "fixed", "baseline_adam", "baseline_sgd_constant"]
+    assert list(models) == [
+        "baseline",
+        "fixed",
+        "phase_only",
+        "schedule_only",
+        "full",
+        "baseline_adam",
+        "baseline_sgd_constant",
+    ]
     assert models["baseline_adam"].kind == "baseline"
     assert models["baseline_adam"].optimizer == "adam"
     assert models["baseline_adam"].override == "optimizer"
@@ -45,7 +53,8 @@ def test_constants_follow_the_spec(write_spec):
     assert values["EPS_FIXED"] == 0.02 and values["NOISE_SCALE"] == "lr"
     assert values["INPUT_SHAPE"] == (8,) and values["IN_FEATURES"] == 8
     assert values["MOMENTUM"] == 0.9 and "BETAS" not in values
-    assert models["fixed"].eps_formula == "eps(t) = eps_fixed * lr_t / lr_0 = 0.02 * lr_t / lr_0"
+    assert models["fixed"].eps_formula == "eps(t) = eps_fixed * lr_t / lr_0"
+    assert models["fixed"].eps_values == "eps_fixed = 0.02"
 
 
 def test_every_constant_has_a_comment():

@@ -99,10 +99,6 @@ CASES = {
         ("name: tiny", 'name: tiny\ndescription: \'a """ b\''),
         '2: description: must be one printable line without backslashes or """ (got \'a """ b\')',
     ),
-    "arm not supported yet": (
-        ("[baseline, fixed]", "[baseline, full]"),
-        "6: variants[1]: arm 'full' is not supported yet (supported: baseline, fixed)",
-    ),
     "kernel not supported yet": (
         ("variants:", "perturbation: {kernel: triton}\nvariants:"),
         "6: perturbation.kernel: 'triton' is not supported yet (supported: 'auto', 'torch')",
