@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
+import signal
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -139,6 +142,168 @@ def diff(
         b,
     )
     sys.stdout.write("".join(lines))
+
+
+@app.command()
+def ablate(
+    spec: Annotated[Path, typer.Argument(help="The spec file.", show_default=False)],
+    seeds: Annotated[
+        int, typer.Option(min=1, help="Runs per arm, at seeds spec.seed, spec.seed + 1, ...")
+    ] = 5,
+    jobs: Annotated[
+        int, typer.Option(min=1, help="Runs at a time; each gets cores / jobs CPU threads.")
+    ] = max(1, os.cpu_count() or 1),
+    arms: Annotated[
+        Optional[str],
+        typer.Option(help="Comma-separated arms to run (default: all, extra baselines too)."),
+    ] = None,
+    epochs: Annotated[
+        Optional[int], typer.Option(min=1, help="Override the spec's epochs for every run.")
+    ] = None,
+    out: Annotated[
+        Optional[Path], typer.Option("-o", "--out", help="Ablation folder (default runs/NAME).")
+    ] = None,
+    smoke: Annotated[
+        bool, typer.Option("--smoke", help="Tiny synthetic data, a few steps per run.")
+    ] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Run every arm over seeds as separate processes, then write the report.
+
+    Rerunning the same command skips finished runs and resumes interrupted ones.
+    """
+    from generator import ablate as runner
+    from generator import report as reporting
+
+    settings = {"epochs": epochs, "smoke": smoke, "overrides": sorted(set_ or [])}
+    try:
+        spec_name = load_spec(spec, set_ or [])[0].name
+        folder = out or Path("runs") / spec_name
+        rendered, chosen, record = runner.prepare(
+            spec, folder, set_ or [], [a for a in (arms or "").split(",") if a], settings
+        )
+    except SpecErrors as exc:
+        _fail(exc.errors)
+    except GenerationError as exc:
+        typer.echo(f"internal error while generating {spec}: {exc}", err=True)
+        raise typer.Exit(3) from None
+    runner.write_scripts(rendered, folder, record)
+    first_seed = json.loads(rendered.files["manifest.json"])["resolved_spec"]["seed"]
+    all_jobs = runner.make_jobs(folder, chosen, [first_seed + k for k in range(seeds)])
+    extra = (["--epochs", str(epochs)] if epochs else []) + (["--smoke"] if smoke else [])
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    typer.echo(
+        f"{len(all_jobs)} runs ({len(chosen)} arms x {seeds} seeds) in {folder}/, "
+        f"{jobs} at a time, {threads} thread(s) each"
+    )
+    display = _Progress(len(all_jobs))
+    # SIGTERM stops the children like Ctrl-C does, instead of orphaning them
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with display:
+            runner.run_all(all_jobs, jobs, extra, threads, display.update)
+    except KeyboardInterrupt:
+        typer.echo(
+            "interrupted: finished runs are kept, interrupted ones resume from their "
+            "last checkpoint; rerun the same command to continue",
+            err=True,
+        )
+        raise typer.Exit(130) from None
+    failed = [j for j in all_jobs if j.outcome == "failed"]
+    for job in failed:
+        typer.echo(
+            f"failed: {job.name} exited {job.returncode}; log: " f"{job.folder / 'train.log'}",
+            err=True,
+        )
+    try:
+        report_dir, report = reporting.build(folder)
+    except FileNotFoundError:
+        typer.echo("no run wrote any output: no report", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"report: {report_dir / 'report.md'}")
+    for arm, data in report["specs"].get(spec_name, {}).get("arms", {}).items():
+        typer.echo(f"  {arm:24s} final val acc {reporting._cell(data['final_acc'], '.2f', 100)}")
+    if failed:
+        raise typer.Exit(1)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+class _Progress:
+    """A live table on a terminal; one line per start and end of a run otherwise."""
+
+    def __init__(self, total: int):
+        from rich.console import Console
+
+        self.console = Console()
+        self.total = total
+        self.live = None
+
+    def __enter__(self):
+        if self.console.is_terminal:
+            from rich.live import Live
+
+            self.live = Live(console=self.console, refresh_per_second=4, transient=False)
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.live is not None:
+            self.live.__exit__(*exc)
+
+    def update(self, jobs, changed) -> None:
+        counts = {
+            k: sum(j.outcome == k for j in jobs)
+            for k in ("completed", "diverged", "failed", "skipped", "running")
+        }
+        done = counts["completed"] + counts["diverged"] + counts["failed"] + counts["skipped"]
+        if self.live is not None:
+            from rich.table import Table
+
+            table = Table(
+                title=f"{done}/{self.total} runs done "
+                f"({counts['skipped']} skipped as already finished, "
+                f"{counts['failed']} failed)"
+            )
+            for column in ("run", "epoch", "val acc", "time"):
+                table.add_column(column)
+            for job in jobs:
+                if job.outcome == "running":
+                    epoch, acc = job.progress()
+                    table.add_row(
+                        job.name,
+                        str(epoch),
+                        "-" if acc is None else f"{acc:.4f}",
+                        f"{time.time() - job.started:.0f}s",
+                    )
+            self.live.update(table)
+        elif changed is not None:
+            if changed.outcome == "running":
+                typer.echo(f"[{done}/{self.total}] start {changed.name}")
+            else:
+                epoch, acc = changed.progress()
+                result = "" if acc is None else f", epoch {epoch}, val acc {acc:.4f}"
+                typer.echo(f"[{done}/{self.total}] {changed.outcome} {changed.name}{result}")
+
+
+@app.command()
+def report(
+    runs: Annotated[Path, typer.Argument(help="A folder of run folders, e.g. runs/NAME.")],
+    out: Annotated[
+        Optional[Path], typer.Option("-o", "--out", help="Report folder (default RUNS/report).")
+    ] = None,
+) -> None:
+    """Rebuild the ablation report (tables, statistics, plots) from run folders alone."""
+    from generator import report as reporting
+
+    try:
+        report_dir, _ = reporting.build(runs, out)
+    except FileNotFoundError as exc:
+        typer.echo(f"{runs}: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {report_dir / 'report.md'}")
 
 
 @app.command()

@@ -125,11 +125,11 @@ def test_relative_thresholds_are_calibrated_on_the_first_window(tmp_path):
         "{mode: relative, tau1: 0.5, tau2: 0.5, tau3: 0.1, tau4: 0.2}}",
     )
     detector = ns["PhaseDetector"]()
-    first = list(zip(noisy_g(4, 0.2), [0.01] * 4, [1.0] * 4))  # var 0.04, delta 0.01
+    first = list(zip(noisy_g(4, 0.2), [0.01] * 4, [1.0] * 4, strict=True))  # var 0.04, delta 0.01
     assert feed(detector, first) == []  # ratios 1, 1: exploration, as it should be
     assert detector.reference == pytest.approx([0.04, 0.0, 0.01])
     # the same shape at a hundredth of the scale: ratios 0.01 -> fine-tuning
-    small = list(zip(noisy_g(4, 0.02), [1e-4] * 4, [1.0] * 4))
+    small = list(zip(noisy_g(4, 0.02), [1e-4] * 4, [1.0] * 4, strict=True))
     changes = feed(detector, small, start=4)
     assert changes[-1]["to"] == "fine_tuning"
     assert changes[-1]["compared"]["param_delta"] == pytest.approx(0.01)
@@ -145,7 +145,7 @@ def test_non_finite_samples_are_dropped(tmp_path):
 def test_detector_state_round_trips(tmp_path):
     ns = namespace(tmp_path, "full", *ABSOLUTE, "phase_detector.patience=2")
     a, b = ns["PhaseDetector"](), ns["PhaseDetector"]()
-    stream = list(zip(noisy_g(6, 2.0), [2.0] * 6, [1.0] * 6)) + [(1.0, 0.05, 1.0)] * 5
+    stream = list(zip(noisy_g(6, 2.0), [2.0] * 6, [1.0] * 6, strict=True)) + [(1.0, 0.05, 1.0)] * 5
     feed(a, stream[:7])
     b.load_state_dict(json.loads(json.dumps(a.state_dict())))
     assert feed(a, stream[7:], start=7) == feed(b, stream[7:], start=7)

@@ -152,8 +152,9 @@ def lr_at(step, total_steps, warmup_steps, steps_per_epoch):
 
 
 def save_atomic(obj, path):
-    """torch.save to a temporary file, fsync, then rename: a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
+    """torch.save to a temporary file, fsync, then rename: a crash never leaves half a file.
+    The temporary name is per process, so runs sharing a data cache cannot collide."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         torch.save(obj, f)
         f.flush()
@@ -162,7 +163,7 @@ def save_atomic(obj, path):
 
 
 def write_text_atomic(path, text):
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 
