@@ -115,10 +115,13 @@ def make_jobs(out: Path, arms: list[str], seeds: list[int]) -> list[Job]:
     ]
 
 
-def start(job: Job, extra: list[str], threads: int) -> None:
+def start(job: Job, extra: list[str], threads: int, nproc: int = 1) -> None:
     job.folder.mkdir(parents=True, exist_ok=True)
+    launcher = [sys.executable]
+    if nproc > 1:  # DDP: torchrun on this node, with a free port of its own per run
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     command = [
-        sys.executable,
+        *launcher,
         str(job.script),
         "--seed",
         str(job.seed),
@@ -176,6 +179,7 @@ def run_all(
     extra: list[str],
     threads: int,
     on_change: Callable[[list[Job], Job | None], None],
+    nproc: int = 1,
 ) -> None:
     """Run the pending jobs, `parallel` at a time; Ctrl-C stops them and re-raises."""
     for job in jobs:
@@ -186,7 +190,7 @@ def run_all(
         while queue or any(j.outcome == "running" for j in jobs):
             while queue and sum(j.outcome == "running" for j in jobs) < parallel:
                 job = queue.pop(0)
-                start(job, extra, threads)
+                start(job, extra, threads, nproc)
                 on_change(jobs, job)
             for job in jobs:
                 if job.outcome == "running" and job.process.poll() is not None:

@@ -166,6 +166,9 @@ def ablate(
     smoke: Annotated[
         bool, typer.Option("--smoke", help="Tiny synthetic data, a few steps per run.")
     ] = False,
+    nproc: Annotated[
+        int, typer.Option(min=1, help="Processes per run: >1 runs each under torchrun (DDP).")
+    ] = 1,
     set_: SetOpt = None,
 ) -> None:
     """Run every arm over seeds as separate processes, then write the report.
@@ -191,7 +194,7 @@ def ablate(
     first_seed = json.loads(rendered.files["manifest.json"])["resolved_spec"]["seed"]
     all_jobs = runner.make_jobs(folder, chosen, [first_seed + k for k in range(seeds)])
     extra = (["--epochs", str(epochs)] if epochs else []) + (["--smoke"] if smoke else [])
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = max(1, (os.cpu_count() or 1) // (jobs * nproc))
     typer.echo(
         f"{len(all_jobs)} runs ({len(chosen)} arms x {seeds} seeds) in {folder}/, "
         f"{jobs} at a time, {threads} thread(s) each"
@@ -201,7 +204,7 @@ def ablate(
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         with display:
-            runner.run_all(all_jobs, jobs, extra, threads, display.update)
+            runner.run_all(all_jobs, jobs, extra, threads, display.update, nproc)
     except KeyboardInterrupt:
         typer.echo(
             "interrupted: finished runs are kept, interrupted ones resume from their "

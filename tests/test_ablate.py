@@ -120,8 +120,7 @@ def test_a_failing_run_is_reported_and_the_others_finish(tmp_path):
     broken = out / "fixed" / "seed0"
     broken.mkdir(parents=True)
     (broken / "last.pt").write_bytes(b"not a checkpoint")  # ablate resumes it, which fails
-    result = cli("ablate", SPEC, "--smoke", "--seeds", "1", "--arms", "baseline,fixed",
-                 "-o", out)
+    result = cli("ablate", SPEC, "--smoke", "--seeds", "1", "--arms", "baseline,fixed", "-o", out)
     assert result.exit_code == 1
     assert f"failed: fixed/seed0 exited 2; log: {broken / 'train.log'}" in result.output
     assert "cannot load checkpoint" in (broken / "train.log").read_text()
@@ -133,8 +132,43 @@ def test_a_failing_run_is_reported_and_the_others_finish(tmp_path):
 def test_no_report_without_any_run_output(tmp_path):
     out = tmp_path / "ab"
     (tmp_path / "blocker").write_text("")  # the data root is a file: every run fails early
-    result = cli("ablate", SPEC, "--seeds", "1", "--arms", "baseline", "--epochs", "1",
-                 "--set", f"data.root={tmp_path / 'blocker'}", "-o", out)
+    result = cli(
+        "ablate",
+        SPEC,
+        "--seeds",
+        "1",
+        "--arms",
+        "baseline",
+        "--epochs",
+        "1",
+        "--set",
+        f"data.root={tmp_path / 'blocker'}",
+        "-o",
+        out,
+    )
     assert result.exit_code == 1
     assert "failed: baseline/seed0 exited" in result.output
     assert "no run wrote any output: no report" in result.output
+
+
+def test_ablate_runs_each_arm_under_torchrun(tmp_path):
+    out = tmp_path / "ab"
+    result = cli(
+        "ablate",
+        SPEC,
+        "--smoke",
+        "--seeds",
+        "1",
+        "--arms",
+        "full",
+        "--nproc",
+        "2",
+        "--jobs",
+        "1",
+        "-o",
+        out,
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "full" / "seed0" / "summary.json").read_text())
+    assert len(summary["replicas"]) == 2 and summary["replicas"][0] == summary["replicas"][1]
+    assert "torch.distributed.run" in (out / "full" / "seed0" / "train.log").read_text()

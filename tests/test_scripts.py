@@ -51,7 +51,7 @@ def test_smoke_run(script, tmp_path):
     perturbs = not script.stem.startswith("train_baseline")
     assert all((m["eps"] > 0) is perturbs for m in metrics)
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["steps"] == metrics[-1]["step"] == 8
+    assert summary["status"] == "completed" and summary["steps"] == metrics[-1]["step"] == 4
     config = json.loads((run / "config.json").read_text())
     assert config["smoke"] is True and config["kernel"] == ("torch" if perturbs else None)
     assert (run / script.name).read_bytes() == script.read_bytes()
@@ -80,7 +80,7 @@ def test_resume_continues_exactly(tiny_scripts, tmp_path):
     """Stopped mid-epoch and resumed, a run ends bit-identical to an uninterrupted one."""
     script = tiny_scripts / "train_fixed.py"
     straight = run_inprocess(script, "--smoke", "--out", tmp_path / "a")
-    first = run_inprocess(script, "--smoke", "--max-steps", "5", "--out", tmp_path / "b")
+    first = run_inprocess(script, "--smoke", "--max-steps", "3", "--out", tmp_path / "b")
     assert straight.returncode == 0 and first.returncode == 0, first.stderr
     assert json.loads((tmp_path / "b" / "summary.json").read_text())["status"] == "stopped"
     second = run_inprocess(script, "--smoke", "--resume", "--out", tmp_path / "b")
@@ -182,9 +182,9 @@ def test_corrupt_checkpoint_is_a_clear_error(tiny_scripts, tmp_path):
 def test_noise_has_the_spec_std(tmp_path):
     """With lr ~ 0 the only change to a weight is the noise: its std must be eps_fixed.
 
-    Each of the CNN's n = 4,328 parameters (3 classes) moves by the sum of 8 independent
-    N(0, eps^2) draws, i.e. N(0, 8 eps^2). The sample std of n normal values has relative standard
-    error 1/sqrt(2n) = 1.1 %, so a 5 % band is 4.7 sigma; the mean's s.e. is sqrt(8/n) eps.
+    Each of the CNN's n = 4,328 parameters (3 classes) moves by the sum of 4 independent
+    N(0, eps^2) draws, i.e. N(0, 4 eps^2). The sample std of n normal values has relative standard
+    error 1/sqrt(2n) = 1.1 %, so a 5 % band is 4.7 sigma; the mean's s.e. is sqrt(4/n) eps.
     """
     (tmp_path / "spec.yaml").write_text(MINIMAL)
     eps = 0.01
@@ -217,6 +217,6 @@ def test_noise_has_the_spec_std(tmp_path):
     b = torch.load(tmp_path / "fixed" / "last.pt", weights_only=True)["model"]
     delta = torch.cat([(b[k] - a[k]).flatten() for k in a])
     assert delta.numel() == 4328
-    per_step = delta.std().item() / math.sqrt(8)  # 8 independent steps add up in variance
+    per_step = delta.std().item() / math.sqrt(4)  # 4 independent steps add up in variance
     assert abs(per_step / eps - 1) < 0.05, per_step
-    assert abs(delta.mean().item()) < 5 * eps * math.sqrt(8) / math.sqrt(4328)
+    assert abs(delta.mean().item()) < 5 * eps * math.sqrt(4) / math.sqrt(4328)

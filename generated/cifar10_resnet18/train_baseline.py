@@ -12,8 +12,11 @@ runs/cifar10_resnet18/baseline-seed<SEED>):
     python train_baseline.py --seed 1 --out DIR
     python train_baseline.py --out DIR --resume
     python train_baseline.py --smoke
+    torchrun --nproc_per_node 2 train_baseline.py
 --resume continues a run exactly from DIR/last.pt; --smoke takes a few steps on tiny
-synthetic data of the same shape; --help lists every flag.
+synthetic data of the same shape; --help lists every flag. Under torchrun the script runs
+DDP, one process per GPU (gloo on the CPU): --batch-size is the global batch, and every
+rank draws the same noise, so replicas stay bit-identical.
 
 The run folder receives config.json, metrics.jsonl (one line per epoch), phases.jsonl,
 summary.json, last.pt and best.pt, and a copy of this script. Exit codes: 0 done,
@@ -24,6 +27,7 @@ Regenerate rather than edit.
 """
 
 import argparse
+import gc
 import hashlib
 import json
 import math
@@ -35,8 +39,10 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 # ----------------------------------------------------------------------------------------
 # Settings from the spec; the command line overrides the run settings (see --help)
@@ -139,18 +145,26 @@ def normalize(x):
     return (x.float() / 255 - mean) / std
 
 
+def shard(indices, rank, world):
+    """This rank's part of a global batch: under DDP every rank takes a contiguous slice of
+    the same global batch, so the global batch, its order and a resume mid-epoch are those
+    of a single-process run."""
+    return indices.tensor_split(world)[rank] if world > 1 else indices
+
+
 class TensorData:
     """A dataset held whole as tensors on the training device."""
 
-    def __init__(self, x_train, y_train, x_val, y_val, device):
+    def __init__(self, x_train, y_train, x_val, y_val, device, rank, world):
         self.x_train, self.y_train = x_train.to(device), y_train.to(device)
-        self.x_val, self.y_val = x_val.to(device), y_val.to(device)
-        self.train_size = len(self.x_train)
+        self.x_val, self.y_val = x_val[rank::world].to(device), y_val[rank::world].to(device)
+        self.train_size, self.rank, self.world = len(self.x_train), rank, world
 
     def train_batches(self, order, first, batch_size, seed, epoch):
         """Batches `first`, `first + 1`, ... of the epoch whose example order is `order`."""
         for batch in range(first, (len(order) + batch_size - 1) // batch_size):
-            idx = order[batch * batch_size : (batch + 1) * batch_size].to(self.x_train.device)
+            idx = order[batch * batch_size : (batch + 1) * batch_size]
+            idx = shard(idx, self.rank, self.world).to(self.x_train.device)
             x = self.x_train[idx]
             if AUGMENT:
                 g = torch.Generator().manual_seed(
@@ -165,11 +179,12 @@ class TensorData:
             yield normalize(self.x_val[i : i + batch_size]), self.y_val[i : i + batch_size]
 
 
-def load_data(root, smoke, seed, device):
-    """The train and validation data, ready to hand out batches on `device`."""
+def load_data(root, smoke, seed, device, rank=0, world=1):
+    """The train and validation data, ready to hand out this rank's batches on `device`."""
     if smoke:
-        return TensorData(*synthetic_split(32, 1, 1.0), *synthetic_split(16, 2, 1.0), device)
-    return TensorData(*load_cifar(root), device)
+        train, val = synthetic_split(16, 1, 1.0), synthetic_split(16, 2, 1.0)
+        return TensorData(*train, *val, device, rank, world)
+    return TensorData(*load_cifar(root), device, rank, world)
 
 
 # ----------------------------------------------------------------------------------------
@@ -293,6 +308,12 @@ def load_checkpoint(path):
 # Training
 
 
+def log(rank, message, error=False):
+    """Progress lines come from rank 0 only; errors from every rank."""
+    if rank == 0 or error:
+        print(message, file=sys.stderr if error else sys.stdout, flush=True)
+
+
 def fail(message, code=2):
     """Stop with a one-line message (exit 2: bad arguments, data or run folder)."""
     print(f"error: {message}", file=sys.stderr)
@@ -393,7 +414,41 @@ def evaluate(model, data, batch_size):
         correct += (logits.argmax(1) == yb).sum().item()
         count += len(yb)
     model.train()
+    loss_sum, correct, count = all_sum([loss_sum, correct, count])
     return loss_sum / count, correct / count
+
+
+def all_sum(values):
+    """Sum a few numbers over the ranks (as they are without DDP), in one collective."""
+    if not dist.is_initialized():
+        return values
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    totals = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(totals)
+    return totals.tolist()
+
+
+def setup_distributed(name):
+    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) join the process group:
+    nccl with one GPU per process on CUDA, gloo on the CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, pick_device(name)
+    local = int(os.environ["LOCAL_RANK"])
+    cuda = torch.cuda.is_available() and name in (None, "cuda")
+    device = pick_device(f"cuda:{local}" if cuda else name or "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
+def replica_fingerprint(model, step):
+    """A hash of this rank's parameters, bit for bit: equal on every rank, or DDP drifted."""
+    digest = hashlib.sha256()
+    for tensor in model.state_dict().values():
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return {"step": step, "params_sha256": digest.hexdigest()}
 
 
 def rng_state():
@@ -444,7 +499,19 @@ def summarize(history, status, step):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    device = pick_device(args.device)
+    rank, world, device = setup_distributed(args.device)
+    try:
+        code = train(args, rank, world, device)
+        if dist.is_initialized():
+            gc.collect()  # free DDP's reducer (a reference cycle) while the group still exists
+            dist.barrier()  # and let no rank leave while another still talks to it
+        return code
+    finally:  # every exit path, errors included, leaves the process group
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(args, rank, world, device):
     run_name = f"{ARM}-smoke" if args.smoke else f"{ARM}-seed{args.seed}"
     out = Path(args.out or f"runs/{SPEC_NAME}/{run_name}")
     if args.resume and not (out / "last.pt").exists():
@@ -462,6 +529,7 @@ def main(argv=None):
         "batch_size": batch_size,
         "data_root": args.data_root,
         "device": str(device),
+        "world_size": world,
         "smoke": args.smoke,
         "kernel": None,
         "amp": "none",
@@ -492,14 +560,18 @@ def main(argv=None):
         },
     }
 
-    data = load_data(args.data_root, args.smoke, args.seed, device)
+    data = load_data(args.data_root, args.smoke, args.seed, device, rank, world)
     steps_per_epoch = (data.train_size + batch_size - 1) // batch_size
     total_steps = epochs * steps_per_epoch
     warmup_steps = round(WARMUP_EPOCHS * steps_per_epoch)
 
     torch.manual_seed(derived_seed(args.seed, "init"))
-    model = build_model().to(device)
+    model = build_model().to(device)  # the same init on every rank: same seed
     forward = model
+    if world > 1:
+        forward = DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None
+        )
     optimizer = build_optimizer(model)
     state = {"epoch": 0, "batch": 0, "step": 0, "sums": epoch_sums(), "history": [], "phases": []}
     if args.resume:
@@ -515,13 +587,16 @@ def main(argv=None):
         optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
         state = ckpt["state"]
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "config.json", json.dumps(config, indent=2) + "\n")
-    if Path(__file__).resolve() != (out / Path(__file__).name).resolve():
-        shutil.copyfile(__file__, out / Path(__file__).name)
-    (out / "phases.jsonl").touch()  # this arm has no phase detector: it stays empty
+    if rank == 0:  # under DDP, rank 0 alone writes
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "config.json", json.dumps(config, indent=2) + "\n")
+        if Path(__file__).resolve() != (out / Path(__file__).name).resolve():
+            shutil.copyfile(__file__, out / Path(__file__).name)
+        (out / "phases.jsonl").touch()  # this arm has no phase detector: it stays empty
 
     def save(path):
+        if rank != 0:
+            return
         save_atomic(
             {
                 "config": config,
@@ -535,7 +610,13 @@ def main(argv=None):
 
     def finish(status):
         summary = summarize(state["history"], status, state["step"])
-        write_text_atomic(out / "summary.json", dumps(summary) + "\n")
+        if world > 1:  # every rank's parameter hash, so that drift between replicas shows
+            replicas = [None] * world
+            fingerprint = replica_fingerprint(model, state["step"])
+            dist.all_gather_object(replicas, fingerprint)
+            summary["replicas"] = replicas
+        if rank == 0:
+            write_text_atomic(out / "summary.json", dumps(summary) + "\n")
         return summary
 
     history = state["history"]
@@ -554,26 +635,31 @@ def main(argv=None):
                 state.update(epoch=epoch, batch=batch, step=step, sums=sums)
                 save(out / "last.pt")
                 finish("stopped")
-                print(f"stopped after {step} steps (--max-steps); continue with --resume")
+                log(rank, f"stopped after {step} steps (--max-steps); continue with --resume")
                 return 0
             lr = lr_at(step, total_steps, warmup_steps, steps_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             logits = forward(xb)
             loss = F.cross_entropy(logits, yb)
-            loss_value = loss.item()
+            # one host sync per step; under DDP one all-reduce, so a non-finite loss on any
+            # rank stops every rank at the same step
+            local = [loss.item() * len(yb), (logits.argmax(1) == yb).sum().item(), len(yb)]
+            loss_sum, correct, seen = all_sum(local)
+            loss_value = loss_sum / seen
             if not math.isfinite(loss_value):
                 finish("diverged")
-                print(
+                log(
+                    rank,
                     f"error: the training loss is {loss_value} at step {step} "
                     f"(epoch {epoch + 1}): the learning rate ({lr:.3g}) or the noise is "
                     f"likely too large; the last good checkpoint is {out / 'last.pt'}",
-                    file=sys.stderr,
+                    error=True,
                 )
                 return 3
-            sums["loss"] += loss_value * len(yb)
-            sums["correct"] += (logits.argmax(1) == yb).sum().item()
-            sums["seen"] += len(yb)
+            sums["loss"] += loss_sum
+            sums["correct"] += int(correct)
+            sums["seen"] += int(seen)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -593,21 +679,23 @@ def main(argv=None):
         }
         history.append(record)
         state.update(epoch=epoch + 1, batch=0, step=step, sums=epoch_sums())
-        write_text_atomic(out / "metrics.jsonl", "".join(dumps(h) + "\n" for h in history))
+        if rank == 0:
+            write_text_atomic(out / "metrics.jsonl", "".join(dumps(h) + "\n" for h in history))
         save(out / "last.pt")
         if val_acc > best_acc:
             best_acc = val_acc
             save(out / "best.pt")
-        print(
-            f"epoch {epoch + 1}/{epochs}  step {step}  train_loss {record['train_loss']:.4f}  "
-            f"val_loss {val_loss:.4f}  val_acc {val_acc:.4f}  lr {lr:.3g}  "
+        log(
+            rank,
+            f"epoch {epoch + 1}/{epochs}  step {step}  train_loss {record['train_loss']:.4f}"
+            f"  val_loss {val_loss:.4f}  val_acc {val_acc:.4f}  lr {lr:.3g}  "
             f"eps {record['eps']:.3g}  {record['elapsed_s']:.1f}s",
-            flush=True,
         )
     summary = finish("completed")
-    print(
-        f"done: best val_acc {summary['best_val_acc']:.4f}, final {summary['final_val_acc']:.4f};"
-        f" outputs in {out}"
+    log(
+        rank,
+        f"done: best val_acc {summary['best_val_acc']:.4f}, "
+        f"final {summary['final_val_acc']:.4f}; outputs in {out}",
     )
     return 0
 

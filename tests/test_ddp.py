@@ -1,0 +1,113 @@
+"""DDP: emitted scripts under torchrun with 2 CPU processes (gloo). Each run has a timeout,
+so a hang fails the test instead of stalling the suite."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import GENERATED, MINIMAL, generate
+
+ARMS = ["baseline", "fixed", "phase_only", "schedule_only", "full"]
+TIMEOUT_S = 120
+
+
+def torchrun(script, *args, cwd):
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+            *map(str, args),
+        ],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def summary(folder):
+    return json.loads((folder / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("arm", ARMS)
+def test_replicas_stay_bit_identical(arm, tmp_path):
+    run = tmp_path / "run"
+    result = torchrun(
+        GENERATED / "mnist1d_cnn" / f"train_{arm}.py", "--smoke", "--out", run, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    s = summary(run)
+    assert s["status"] == "completed" and len(s["replicas"]) == 2
+    assert s["replicas"][0] == s["replicas"][1]  # parameter hash (and phase) of each rank
+    assert json.loads((run / "config.json").read_text())["world_size"] == 2
+    # written once, by rank 0: one line per epoch, one progress line per epoch
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    assert result.stdout.count("epoch 1/2") == 1
+
+
+@pytest.fixture(scope="module")
+def busy_detector(tmp_path_factory):
+    """The full arm on small data with a detector that samples every step."""
+    root = tmp_path_factory.mktemp("ddp")
+    spec = MINIMAL.replace("train_size: 64", "train_size: 256").replace(
+        "[baseline, fixed]", "[full]"
+    )
+    return (
+        generate(
+            root,
+            spec,
+            "data.batch_size=16",
+            "train.epochs=3",
+            "phase_detector={every: 1, window: 3, patience: 1, "
+            "thresholds: {tau1: 0.9, tau2: 0.9, tau3: 0.5, tau4: 0.8}}",
+        )
+        / "train_full.py"
+    )
+
+
+def test_phase_decisions_are_shared(busy_detector, tmp_path):
+    result = torchrun(busy_detector, "--out", tmp_path / "run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = summary(tmp_path / "run")["replicas"]
+    assert a == b and a["step"] == 48
+    changes = (tmp_path / "run" / "phases.jsonl").read_text().splitlines()
+    assert changes, "the detector never changed phase: the test would prove nothing"
+    assert json.loads(changes[-1])["step"] == a["phase_start"]
+
+
+def test_resume_under_two_ranks_continues_exactly(busy_detector, tmp_path):
+    straight = torchrun(busy_detector, "--out", tmp_path / "a", cwd=tmp_path)
+    first = torchrun(busy_detector, "--out", tmp_path / "b", "--max-steps", "20", cwd=tmp_path)
+    assert straight.returncode == 0 and first.returncode == 0, first.stderr[-3000:]
+    assert summary(tmp_path / "b")["status"] == "stopped"
+    second = torchrun(busy_detector, "--out", tmp_path / "b", "--resume", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert summary(tmp_path / "a")["replicas"] == summary(tmp_path / "b")["replicas"]
+    for name in ("phases.jsonl", "metrics.jsonl"):
+        strip = [
+            [
+                {k: v for k, v in json.loads(line).items() if k != "elapsed_s"}
+                for line in (tmp_path / run / name).read_text().splitlines()
+            ]
+            for run in "ab"
+        ]
+        assert strip[0] == strip[1], name
+
+
+def test_divergence_stops_both_ranks(tmp_path):
+    folder = generate(tmp_path, MINIMAL, "optimizer.lr=1.0e+30")
+    result = torchrun(
+        folder / "train_fixed.py", "--smoke", "--out", tmp_path / "run", cwd=tmp_path
+    )
+    assert result.returncode != 0
+    assert result.stderr.count("error: the training loss is nan at step") == 2  # both ranks
+    assert "exitcode  : 3" in result.stderr
+    assert summary(tmp_path / "run")["status"] == "diverged"
