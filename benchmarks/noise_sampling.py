@@ -60,8 +60,10 @@ def main():
             fn()
             times[name].append(time.perf_counter() - start)
     base = statistics.median(times["per-tensor randn + _foreach_add_"])
-    print(f"{args.numel:,} fp32 values, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats}")
+    print(
+        f"{args.numel:,} fp32 values, {torch.get_num_threads()} threads, "
+        f"median of {args.repeats}"
+    )
     for name, t in times.items():
         med = statistics.median(t)
         print(f"  {name:36s} {1000 * med:8.1f} ms   x{med / base:.2f}")

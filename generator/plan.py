@@ -71,9 +71,9 @@ class RenderModel:
         return self.kind in ("phase_only", "full")
 
     @property
-    def kernel(self) -> str | None:
-        """The noise path this script uses (None: it adds no noise)."""
-        return "torch" if self.perturbs else None
+    def fusable(self) -> bool:
+        """Whether the Triton path fuses SGD with the noise (not under the fp16 scaler)."""
+        return self.perturbs and self.optimizer == "sgd" and self.amp != "fp16"
 
 
 @dataclass(frozen=True)
@@ -189,6 +189,7 @@ def constants(spec: Spec, arm: str, kind: str) -> tuple[Constant, ...]:
     p = spec.perturbation
     if kind != "baseline":
         c += [
+            Constant("KERNEL", p.kernel, "noise kernel: auto, triton or torch (--kernel)"),
             Constant("APPLY_TO", p.apply_to, "'weights': only tensors with ndim >= 2"),
             Constant("NOISE_SCALE", p.scale, "'lr': eps follows lr_t / lr_0"),
         ]

@@ -269,20 +269,6 @@ class Spec(Section):
     baselines: dict[Name, BaselineOverride] = {}
 
 
-# What the emitted script can do today; everything else is refused, never emitted half-done.
-SUPPORTED: dict[tuple[str, ...], tuple[str, ...]] = {
-    ("perturbation", "kernel"): ("auto", "torch"),
-}
-SUPPORTED_ARMS = ARMS
-
-
-def _get(spec: BaseModel, path: tuple[str, ...]) -> Any:
-    value: Any = spec
-    for part in path:
-        value = getattr(value, part)
-    return value
-
-
 # Input shape (without the batch dimension) and class count of each fixed dataset.
 DATASET_SHAPES: dict[str, tuple[tuple[int, ...], int]] = {
     "mnist1d": ((1, 40), 10),
@@ -303,7 +289,7 @@ def input_shape(spec: Spec) -> tuple[tuple[int, ...], int]:
 
 
 def semantic_problems(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
-    """Cross-field checks a researcher would want, and what is not supported yet."""
+    """Cross-field checks a researcher would want."""
     problems: list[tuple[tuple[str | int, ...], str]] = []
     opt = spec.optimizer
     if isinstance(opt, SGD) and opt.nesterov and (opt.momentum == 0 or opt.dampening != 0):
@@ -349,20 +335,6 @@ def semantic_problems(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
                     shape_path,
                     "cnn1d needs data of shape [channels, length] "
                     f"with length >= 3 (got {list(shape)})",
-                )
-            )
-    for path, allowed in SUPPORTED.items():
-        value = _get(spec, path)
-        if value not in allowed:
-            shown = ", ".join(repr(a) if isinstance(a, str) else str(a).lower() for a in allowed)
-            problems.append((path, f"{value!r} is not supported yet (supported: {shown})"))
-    for i, arm in enumerate(spec.variants):
-        if arm not in SUPPORTED_ARMS:
-            problems.append(
-                (
-                    ("variants", i),
-                    f"arm {arm!r} is not supported yet "
-                    f"(supported: {', '.join(SUPPORTED_ARMS)})",
                 )
             )
     return problems

@@ -157,7 +157,7 @@ def test_detector_state_round_trips(tmp_path):
 
 def perturbation(ns):
     model = torch.nn.Linear(400, 250)  # 100,250 parameters
-    return model, ns["Perturbation"](model, 0, torch.device("cpu"))
+    return model, ns["Perturbation"](model, 0, torch.device("cpu"), "torch")
 
 
 def test_eps_of_each_arm_follows_its_formula(tmp_path):
@@ -211,7 +211,7 @@ def test_apply_to_weights_leaves_biases_and_norms_alone(tmp_path):
     spec = (GENERATED.parent / "specs" / "cifar10_resnet18.yaml").read_text()
     ns = namespace(tmp_path, "fixed", "perturbation.apply_to=weights", spec=spec)
     model = ns["build_model"]()
-    p = ns["Perturbation"](model, 0, torch.device("cpu"))
+    p = ns["Perturbation"](model, 0, torch.device("cpu"), "torch")
     before = {k: v.clone() for k, v in model.named_parameters()}
     p.apply(0, 0.1)
     for name, param in model.named_parameters():

@@ -41,10 +41,10 @@ def test_arms_and_extra_baselines_in_order():
 def test_baseline_has_no_perturbation(write_spec):
     models = models_for(write_spec())
     base, fixed = models["baseline"], models["fixed"]
-    assert not base.perturbs and base.kernel is None
-    assert fixed.perturbs and fixed.kernel == "torch"
-    assert not {"EPS_FIXED", "APPLY_TO", "NOISE_SCALE"} & set(names(base))
-    assert {"EPS_FIXED", "APPLY_TO", "NOISE_SCALE"} <= set(names(fixed))
+    assert not base.perturbs and not base.fusable and not base.detector
+    assert fixed.perturbs and fixed.fusable and not fixed.detector  # SGD: the fused kernel
+    assert not {"EPS_FIXED", "APPLY_TO", "NOISE_SCALE", "KERNEL"} & set(names(base))
+    assert {"EPS_FIXED", "APPLY_TO", "NOISE_SCALE", "KERNEL"} <= set(names(fixed))
 
 
 def test_constants_follow_the_spec(write_spec):

@@ -99,10 +99,6 @@ CASES = {
         ("name: tiny", 'name: tiny\ndescription: \'a """ b\''),
         '2: description: must be one printable line without backslashes or """ (got \'a """ b\')',
     ),
-    "kernel not supported yet": (
-        ("variants:", "perturbation: {kernel: triton}\nvariants:"),
-        "6: perturbation.kernel: 'triton' is not supported yet (supported: 'auto', 'torch')",
-    ),
     "image model on flat data": (
         ("model: {arch: mlp, hidden: [16]}", "model: {arch: resnet18}"),
         "2: data.shape: resnet18 needs images of shape [channels, height, width] with height "

@@ -266,8 +266,11 @@ def test_help_explains_every_flag(tmp_path):
             "--device",
             "--resume",
             "--smoke",
+            "--kernel",
         ]
     )
+    baseline = script_namespace(folder / "train_baseline.py")["build_parser"]()
+    assert "--kernel" not in {a.option_strings[-1] for a in baseline._actions}  # no noise
     assert all(text and len(text) > 15 for text in flags.values()), flags
     result = subprocess.run(
         [sys.executable, folder / "train_fixed.py", "--help"], capture_output=True, text=True

@@ -47,6 +47,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+try:  # the Triton noise kernels are optional: without triton the torch path runs
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
 # ----------------------------------------------------------------------------------------
 # Settings from the spec; the command line overrides the run settings (see --help)
 
@@ -69,6 +75,7 @@ MIN_LR_RATIO = 0.0  # final LR / LR
 EPOCHS = 60  # passes over the training set
 TARGET_ACCURACY = 0.9  # for time-to-target
 STABILITY_WINDOW = 20  # epochs, for the val-loss CV
+KERNEL = "auto"  # noise kernel: auto, triton or torch (--kernel)
 APPLY_TO = "all"  # 'weights': only tensors with ndim >= 2
 NOISE_SCALE = "absolute"  # 'lr': eps follows lr_t / lr_0
 EPS_BASE = 0.002  # noise std at step 0, parameter units
@@ -205,6 +212,105 @@ def lr_at(step, total_steps, warmup_steps, steps_per_epoch):
 # Perturbation
 
 
+BLOCK = 1024  # elements per Triton program
+
+# The Triton path: noise drawn in-kernel by Philox from (seed, step) and the element index,
+# so no noise tensor is ever materialised and a step's noise is two integers. Seeds, steps,
+# sizes and rates are runtime arguments: a new step never recompiles.
+
+if triton is not None:
+
+    @triton.jit(do_not_specialize=["n_noise", "eps", "key"])
+    def noise_add_kernel(
+        p_ptr,  # flat fp32 parameters, updated in place
+        n_noise,  # elements 0 .. n_noise - 1 receive noise
+        eps,  # noise std
+        key,  # Philox key: (noise seed + 1) << 32 | step
+        BLOCK: tl.constexpr,
+    ):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n_noise
+        p = tl.load(p_ptr + offs, mask=mask)
+        tl.store(p_ptr + offs, p + eps * tl.randn(key, offs), mask=mask)
+
+    @triton.jit(
+        do_not_specialize=[
+            "n",
+            "n_noise",
+            "lr",
+            "momentum",
+            "dampening",
+            "weight_decay",
+            "eps",
+            "key",
+            "first",
+        ]
+    )
+    def sgd_noise_kernel(
+        p_ptr,  # flat fp32 parameters: read, then written (20 bytes per parameter in all)
+        g_ptr,  # flat fp32 gradients: read
+        m_ptr,  # flat fp32 momentum buffer: read, then written
+        stats_ptr,  # two fp32 sums, added to on sample steps: sum g^2, sum (update)^2
+        n,  # parameters
+        n_noise,  # elements 0 .. n_noise - 1 receive noise
+        lr,
+        momentum,
+        dampening,
+        weight_decay,  # torch.optim.SGD's meaning
+        eps,  # noise std
+        key,  # Philox key: (noise seed + 1) << 32 | step
+        first,  # 1 on the first step: the momentum buffer starts as the gradient
+        NESTEROV: tl.constexpr,
+        MOMENTUM: tl.constexpr,  # momentum != 0: read and write the buffer
+        STATS: tl.constexpr,  # a detector sample step: accumulate the two sums
+        BLOCK: tl.constexpr,
+    ):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        p = tl.load(p_ptr + offs, mask=mask)
+        g = tl.load(g_ptr + offs, mask=mask)
+        d = g + weight_decay * p
+        if MOMENTUM:
+            m = tl.load(m_ptr + offs, mask=mask)
+            m = tl.where(first != 0, d, momentum * m + (1 - dampening) * d)
+            tl.store(m_ptr + offs, m, mask=mask)
+            if NESTEROV:
+                d = d + momentum * m
+            else:
+                d = m
+        update = lr * d
+        noise = tl.where(offs < n_noise, tl.randn(key, offs), 0.0)
+        tl.store(p_ptr + offs, p - update + eps * noise, mask=mask)
+        if STATS:
+            tl.atomic_add(stats_ptr, tl.sum(tl.where(mask, g * g, 0.0)))
+            tl.atomic_add(stats_ptr + 1, tl.sum(tl.where(mask, update * update, 0.0)))
+
+
+def sgd_noise_reference(p, g, m, lr, momentum, dampening, weight_decay, nesterov, first):
+    """What sgd_noise_kernel computes at eps = 0, in torch: torch.optim.SGD's update."""
+    d = g + weight_decay * p
+    if momentum != 0:
+        m.copy_(d if first else momentum * m + (1 - dampening) * d)
+        d = d + momentum * m if nesterov else m
+    update = lr * d
+    p.sub_(update)
+    return (g * g).sum(), (update * update).sum()
+
+
+def pick_kernel(name, device):
+    """'torch' or 'triton' for --kernel auto|torch|triton: triton needs the package and CUDA
+    (or TRITON_INTERPRET=1, Triton's CPU interpreter, for tests)."""
+    usable = triton is not None and (
+        device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    )
+    if name == "triton" and not usable:
+        fail(
+            "--kernel triton needs the triton package and a CUDA device "
+            f"(triton {'missing' if triton is None else 'present'}, device {device})"
+        )
+    return "triton" if usable and name in ("auto", "triton") else "torch"
+
+
 class Perturbation:
     """Adds eps(t) * xi to the chosen parameters after each real optimizer step.
 
@@ -214,20 +320,87 @@ class Perturbation:
     saved in checkpoints so that a resumed run draws exactly the noise it would have drawn.
     """
 
-    def __init__(self, model, seed, device, rank=0, world=1):
+    def __init__(self, model, seed, device, kernel, rank=0, world=1):
         self.params = [p for p in model.parameters() if APPLY_TO == "all" or p.ndim >= 2]
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(derived_seed(seed, "noise"))
+        self.kernel, self.fused = kernel, False
+        if kernel == "triton":
+            self.key_base = ((derived_seed(seed, "noise") & 0x7FFFFFFF) + 1) << 32
+            self._flatten(model, device)
+            self.fused = True  # SGD and the noise in one kernel
+            self.momentum_buffer = torch.zeros_like(self.flat)
+            self.momentum_ready = False
+            self.stats = torch.zeros(2, device=device)
+
+    def _flatten(self, model, device):
+        """Parameters (those that receive noise first) and their gradients become views into
+        one flat fp32 buffer each, so one kernel launch covers the whole model."""
+        noisy = {id(p) for p in self.params}
+        params = sorted(model.parameters(), key=lambda p: id(p) not in noisy)
+        self.n, self.n_noise = sum(p.numel() for p in params), sum(p.numel() for p in self.params)
+        self.flat = torch.empty(self.n, device=device)
+        self.flat_grad = torch.zeros(self.n, device=device)
+        offset = 0
+        for p in params:
+            size = p.numel()
+            self.flat[offset : offset + size].copy_(p.detach().reshape(-1))
+            p.data = self.flat[offset : offset + size].view_as(p)
+            p.grad = self.flat_grad[offset : offset + size].view_as(p)
+            offset += size
+
+    def zero_grad(self, optimizer):
+        # the flat gradient buffer must stay in place: zero it rather than drop it
+        optimizer.zero_grad(set_to_none=self.kernel != "triton")
 
     def epsilon(self, step, lr):
         """eps(t) for optimizer step `step` (0-based), taken at learning rate `lr`."""
         eps = EPS_BASE * math.exp(-DECAY * step)
         return eps * lr / LR if NOISE_SCALE == "lr" else eps
 
+    def step(self, optimizer, step, lr, loss):
+        """optimizer.step(), the detector's sample, then the noise: (eps, phase change)."""
+        if self.fused:
+            return self.fused_step(step, lr, loss)
+        optimizer.step()
+        return self.apply(step, lr), None
+
+    @torch.no_grad()
+    def fused_step(self, step, lr, loss):
+        """SGD and the noise in one launch. The noise takes the eps in force before this
+        step's detector sample, whose statistics the same launch accumulates."""
+        eps = self.epsilon(step, lr)
+        sampling = False
+        grid = (triton.cdiv(self.n, BLOCK),)
+        sgd_noise_kernel[grid](
+            self.flat,
+            self.flat_grad,
+            self.momentum_buffer,
+            self.stats,
+            self.n,
+            self.n_noise,
+            lr,
+            MOMENTUM,
+            DAMPENING,
+            WEIGHT_DECAY,
+            eps,
+            self.key_base | step,
+            int(not self.momentum_ready),
+            NESTEROV=NESTEROV,
+            MOMENTUM=MOMENTUM != 0,
+            STATS=sampling,
+            BLOCK=BLOCK,
+        )
+        self.momentum_ready = True
+        return eps, None
+
     @torch.no_grad()
     def apply(self, step, lr):
         eps = self.epsilon(step, lr)
-        if eps > 0:
+        if eps > 0 and self.kernel == "triton":
+            grid = (triton.cdiv(self.n_noise, BLOCK),)
+            noise_add_kernel[grid](self.flat, self.n_noise, eps, self.key_base | step, BLOCK=BLOCK)
+        elif eps > 0:
             noise = [
                 torch.randn(p.shape, generator=self.generator, device=p.device, dtype=p.dtype)
                 for p in self.params
@@ -236,10 +409,19 @@ class Perturbation:
         return eps
 
     def state_dict(self):
-        return {"generator": self.generator.get_state()}
+        state = {"kernel": self.kernel, "generator": self.generator.get_state()}
+        if self.fused:
+            state["momentum_buffer"] = self.momentum_buffer
+            state["momentum_ready"] = self.momentum_ready
+        return state
 
     def load_state_dict(self, state):
+        if state["kernel"] != self.kernel:
+            fail(f"the checkpoint was made with --kernel {state['kernel']}; resume with it")
         self.generator.set_state(state["generator"])
+        if self.fused:
+            self.momentum_buffer.copy_(state["momentum_buffer"])
+            self.momentum_ready = state["momentum_ready"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -359,6 +541,13 @@ def build_parser():
         "--resume",
         action="store_true",
         help="continue the run in --out from its last.pt, exactly where it stopped",
+    )
+    parser.add_argument(
+        "--kernel",
+        choices=("auto", "torch", "triton"),
+        default=KERNEL,
+        help="noise kernel: triton (CUDA) or torch; auto takes triton where "
+        f"it can run (default {KERNEL})",
     )
     parser.add_argument(
         "--smoke",
@@ -508,7 +697,7 @@ def train(args, rank, world, device):
         "device": str(device),
         "world_size": world,
         "smoke": args.smoke,
-        "kernel": "torch",
+        "kernel": pick_kernel(args.kernel, device),
         "amp": "none",
         "compile": False,
         "torch": str(torch.__version__),
@@ -532,6 +721,7 @@ def train(args, rank, world, device):
             "EPOCHS": EPOCHS,
             "TARGET_ACCURACY": TARGET_ACCURACY,
             "STABILITY_WINDOW": STABILITY_WINDOW,
+            "KERNEL": KERNEL,
             "APPLY_TO": APPLY_TO,
             "NOISE_SCALE": NOISE_SCALE,
             "EPS_BASE": EPS_BASE,
@@ -546,14 +736,14 @@ def train(args, rank, world, device):
 
     torch.manual_seed(derived_seed(args.seed, "init"))
     model = build_model().to(device)  # the same init on every rank: same seed
+    # the same noise seed on every rank and no rank offset: replicas stay bit-identical
+    perturbation = Perturbation(model, args.seed, device, config["kernel"], rank, world)
     forward = model
     if world > 1:
         forward = DistributedDataParallel(
             model, device_ids=[device] if device.type == "cuda" else None
         )
     optimizer = build_optimizer(model)
-    # the same noise seed on every rank and no rank offset: replicas stay bit-identical
-    perturbation = Perturbation(model, args.seed, device, rank, world)
     state = {"epoch": 0, "batch": 0, "step": 0, "sums": epoch_sums(), "history": [], "phases": []}
     if args.resume:
         ckpt = load_checkpoint(out / "last.pt")
@@ -643,10 +833,10 @@ def train(args, rank, world, device):
             sums["loss"] += loss_sum
             sums["correct"] += int(correct)
             sums["seen"] += int(seen)
-            optimizer.zero_grad(set_to_none=True)
+            perturbation.zero_grad(optimizer)
             loss.backward()
-            optimizer.step()
-            sums["eps"] += perturbation.apply(step, lr)
+            eps, _ = perturbation.step(optimizer, step, lr, loss_value)
+            sums["eps"] += eps
             step += 1
             sums["steps"] += 1
         val_loss, val_acc = evaluate(forward, data, batch_size)
