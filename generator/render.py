@@ -18,7 +18,7 @@ import black
 import jinja2
 
 from generator import __version__
-from generator.errors import SpecErrors
+from generator.errors import SpecError, SpecErrors
 from generator.loading import Located, load_file, merge, parse_override
 from generator.plan import ReadmeModel, RenderModel, plan, spec_hash
 from generator.spec import Spec, validate
@@ -124,8 +124,6 @@ def render_spec(path: Path, overrides: list[str] = (), arms: list[str] = ()) -> 
         known = [m.arm for m in models]
         unknown = [a for a in arms if a not in known]
         if unknown:
-            from generator.errors import SpecError
-
             raise SpecErrors(
                 [
                     SpecError(

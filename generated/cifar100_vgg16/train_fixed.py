@@ -530,6 +530,11 @@ def dumps(record):
     return json.dumps({k: finite_or_none(v) for k, v in record.items()}, allow_nan=False)
 
 
+def write_jsonl(path, records):
+    """One JSON object per line, the whole file rewritten atomically."""
+    write_text_atomic(path, "".join(dumps(record) + "\n" for record in records))
+
+
 def load_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -929,7 +934,7 @@ def train(args, rank, world, device):
         history.append(record)
         state.update(epoch=epoch + 1, batch=0, step=step, sums=epoch_sums())
         if rank == 0:
-            write_text_atomic(out / "metrics.jsonl", "".join(dumps(h) + "\n" for h in history))
+            write_jsonl(out / "metrics.jsonl", history)
         save(out / "last.pt")
         if val_acc > best_acc:
             best_acc = val_acc

@@ -693,6 +693,11 @@ def dumps(record):
     return json.dumps({k: finite_or_none(v) for k, v in record.items()}, allow_nan=False)
 
 
+def write_jsonl(path, records):
+    """One JSON object per line, the whole file rewritten atomically."""
+    write_text_atomic(path, "".join(dumps(record) + "\n" for record in records))
+
+
 def load_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -1013,7 +1018,7 @@ def train(args, rank, world, device):
         write_text_atomic(out / "config.json", json.dumps(config, indent=2) + "\n")
         if Path(__file__).resolve() != (out / Path(__file__).name).resolve():
             shutil.copyfile(__file__, out / Path(__file__).name)
-        write_text_atomic(out / "phases.jsonl", "".join(dumps(c) + "\n" for c in state["phases"]))
+        write_jsonl(out / "phases.jsonl", state["phases"])
 
     def save(path):
         if rank != 0:
@@ -1090,9 +1095,7 @@ def train(args, rank, world, device):
             if change is not None:
                 state["phases"].append({"epoch": epoch + 1, **change})
                 if rank == 0:
-                    write_text_atomic(
-                        out / "phases.jsonl", "".join(dumps(c) + "\n" for c in state["phases"])
-                    )
+                    write_jsonl(out / "phases.jsonl", state["phases"])
             sums["phase_steps"][perturbation.detector.phase] += 1
             sums["eps"] += eps
             step += 1
@@ -1116,7 +1119,7 @@ def train(args, rank, world, device):
         history.append(record)
         state.update(epoch=epoch + 1, batch=0, step=step, sums=epoch_sums())
         if rank == 0:
-            write_text_atomic(out / "metrics.jsonl", "".join(dumps(h) + "\n" for h in history))
+            write_jsonl(out / "metrics.jsonl", history)
         save(out / "last.pt")
         if val_acc > best_acc:
             best_acc = val_acc
