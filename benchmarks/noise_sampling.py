@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -36,6 +37,15 @@ def flat_addcmul(flat, g, eps, scratch):
     flat.add_(scratch)
 
 
+def threaded(chunks, generators, eps, pool):
+    """Independent generators on threads: torch releases the GIL inside randn."""
+
+    def draw(i):
+        chunks[i].add_(torch.randn(chunks[i].shape, generator=generators[i]), alpha=eps)
+
+    list(pool.map(draw, range(len(chunks))))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--numel", type=int, default=11_173_962)
@@ -47,11 +57,15 @@ def main():
     params = list(flat.split(sizes))
     scratch = torch.empty(args.numel)
     g = torch.Generator().manual_seed(0)
+    chunks = flat.chunk(4)
+    generators = [torch.Generator().manual_seed(i) for i in range(4)]
+    pool = ThreadPoolExecutor(2)
     methods = {
         "per-tensor randn + _foreach_add_": lambda: per_tensor(params, g, 1e-3),
         "flat normal_ into scratch + add_": lambda: flat_randn(flat, g, 1e-3, scratch),
         "flat randn(out=scratch) + add_": lambda: flat_normal_inplace(flat, g, 1e-3, scratch),
         "flat normal_(std=eps) + add_": lambda: flat_addcmul(flat, g, 1e-3, scratch),
+        "4 generators on 2 threads": lambda: threaded(chunks, generators, 1e-3, pool),
     }
     times = {name: [] for name in methods}
     for _ in range(args.repeats):  # interleaved, so drift hits every method alike
