@@ -259,7 +259,11 @@ def test_mnist1d_full_arm_moves_through_the_three_phases(tmp_path):
     result = run_inprocess(script, "--out", tmp_path / "run", "--data-root", tmp_path / "data")
     assert result.returncode == 0, result.stderr
     changes = [json.loads(x) for x in (tmp_path / "run" / "phases.jsonl").read_text().splitlines()]
-    assert [c["to"] for c in changes] == ["convergence", "fine_tuning"]
+    phases = [c["to"] for c in changes]
+    # it may step back into exploration mid-training, but it leaves exploration first for
+    # convergence and ends in fine-tuning, which it never leaves
+    assert phases[0] == "convergence" and phases[-1] == "fine_tuning"
+    assert phases.count("fine_tuning") == 1
     metrics = [
         json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     ]

@@ -519,28 +519,32 @@ class Perturbation:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(derived_seed(seed, "noise"))
         self.kernel, self.fused = kernel, False
+        # one flat buffer: one draw and one add per step (torch), one launch (triton)
+        self._flatten(model, device, grads=kernel == "triton")
+        if kernel == "torch":
+            self.scratch = torch.empty(self.n_noise, device=device)
         if kernel == "triton":
             self.key_base = ((derived_seed(seed, "noise") & 0x7FFFFFFF) + 1) << 32
-            self._flatten(model, device)
             self.fused = True  # SGD and the noise in one kernel
             self.momentum_buffer = torch.zeros_like(self.flat)
             self.momentum_ready = False
             self.stats = torch.zeros(2, device=device)
 
-    def _flatten(self, model, device):
-        """Parameters (those that receive noise first) and their gradients become views into
-        one flat fp32 buffer each, so one kernel launch covers the whole model."""
+    def _flatten(self, model, device, grads):
+        """Parameters (those that receive noise first) and, for the kernels, their gradients
+        become views into one flat fp32 buffer each."""
         noisy = {id(p) for p in self.params}
         params = sorted(model.parameters(), key=lambda p: id(p) not in noisy)
         self.n, self.n_noise = sum(p.numel() for p in params), sum(p.numel() for p in self.params)
         self.flat = torch.empty(self.n, device=device)
-        self.flat_grad = torch.zeros(self.n, device=device)
+        self.flat_grad = torch.zeros(self.n, device=device) if grads else None
         offset = 0
         for p in params:
             size = p.numel()
             self.flat[offset : offset + size].copy_(p.detach().reshape(-1))
             p.data = self.flat[offset : offset + size].view_as(p)
-            p.grad = self.flat_grad[offset : offset + size].view_as(p)
+            if grads:
+                p.grad = self.flat_grad[offset : offset + size].view_as(p)
             offset += size
 
     def zero_grad(self, optimizer):
@@ -636,11 +640,8 @@ class Perturbation:
             grid = (triton.cdiv(self.n_noise, BLOCK),)
             noise_add_kernel[grid](self.flat, self.n_noise, eps, self.key_base | step, BLOCK=BLOCK)
         elif eps > 0:
-            noise = [
-                torch.randn(p.shape, generator=self.generator, device=p.device, dtype=p.dtype)
-                for p in self.params
-            ]
-            torch._foreach_add_(self.params, noise, alpha=eps)
+            self.scratch.normal_(generator=self.generator)
+            self.flat[: self.n_noise].add_(self.scratch, alpha=eps)
         return eps
 
     def state_dict(self):
