@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Callable
 
 from generator.errors import SpecError, SpecErrors
+from generator.plan import arm_names
 from generator.render import Rendered, render_spec, write_folder
+from generator.spec import Spec
 
 POLL_S = 0.5
 
@@ -69,9 +71,7 @@ def prepare(
         for name in rendered.files
         if name.startswith("train_")
     ]
-    chosen = arms or list(manifest["resolved_spec"]["variants"]) + [
-        f"baseline_{b}" for b in sorted(manifest["resolved_spec"]["baselines"])
-    ]
+    chosen = arms or arm_names(Spec.model_validate(manifest["resolved_spec"]))
     unknown = [a for a in chosen if a not in known]
     if unknown:
         raise SpecErrors(

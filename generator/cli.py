@@ -18,6 +18,7 @@ from typing import Annotated, Optional
 import typer
 
 from generator.errors import SpecError, SpecErrors
+from generator.plan import arm_names
 from generator.render import GenerationError, drift, load_spec, render_spec, write_folder
 from generator.spec import ARMS, Spec
 
@@ -316,7 +317,7 @@ def validate(specs: SpecArgs, set_: SetOpt = None) -> None:
     for path in files:
         try:
             spec, _ = load_spec(path, set_ or [])
-            arms = [*spec.variants, *(f"baseline_{b}" for b in sorted(spec.baselines))]
+            arms = arm_names(spec)
             typer.echo(f"{path}: ok ({spec.name}: {', '.join(arms)})")
         except SpecErrors as exc:
             errors += exc.errors

@@ -14,8 +14,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from generator import __version__
-from generator.loading import Located, merge
-from generator.spec import SGD, ImageFolderData, Spec, SyntheticData, input_shape
+from generator.loading import Located
+from generator.spec import (
+    SGD,
+    ImageFolderData,
+    Spec,
+    SyntheticData,
+    baseline_overrides,
+    input_shape,
+)
 
 # Per-channel mean and std used to standardise each image dataset.
 NORMALIZATION = {
@@ -219,14 +226,17 @@ def constants(spec: Spec, arm: str, kind: str) -> tuple[Constant, ...]:
     return tuple(c)
 
 
+def arm_names(spec: Spec) -> list[str]:
+    """The arms a spec emits, in order: its variants, then baseline_<name> per extra baseline."""
+    return [*spec.variants, *(f"baseline_{name}" for name in sorted(spec.baselines))]
+
+
 def plan(spec: Spec, doc: Located) -> list[RenderModel]:
     """One RenderModel per arm: the spec's variants, then its extra baselines by name."""
     arms: list[tuple[str, str, Spec, str]] = [(v, v, spec, "") for v in spec.variants]
-    base = Located({k: v for k, v in doc.data.items() if k != "baselines"})
-    for name, override in sorted(spec.baselines.items()):
-        sections = {k: v for k, v in override.model_dump().items() if v is not None}
-        child = Spec.model_validate(merge(base, Located(sections)).data)
-        arms.append((f"baseline_{name}", "baseline", child, ", ".join(sorted(sections))))
+    for name, sections, data in baseline_overrides(spec, doc):
+        child = Spec.model_validate(data)  # already validated with its line numbers
+        arms.append((f"baseline_{name}", "baseline", child, ", ".join(sections)))
     digest = spec_hash(spec)
     models = []
     for arm, kind, s, override in arms:

@@ -418,18 +418,26 @@ def _data_path(loc: tuple, data: Any) -> tuple:
     return tuple(path)
 
 
+def baseline_overrides(spec: Spec, doc: Located) -> list[tuple[str, list[str], dict]]:
+    """Each extra baseline as (name, the sections it overrides, the merged spec data)."""
+    base = Located({k: v for k, v in doc.data.items() if k != "baselines"})
+    out = []
+    for name, override in sorted(spec.baselines.items()):
+        sections = {k: v for k, v in override.model_dump().items() if v is not None}
+        out.append((name, sorted(sections), merge(base, Located(sections)).data))
+    return out
+
+
 def validate(doc: Located, file: str) -> Spec:
     """Validate a loaded spec; raise SpecErrors listing every problem with file:line.
 
     Each extra baseline is validated too, as the spec with its override merged in.
     """
     spec = _validate_one(doc.data, doc, file, ())
-    base = Located({k: v for k, v in doc.data.items() if k != "baselines"})
     errors: list[SpecError] = []
-    for name, override in sorted(spec.baselines.items()):
-        sections = {k: v for k, v in override.model_dump().items() if v is not None}
+    for name, _, data in baseline_overrides(spec, doc):
         try:
-            _validate_one(merge(base, Located(sections)).data, doc, file, ("baselines", name))
+            _validate_one(data, doc, file, ("baselines", name))
         except SpecErrors as exc:
             errors.extend(exc.errors)
     if errors:

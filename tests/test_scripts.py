@@ -128,11 +128,24 @@ def test_divergence_exits_3_and_keeps_the_last_good_checkpoint(tmp_path):
     assert "Traceback" not in result.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "diverged"
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    assert not metrics.exists() or "NaN" not in metrics.read_text()
-    if (tmp_path / "run" / "last.pt").exists():  # any checkpoint left is a finite one
-        state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
-        assert all(torch.isfinite(t).all() for t in state.values())
+    assert not (tmp_path / "run" / "last.pt").exists()  # it diverged within epoch 1
+
+
+def test_divergence_after_a_checkpoint_leaves_it_untouched(tiny_scripts, tmp_path):
+    """A run that diverges after its first checkpoint exits 3 and writes nothing over it."""
+    script, run = tiny_scripts / "train_fixed.py", tmp_path / "run"
+    assert run_inprocess(script, "--smoke", "--max-steps", "2", "--out", run).returncode == 0
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    for tensor in ckpt["model"].values():  # weights that overflow the next forward pass
+        tensor.fill_(1e30)
+    torch.save(ckpt, run / "last.pt")
+    before = {name: (run / name).read_bytes() for name in ("last.pt", "metrics.jsonl")}
+    result = run_inprocess(script, "--smoke", "--resume", "--out", run)
+    assert result.returncode == 3
+    assert "the training loss is nan at step 3 (epoch 2)" in result.stderr
+    assert {name: (run / name).read_bytes() for name in before} == before
+    assert "NaN" not in before["metrics.jsonl"].decode()
+    assert json.loads((run / "summary.json").read_text())["status"] == "diverged"
 
 
 @pytest.mark.parametrize(

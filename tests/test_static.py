@@ -69,7 +69,7 @@ def test_script_reads_like_a_script(script):
         if isinstance(node, ast.Try):  # only an optional import with its fallback
             assert all(isinstance(n, ast.Import) for n in node.body)
             assert [h.type.id for h in node.handlers] == ["ImportError"]
-    sections = [line for line in source.splitlines() if line.startswith("# ") and source]
+    sections = [line for line in source.splitlines() if line.startswith("# ")]
     order = [
         s
         for s in ["# Data", "# Model", "# Perturbation", "# Checkpointing", "# Training"]

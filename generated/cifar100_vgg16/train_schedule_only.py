@@ -901,8 +901,9 @@ def train(args, rank, world, device):
             loss = F.cross_entropy(logits, yb)
             # one host sync per step; under DDP one all-reduce, so a non-finite loss on any
             # rank stops every rank at the same step
-            local = [loss.item() * len(yb), (logits.argmax(1) == yb).sum().item(), len(yb)]
-            loss_sum, correct, seen = all_sum(local)
+            correct = (logits.argmax(1) == yb).sum()
+            local = torch.stack([loss.detach().float() * len(yb), correct.float()]).tolist()
+            loss_sum, correct, seen = all_sum([*local, len(yb)])
             loss_value = loss_sum / seen
             if not math.isfinite(loss_value):
                 finish("diverged")

@@ -566,15 +566,14 @@ class Perturbation:
             return None
         grads = [p.grad for p in self.model_params if p.grad is not None]
         grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        return grad_norm, [p.detach().clone() for p in self.model_params]
+        return grad_norm, self.flat.clone()  # every parameter is a view into self.flat
 
     def observe(self, step, sample, loss):
         """After optimizer.step(), before the noise: one detector sample, one host sync."""
         g = d = None
         if self.rank == 0:
             grad_norm, before = sample
-            update = torch._foreach_sub([p.detach() for p in self.model_params], before)
-            update_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(update)))
+            update_norm = torch.linalg.vector_norm(self.flat - before)
             g, d = torch.stack([grad_norm.float(), update_norm.float()]).tolist()
         return self.decide(step, g, d, loss)
 
@@ -1074,8 +1073,9 @@ def train(args, rank, world, device):
             loss = F.cross_entropy(logits, yb)
             # one host sync per step; under DDP one all-reduce, so a non-finite loss on any
             # rank stops every rank at the same step
-            local = [loss.item() * len(yb), (logits.argmax(1) == yb).sum().item(), len(yb)]
-            loss_sum, correct, seen = all_sum(local)
+            correct = (logits.argmax(1) == yb).sum()
+            local = torch.stack([loss.detach().float() * len(yb), correct.float()]).tolist()
+            loss_sum, correct, seen = all_sum([*local, len(yb)])
             loss_value = loss_sum / seen
             if not math.isfinite(loss_value):
                 finish("diverged")
