@@ -1,7 +1,7 @@
 """The perturbgen command line: generate, validate, schema, variants.
 
-Exit codes: 0 ok; 1 `generate --check` found drift; 2 invalid spec or usage;
-3 the generator itself failed (a bug: please report it).
+Exit codes: 0 ok; 1 `generate --check` found drift; 2 invalid spec or usage, or an output
+folder that cannot be written; 3 the generator itself failed (a bug: please report it).
 """
 
 from __future__ import annotations
@@ -116,7 +116,15 @@ def generate(
         typer.echo(f"{out}/ is up to date ({len(rendered)} spec(s)).")
         return
     for r in rendered:
-        target = write_folder(r, out)
+        try:
+            target = write_folder(r, out)
+        except OSError as exc:
+            typer.echo(
+                f"{out / r.name}: cannot write: {exc.strerror or exc}; "
+                "the folder is as it was before this command",
+                err=True,
+            )
+            raise typer.Exit(2) from None
         typer.echo(f"wrote {target}/ ({', '.join(r.files)})")
 
 
@@ -191,7 +199,11 @@ def ablate(
     except GenerationError as exc:
         typer.echo(f"internal error while generating {spec}: {exc}", err=True)
         raise typer.Exit(3) from None
-    runner.write_scripts(rendered, folder, record)
+    try:
+        runner.write_scripts(rendered, folder, record)
+    except OSError as exc:
+        typer.echo(f"{folder}: cannot write: {exc.strerror or exc}", err=True)
+        raise typer.Exit(2) from None
     first_seed = json.loads(rendered.files["manifest.json"])["resolved_spec"]["seed"]
     all_jobs = runner.make_jobs(folder, chosen, [first_seed + k for k in range(seeds)])
     extra = (["--epochs", str(epochs)] if epochs else []) + (["--smoke"] if smoke else [])
@@ -307,6 +319,9 @@ def report(
     except FileNotFoundError as exc:
         typer.echo(f"{runs}: {exc}", err=True)
         raise typer.Exit(2) from None
+    except OSError as exc:
+        typer.echo(f"cannot write the report: {exc}", err=True)
+        raise typer.Exit(2) from None
     typer.echo(f"wrote {report_dir / 'report.md'}")
 
 
@@ -336,7 +351,11 @@ def schema(
     if out is None:
         sys.stdout.write(text)
     else:
-        out.write_text(text)
+        try:
+            out.write_text(text)
+        except OSError as exc:
+            typer.echo(f"{out}: cannot write: {exc.strerror or exc}", err=True)
+            raise typer.Exit(2) from None
         typer.echo(f"wrote {out}")
 
 

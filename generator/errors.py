@@ -15,8 +15,16 @@ class SpecError:
     message: str
 
     def __str__(self) -> str:
-        where = self.file if self.line is None else f"{self.file}:{self.line}"
-        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+        file, path, message = map(_one_line, (self.file, self.path, self.message))
+        where = file if self.line is None else f"{file}:{self.line}"
+        return f"{where}: {path}: {message}" if path else f"{where}: {message}"
+
+
+def _one_line(text: str) -> str:
+    """User text (a key, a file name) may hold line breaks: escape them, keep one line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class SpecErrors(Exception):

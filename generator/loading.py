@@ -21,7 +21,10 @@ Path_ = tuple[str | int, ...]
 # Where a value came from: (file as the user named it, 1-based line).
 Origin = tuple[str, int | None]
 
+MAX_BYTES = 1 << 20  # a spec is a few kilobytes
+MAX_DIGITS = 100
 MAX_NODES = 100_000  # bounds alias expansion ("billion laughs") long before memory does
+MAX_DEPTH = 64  # a spec is five levels deep; deeper documents are refused, not recursed into
 MAX_EXTENDS_DEPTH = 16
 
 # Sections whose options depend on a kind: when a merge changes the kind, the section is
@@ -66,6 +69,8 @@ def _scalar(tag: str, text: str) -> Any:
     if tag == _TAG + "int":
         sign, digits = (-1, text[1:]) if text[:1] == "-" else (1, text.lstrip("+"))
         base = 16 if digits.startswith("0x") else 8 if digits.startswith("0o") else 10
+        if len(digits) > MAX_DIGITS:  # int() of thousands of digits is slow, then refused
+            raise ValueError(f"an integer of {len(digits)} digits is too large")
         return sign * int(digits[2:] if base != 10 else digits, base)
     if tag == _TAG + "float":
         low = text.lower()
@@ -74,7 +79,7 @@ def _scalar(tag: str, text: str) -> Any:
         if low.endswith(".nan"):
             return math.nan
         return float(text)
-    raise ValueError(f"unsupported YAML tag {tag!r}")
+    raise ValueError(f"YAML tag {tag!r} is not allowed")
 
 
 @dataclass
@@ -109,6 +114,8 @@ class _Builder:
 
     def build(self, node: yaml.Node, path: Path_) -> Any:
         self.nodes += 1
+        if len(path) > MAX_DEPTH:
+            raise self.fail(node, path[:3], f"nested more than {MAX_DEPTH} levels deep")
         if self.nodes > MAX_NODES:
             raise self.fail(
                 node,
@@ -142,15 +149,26 @@ class _Builder:
             return [self.build(item, path + (i,)) for i, item in enumerate(node.value)]
         try:
             return _scalar(node.tag, node.value)
-        except ValueError:
-            raise self.fail(node, path, f"YAML tag {node.tag!r} is not allowed") from None
+        except ValueError as exc:
+            raise self.fail(node, path, str(exc)) from None
 
 
 def parse_yaml(text: str, file: str) -> Located:
     """Parse one YAML document; every problem becomes a SpecErrors with a line."""
-    loader = _Loader(text)
     try:
-        node = loader.get_single_node()
+        loader = _Loader(text)  # the reader refuses control characters right here
+    except yaml.reader.ReaderError as exc:
+        line = text[: exc.position].count("\n") + 1
+        problem = f"control character U+{exc.character:04X} is not allowed in YAML"
+        raise SpecErrors([SpecError(file, line, "", problem)]) from None
+    try:
+        try:
+            node = loader.get_single_node()
+        except RecursionError:  # PyYAML composes recursively: a few hundred levels is its end
+            line = loader.get_mark().line + 1
+            raise SpecErrors(
+                [SpecError(file, line, "", f"nested more than {MAX_DEPTH} levels deep")]
+            ) from None
         if node is None:
             raise SpecErrors([SpecError(file, 1, "", "the document is empty")])
         builder = _Builder(loader, file)
@@ -202,10 +220,19 @@ def load_file(path: Path, display: str | None = None, _stack: tuple[Path, ...] =
     """Load a spec file and resolve its ``extends:`` chain (path relative to the file)."""
     display = display or str(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SpecErrors([SpecError(display, None, "", "file not found")]) from None
-    except (OSError, UnicodeDecodeError) as exc:
+        if not path.is_file():  # a folder, a FIFO or /dev/zero is not a spec (nor read forever)
+            problem = "is not a regular file" if path.exists() else "file not found"
+            raise SpecErrors([SpecError(display, None, "", problem)])
+        with path.open("rb") as f:
+            raw = f.read(MAX_BYTES + 1)
+        if len(raw) > MAX_BYTES:
+            raise SpecErrors([SpecError(display, None, "", f"larger than {MAX_BYTES} bytes")])
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        problem = f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})"
+        raise SpecErrors([SpecError(display, line, "", problem)]) from None
+    except OSError as exc:
         raise SpecErrors([SpecError(display, None, "", f"cannot read: {exc}")]) from None
     doc = parse_yaml(text, display)
     if not isinstance(doc.data, dict):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -152,7 +154,12 @@ def render_spec(path: Path, overrides: list[str] = (), arms: list[str] = ()) -> 
 
 
 def write_folder(rendered: Rendered, out_dir: Path) -> Path:
-    """Write to a temporary sibling, then swap it in: a failure leaves the old folder intact."""
+    """Write to a temporary sibling, then swap it in.
+
+    A failure at any point leaves the previous folder in place, byte for byte, and no
+    temporary folder behind; concurrent writers of the same folder take turns (a lock on
+    OUT), so the folder is always one whole generation.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / rendered.name
     tmp = Path(tempfile.mkdtemp(prefix=f".{rendered.name}.", dir=out_dir))
@@ -161,17 +168,35 @@ def write_folder(rendered: Rendered, out_dir: Path) -> Path:
             (tmp / name).write_bytes(data)
             os.chmod(tmp / name, 0o644)
         os.chmod(tmp, 0o755)
-        if target.exists():
+        with _locked(out_dir):
+            if not target.exists():
+                os.replace(tmp, target)
+                return target
             old = Path(tempfile.mkdtemp(prefix=f".{rendered.name}.old.", dir=out_dir))
-            os.replace(target, old / rendered.name)
-            os.replace(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
+            try:
+                os.replace(target, old / rendered.name)
+                try:
+                    os.replace(tmp, target)
+                except BaseException:
+                    os.replace(old / rendered.name, target)  # put the previous one back
+                    raise
+            finally:
+                if target.exists():  # else the previous folder is in `old`: keep it there
+                    shutil.rmtree(old, ignore_errors=True)
+        return target
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return target
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _locked(folder: Path):
+    """An exclusive lock on a folder (flock on its descriptor), released on exit."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def drift(rendered: Rendered, out_dir: Path) -> list[str]:

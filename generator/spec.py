@@ -14,7 +14,8 @@ NAME_PATTERN = r"^[a-z][a-z0-9_]*$"
 ARMS = ("baseline", "fixed", "phase_only", "schedule_only", "full")
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=32)]
-PosInt = Annotated[int, Field(gt=0)]
+INT_LIMIT = 2**31  # every count and size fits in 32 bits: anything bigger is a typo
+PosInt = Annotated[int, Field(gt=0, lt=INT_LIMIT)]
 PosFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0, lt=1)]
@@ -30,8 +31,17 @@ class Section(BaseModel):
 # --- data ------------------------------------------------------------------------------
 
 
+def _path_text(text: str) -> str:
+    """A folder name: any printable text (it is emitted as a string literal)."""
+    if not text.isprintable():
+        raise ValueError("must be printable text (no control characters or line breaks)")
+    return text
+
+
 class _Data(Section):
-    root: str = Field("data", min_length=1, description="Folder that holds (or caches) the data.")
+    root: Annotated[str, AfterValidator(_path_text)] = Field(
+        "data", min_length=1, description="Folder that holds (or caches) the data."
+    )
     batch_size: PosInt = Field(128, description="Examples per optimizer step (global batch).")
     augment: bool = Field(False, description="Standard augmentation (image datasets only).")
 
@@ -41,7 +51,7 @@ class SyntheticData(_Data):
 
     dataset: Literal["synthetic"]
     shape: list[PosInt] = Field([1, 40], min_length=1, max_length=3, description="Input shape.")
-    num_classes: Annotated[int, Field(ge=2)] = 10
+    num_classes: Annotated[int, Field(ge=2, lt=INT_LIMIT)] = 10
     train_size: PosInt = 1024
     val_size: PosInt = 256
     noise: NonNegFloat = Field(1.0, description="Std of the noise around each prototype.")
@@ -65,9 +75,9 @@ class ImageFolderData(_Data):
     """root/train/<class>/* and root/val/<class>/* images."""
 
     dataset: Literal["imagefolder"]
-    num_classes: Annotated[int, Field(ge=2)]
+    num_classes: Annotated[int, Field(ge=2, lt=INT_LIMIT)]
     image_size: PosInt = 224
-    workers: Annotated[int, Field(ge=0)] = 4
+    workers: Annotated[int, Field(ge=0, lt=INT_LIMIT)] = 4
 
 
 Data = Annotated[
@@ -184,7 +194,7 @@ class Train(Section):
     target_accuracy: Annotated[float, Field(gt=0, le=1)] = Field(
         0.9, description="Validation accuracy whose first crossing is 'time to target'."
     )
-    stability_window: Annotated[int, Field(ge=2)] = Field(
+    stability_window: Annotated[int, Field(ge=2, lt=INT_LIMIT)] = Field(
         20, description="Last epochs over which the validation-loss CV is taken."
     )
     amp: Literal["none", "bf16", "fp16"] = "none"
@@ -226,7 +236,9 @@ class Thresholds(Section):
 
 class PhaseDetector(Section):
     every: PosInt = Field(10, description="Optimizer steps between two samples.")
-    window: Annotated[int, Field(ge=3)] = Field(20, description="Samples in the sliding window.")
+    window: Annotated[int, Field(ge=3, lt=INT_LIMIT)] = Field(
+        20, description="Samples in the sliding window."
+    )
     thresholds: Thresholds = Thresholds()
     patience: PosInt = Field(3, description="Consecutive votes needed to change phase.")
     monotonic: bool = False
@@ -257,7 +269,7 @@ class Spec(Section):
     extends: str | None = Field(None, description="Parent spec, relative to this file.")
     name: Name = Field(description="Names the output folder.")
     description: Annotated[str, AfterValidator(_plain_text)] = Field("", max_length=500)
-    seed: Annotated[int, Field(ge=0, lt=2**31)] = 0
+    seed: Annotated[int, Field(ge=0, lt=INT_LIMIT)] = 0
     data: Data
     model: Model
     optimizer: Optimizer

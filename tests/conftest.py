@@ -12,11 +12,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+from robustness import TALLY
 from typer.testing import CliRunner
 
 from generator.cli import app
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Fuzz tests draw the same examples every run (no flaky CI, nothing stored between runs)
+settings.register_profile(
+    "perturbgen",
+    derandomize=True,
+    database=None,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile("perturbgen")
 
 # tests/interpret runs only with TRITON_INTERPRET=1, through tests/test_kernels.py
 collect_ignore = [] if os.environ.get("TRITON_INTERPRET") == "1" else ["interpret"]
@@ -98,3 +111,18 @@ def write_spec(tmp_path):
         return path
 
     return write
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--robustness-tally",
+        metavar="PATH",
+        help="write the tally of hostile inputs tried (docs/robustness.md) after the run",
+    )
+
+
+def pytest_sessionfinish(session, exitstatus):
+    path = session.config.getoption("--robustness-tally")
+    if path:
+        command = f"python -m pytest tests --robustness-tally {path}"
+        Path(path).write_text(TALLY.markdown(command))
