@@ -154,9 +154,9 @@ def write_image_folder(root, classes=2, per_class=6):
                 Image.fromarray(pixels).save(folder / f"{i}.png")
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_image_folder_trains_with_pillow(workers, tmp_path):
-    folder = generate(
+def image_folder_scripts(tmp_path, workers):
+    """The ImageNet spec shrunk to an MLP on two classes of 32-pixel images, batch 4."""
+    return generate(
         tmp_path,
         (GENERATED.parent / "specs" / "imagenet100_efficientnet_b0.yaml").read_text(),
         *IMAGE_MLP,
@@ -166,6 +166,11 @@ def test_image_folder_trains_with_pillow(workers, tmp_path):
         "data.batch_size=4",
         "train.amp=none",
     )
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_image_folder_trains_with_pillow(workers, tmp_path):
+    folder = image_folder_scripts(tmp_path, workers)
     write_image_folder(tmp_path / "images")
     result = run_inprocess(
         folder / "train_fixed.py", "--data-root", tmp_path / "images", "--out", tmp_path / "run"
