@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from generator.spec import NAME_PATTERN
 
 PHASES = ("exploration", "convergence", "fine_tuning")
 ARM_ORDER = ("baseline", "fixed", "phase_only", "schedule_only", "full")
@@ -53,32 +56,75 @@ def _read_json(path: Path) -> tuple[Any, str | None]:
         return None, f"{path.name} is unreadable ({exc.__class__.__name__})"
 
 
-def load_run(folder: Path) -> Run | None:
+REQUIRED = ("epoch", "val_acc", "val_loss", "elapsed_s")  # in every metrics.jsonl record
+PHASE_KEYS = tuple(f"phase_{p}" for p in PHASES)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _record_problem(record: Any, phases: bool) -> str | None:
+    """Why one metrics.jsonl record cannot be used, or None."""
+    if not isinstance(record, dict):
+        return "is not a JSON object"
+    missing = [k for k in REQUIRED if k not in record]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    for key, value in record.items():
+        if key == "val_loss" and value is None:  # a non-finite loss is written as null
+            continue
+        if key in REQUIRED or key in PHASE_KEYS or key in ("eps", "lr", "train_loss"):
+            if not _is_number(value):
+                return f"{key} is {value!r}, not a finite number"
+    if not isinstance(record["epoch"], int) or not 0 <= record["val_acc"] <= 1:
+        return "epoch is not an integer or val_acc not in [0, 1]"
+    if phases != all(k in record for k in PHASE_KEYS):
+        return "has phase fractions unlike the run's first record"
+    return None
+
+
+def load_run(folder: Path) -> Run:
+    """A run folder as found; whatever cannot be used is named in `problems`."""
     config, problem = _read_json(folder / "config.json")
-    if not isinstance(config, dict) or "arm" not in config:
-        return None
-    metrics, problems = [], [problem] if problem else []
+    problems = [problem] if problem else []
+    if not problems and not (
+        isinstance(config, dict)
+        and isinstance(config.get("arm"), str)
+        and re.fullmatch(NAME_PATTERN, str(config.get("spec")))  # it names the plot files
+        and isinstance(config.get("seed"), int)
+    ):
+        problems.append("config.json lacks a spec name, an arm or a seed")
+    if problems:
+        return Run(folder, "(unreadable)", folder.parent.name, -1, [], None, problems)
+    metrics = []
     try:
         lines = (folder / "metrics.jsonl").read_text().splitlines()
-    except OSError:
+    except (OSError, UnicodeDecodeError):
         lines = []
+    phases = None
     for number, line in enumerate(lines, 1):
         try:
-            metrics.append(json.loads(line))
+            record = json.loads(line, parse_constant=lambda name: name)  # NaN: a string
         except ValueError:  # a run killed while writing leaves a torn last line
             problems.append(f"metrics.jsonl line {number} is truncated")
+            continue
+        if phases is None and isinstance(record, dict):
+            phases = all(k in record for k in PHASE_KEYS)
+        why = _record_problem(record, bool(phases))
+        if why:
+            problems.append(f"metrics.jsonl line {number} {why}")
+        else:
+            metrics.append(record)
     summary, problem = _read_json(folder / "summary.json")
     if problem:
         problems.append(problem)
-    return Run(
-        folder,
-        str(config.get("spec")),
-        str(config["arm"]),
-        int(config.get("seed", 0)),
-        metrics,
-        summary if isinstance(summary, dict) else None,
-        problems,
-    )
+    elif summary is not None and not isinstance(summary, dict):
+        problems.append("summary.json is not a JSON object")
+        summary = None
+    if isinstance(summary, dict) and summary.get("status") == "completed" and not metrics:
+        problems.append("metrics.jsonl holds no epoch")
+    return Run(folder, config["spec"], config["arm"], config["seed"], metrics, summary, problems)
 
 
 def find_runs(root: Path) -> list[Run]:
@@ -87,7 +133,7 @@ def find_runs(root: Path) -> list[Run]:
         {p.parent for p in root.rglob("config.json")}
         | ({root} if (root / "config.json").exists() else set())
     )
-    runs = [run for run in map(load_run, folders) if run is not None]
+    runs = [load_run(folder) for folder in folders]
     return sorted(runs, key=lambda r: (r.spec, arm_rank(r.arm), r.seed, str(r.path)))
 
 
@@ -243,10 +289,15 @@ def aggregate(runs: list[Run]) -> dict[str, Any]:
 
 
 def _constants(runs: list[Run]) -> dict[str, Any]:
+    """TARGET_ACCURACY and STABILITY_WINDOW of the spec, from the first config that has them."""
     for run in runs:
         config, _ = _read_json(run.path / "config.json")
-        if isinstance(config, dict) and isinstance(config.get("constants"), dict):
-            return config["constants"]
+        constants = config.get("constants") if isinstance(config, dict) else None
+        if not isinstance(constants, dict):
+            continue
+        target, window = constants.get("TARGET_ACCURACY"), constants.get("STABILITY_WINDOW")
+        if _is_number(target) and 0 < target <= 1 and isinstance(window, int) and window >= 2:
+            return {"TARGET_ACCURACY": target, "STABILITY_WINDOW": window}
     return {}
 
 
@@ -406,6 +457,8 @@ def plots(runs: list[Run], out: Path) -> list[Path]:
     colors = {"exploration": "#f4a582", "convergence": "#92c5de", "fine_tuning": "#b8e186"}
     for spec in sorted({r.spec for r in runs}):
         done = [r for r in runs if r.spec == spec and r.complete]
+        if not done:  # nothing to draw (and "(unreadable)" is no file name)
+            continue
         fig, ax = plt.subplots(figsize=(8, 5))
         for arm in sorted({r.arm for r in done}, key=arm_rank):
             curves = [[m["val_acc"] for m in r.metrics] for r in done if r.arm == arm]
