@@ -1,7 +1,7 @@
 """Per-step cost of every arm against `baseline`, measured side by side in one process.
 
     python benchmarks/overhead.py                  # both models, the defaults below
-    python benchmarks/overhead.py --model cnn1d --rounds 7 --steps 60
+    python benchmarks/overhead.py --model cnn1d --rounds 5 --steps 60
 
 Each arm's training step is taken from its generated script (generated/<spec>/train_<arm>.py):
 forward, loss, backward, then `optimizer.step()` (baseline) or the arm's
@@ -86,7 +86,7 @@ def measure(name, rounds, steps, kernel):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=[*MODELS, "all"], default="all")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument(
         "--steps",
         type=int,

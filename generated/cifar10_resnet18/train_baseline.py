@@ -39,6 +39,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -351,7 +352,9 @@ def write_jsonl(path, records):
 
 def load_checkpoint(path):
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a foreign file draws torch warnings; we say more
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated or foreign file: say so, never start from scratch
         fail(f"cannot load checkpoint {path}: {one_line(exc)}")
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):

@@ -42,6 +42,8 @@ import shutil
 import signal
 import sys
 import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -411,13 +413,27 @@ def pick_kernel(name, device):
     return "triton" if usable and name in ("auto", "triton") else "torch"
 
 
+NOISE_STREAMS = (
+    2  # slices of xi drawn by generators (and, on big CPU models, threads) of their own
+)
+
+
+def add_noise(part, eps):
+    """target += eps * xi for one slice: (generator, scratch, target)."""
+    generator, scratch, target = part
+    scratch.normal_(generator=generator)
+    target.add_(scratch, alpha=eps)
+
+
 class Perturbation:
     """Adds eps(t) * xi to the chosen parameters after each real optimizer step.
 
     eps(t) = eps_phase[p] * lr_t / lr_0
-    xi ~ N(0, I) comes from a generator of its own, seeded from the run seed and used for
-    nothing else, so the noise stream does not depend on data order or init; its state is
+    xi ~ N(0, I) comes from generators of its own, seeded from the run seed and used for
+    nothing else, so the noise stream does not depend on data order or init; their state is
     saved in checkpoints so that a resumed run draws exactly the noise it would have drawn.
+    The torch path draws xi in NOISE_STREAMS slices, one generator each, on as many threads
+    on the CPU: Gaussian sampling there runs on one core, and it is most of the noise's cost.
     """
 
     def __init__(self, model, seed, device, kernel, rank=0, world=1):
@@ -425,13 +441,26 @@ class Perturbation:
         self.detector = PhaseDetector()
         self.rank, self.world = rank, world
         self.params = [p for p in model.parameters() if APPLY_TO == "all" or p.ndim >= 2]
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(derived_seed(seed, "noise"))
+        self.generators = [
+            torch.Generator(device=device).manual_seed(derived_seed(seed, "noise", i))
+            for i in range(NOISE_STREAMS)
+        ]
         self.kernel, self.fused = kernel, False
-        # one flat buffer: one draw and one add per step (torch), one launch (triton)
+        # one flat buffer: a few draws and adds per step (torch), one launch (triton)
         self._flatten(model, device, grads=kernel == "triton")
         if kernel == "torch":
-            self.scratch = torch.empty(self.n_noise, device=device)
+            scratch = torch.empty(self.n_noise, device=device)
+            self.slices = list(
+                zip(
+                    self.generators,
+                    scratch.chunk(NOISE_STREAMS),
+                    self.flat[: self.n_noise].chunk(NOISE_STREAMS),
+                )
+            )
+            # the slices are fixed, so the stream is the same with or without threads; threads
+            # pay off from about a million values (below, handing work over costs more)
+            threaded = device.type == "cpu" and self.n_noise >= 2**20
+            self.pool = ThreadPoolExecutor(NOISE_STREAMS) if threaded else None
         if kernel == "triton":
             self.key_base = ((derived_seed(seed, "noise") & 0x7FFFFFFF) + 1) << 32
 
@@ -507,20 +536,23 @@ class Perturbation:
         if eps > 0 and self.kernel == "triton":
             grid = (triton.cdiv(self.n_noise, BLOCK),)
             noise_add_kernel[grid](self.flat, self.n_noise, eps, self.key_base | step, BLOCK=BLOCK)
+        elif eps > 0 and self.pool is not None:
+            list(self.pool.map(add_noise, self.slices, [eps] * len(self.slices)))
         elif eps > 0:
-            self.scratch.normal_(generator=self.generator)
-            self.flat[: self.n_noise].add_(self.scratch, alpha=eps)
+            for part in self.slices:
+                add_noise(part, eps)
         return eps
 
     def state_dict(self):
-        state = {"kernel": self.kernel, "generator": self.generator.get_state()}
+        state = {"kernel": self.kernel, "generators": [g.get_state() for g in self.generators]}
         state["detector"] = self.detector.state_dict()
         return state
 
     def load_state_dict(self, state):
         if state["kernel"] != self.kernel:
             fail(f"the checkpoint was made with --kernel {state['kernel']}; resume with it")
-        self.generator.set_state(state["generator"])
+        for generator, saved in zip(self.generators, state["generators"], strict=True):
+            generator.set_state(saved)
         self.detector.load_state_dict(state["detector"])
 
 
@@ -579,7 +611,9 @@ def write_jsonl(path, records):
 
 def load_checkpoint(path):
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a foreign file draws torch warnings; we say more
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated or foreign file: say so, never start from scratch
         fail(f"cannot load checkpoint {path}: {one_line(exc)}")
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
