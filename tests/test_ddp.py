@@ -4,10 +4,15 @@ so a hang fails the test instead of stalling the suite."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
+import torch
 from conftest import GENERATED, MINIMAL, generate
 
 ARMS = ["baseline", "fixed", "phase_only", "schedule_only", "full"]
@@ -111,3 +116,41 @@ def test_divergence_stops_both_ranks(tmp_path):
     assert result.stderr.count("error: the training loss is nan at step") == 2  # both ranks
     assert "exitcode  : 3" in result.stderr
     assert summary(tmp_path / "run")["status"] == "diverged"
+
+
+def test_a_signal_to_one_rank_stops_both_at_one_step_and_resume_is_exact(tmp_path):
+    """SIGTERM reaches rank 1 alone: the flag rides the per-step all-reduce, so both ranks
+    stop after the same step with one checkpoint, and a 2-rank resume finishes the run with
+    the replicas still bit-identical."""
+    spec = MINIMAL.replace("train_size: 64", "train_size: 4000").replace(
+        "[baseline, fixed]", "[full]"
+    )
+    script = generate(tmp_path, spec, "data.batch_size=4", "train.epochs=2") / "train_full.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node=2", str(script), "--out", str(tmp_path / "run")]
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + TIMEOUT_S
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") == 1:
+            time.sleep(0.3)  # inside epoch 2
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before the signal"
+    workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    assert len(workers) == 2
+    os.kill(int(workers[1]), signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
+    assert "stopped by a signal after" in stdout, stderr[-3000:]  # rank 0, not signalled
+    assert 'train_full.py", line' not in stderr  # no traceback from the script (torchrun
+    # itself reports a worker's exit 143 as a failure, with its own traceback)
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["state"]
+    assert state["epoch"] == 1 and state["batch"] > 0
+    assert summary(tmp_path / "run")["status"] == "stopped"
+    resumed = torchrun(script, "--out", tmp_path / "run", "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = summary(tmp_path / "run")["replicas"]
+    assert a == b and a["step"] == 2000  # (exactness of resume: the single-process tests)

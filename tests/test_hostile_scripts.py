@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import pickle
+import random
 import signal
 import subprocess
 import sys
@@ -79,7 +80,10 @@ DAMAGE = {
         "cannot load checkpoint",
     ),
     "last byte cut": (lambda p: p.write_bytes(p.read_bytes()[:-1]), "cannot load checkpoint"),
-    "random bytes": (lambda p: p.write_bytes(os.urandom(5000)), "cannot load checkpoint"),
+    "random bytes": (
+        lambda p: p.write_bytes(random.Random(0).randbytes(5000)),
+        "cannot load checkpoint",
+    ),
     "a pickle that runs code": (
         lambda p: p.write_bytes(pickle.dumps(os.system)),
         "cannot load checkpoint",

@@ -155,7 +155,7 @@ def test_mutated_example_specs(text):
     run_validate(text, "mutated example specs")
 
 
-@settings(max_examples=10)  # about half render, at ~0.3 s of black per script
+@settings(max_examples=6)  # about half render, at ~0.3 s of black per script
 @given(mutated_specs(numbers_only=True))
 def test_mutated_numbers_generate_valid_code_or_nothing(text):
     with tempfile.TemporaryDirectory() as tmp:
@@ -396,7 +396,7 @@ def reference(tmp_path_factory):
     }
 
 
-@settings(max_examples=30)
+@settings(max_examples=24)
 @given(
     st.sampled_from(FIELDS),
     st.lists(st.sampled_from(NASTY), min_size=1, max_size=5).map("".join),
