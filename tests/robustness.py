@@ -53,7 +53,10 @@ CLASSES = {
         "missing, truncated, code-running and malformed CIFAR batches, an image folder "
         "with a non-image (0 and 2 workers) or without its val split"
     ),
-    "signals": "SIGTERM and SIGINT mid-epoch: checkpoint saved, exit 143/130, exact resume",
+    "signals": (
+        "SIGTERM and SIGINT mid-epoch: checkpoint saved, exit 143/130, exact resume; "
+        "SIGTERM to one of two DDP ranks: both stop at the same step"
+    ),
     "damaged run folders": (
         "torn metrics.jsonl, missing or garbage summary.json and config.json, values of "
         "the wrong type, runs of two specs in one folder (report)"

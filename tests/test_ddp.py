@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import GENERATED, MINIMAL, generate
+from robustness import TALLY
 
 ARMS = ["baseline", "fixed", "phase_only", "schedule_only", "full"]
 TIMEOUT_S = 120
@@ -144,7 +145,10 @@ def test_a_signal_to_one_rank_stops_both_at_one_step_and_resume_is_exact(tmp_pat
     assert len(workers) == 2
     os.kill(int(workers[1]), signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
+    traceback = 'train_full.py", line' in stderr
+    TALLY.record("signals", "one DDP rank signalled, both stopped", traceback=traceback)
     assert "stopped by a signal after" in stdout, stderr[-3000:]  # rank 0, not signalled
+    assert "exitcode  : 143" in stderr
     assert 'train_full.py", line' not in stderr  # no traceback from the script (torchrun
     # itself reports a worker's exit 143 as a failure, with its own traceback)
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["state"]

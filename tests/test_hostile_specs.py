@@ -10,7 +10,6 @@ from __future__ import annotations
 import ast
 import io
 import re
-import shutil
 import tempfile
 import tokenize
 import tracemalloc
@@ -396,13 +395,8 @@ def reference(tmp_path_factory):
     }
 
 
-@settings(max_examples=24)
-@given(
-    st.sampled_from(FIELDS),
-    st.lists(st.sampled_from(NASTY), min_size=1, max_size=5).map("".join),
-)
-def test_hostile_strings_are_rejected_or_inert(reference, field, payload):
-    value = "zq" + payload  # a marker to find where the value went
+def generate_hostile(reference, field: str, value: str) -> int:
+    """Generate the spec with `value` in `field`; if it renders, prove the value inert."""
     doc, baseline = _spec_with(field, value)
     with tempfile.TemporaryDirectory() as tmp:
         spec, out = Path(tmp) / "spec.yaml", Path(tmp) / "out"
@@ -410,7 +404,7 @@ def test_hostile_strings_are_rejected_or_inert(reference, field, payload):
         result = cli("generate", spec, "-o", out)
         check_cli(result, spec, "hostile strings in string fields", out)
         if result.exit_code == 2:
-            return
+            return 2
         (folder,) = out.iterdir()
         for arm, script in (("full", "train_full.py"), ("extra", f"train_baseline_{baseline}.py")):
             source = (folder / script).read_text()
@@ -431,4 +425,34 @@ def test_hostile_strings_are_rejected_or_inert(reference, field, payload):
             if field == "description":
                 docstring = ast.get_docstring(ast.parse(source), clean=False)
                 assert " ".join(value.split()) in " ".join(docstring.split())
-        shutil.rmtree(out)
+        return 0
+
+
+@settings(max_examples=16)
+@given(
+    st.sampled_from(FIELDS),
+    st.lists(st.sampled_from(NASTY), min_size=1, max_size=5).map("".join),
+)
+def test_hostile_strings_are_rejected_or_inert(reference, field, payload):
+    generate_hostile(reference, field, "zq" + payload)  # zq: a marker to find the value by
+
+
+# Strings that validation lets through (printable, one line, no backslash or triple
+# double quote): each must render, and inertly.
+ACCEPTED = [
+    '"; import os; os.system("x")  #',
+    "'; __import__('os').system('x'); '",
+    '""',
+    "''' \"\" '''",
+    "＂＂＂ ｉｍｐｏｒｔ ｏｓ",
+    "{{ m.arm }} {% raw %} ${HOME} `id`",
+    "# not a comment",
+    "x' + str(1) + '",
+    " trailing and  double  spaces ",
+]
+
+
+@pytest.mark.parametrize("field", ["description", "data.root"])
+@pytest.mark.parametrize("value", ACCEPTED, ids=range(len(ACCEPTED)))
+def test_accepted_hostile_strings_render_inert(reference, field, value):
+    assert generate_hostile(reference, field, "zq" + value) == 0
