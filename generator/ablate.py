@@ -21,7 +21,8 @@ from typing import Callable
 
 from generator.errors import SpecError, SpecErrors
 from generator.plan import arm_names
-from generator.render import Rendered, render_spec, write_folder
+from generator.loading import Located
+from generator.render import Rendered, check_arms, render, write_folder
 from generator.spec import Spec
 
 POLL_S = 0.5
@@ -61,31 +62,13 @@ class Job:
 
 
 def prepare(
-    spec_path: Path, out: Path, overrides: list[str], arms: list[str], settings: dict
+    spec: Spec, doc: Located, spec_path: Path, out: Path, arms: list[str], settings: dict
 ) -> tuple[Rendered, list[str], dict]:
     """Render the arms and check that OUT holds nothing made from other settings."""
-    rendered = render_spec(spec_path, overrides)
+    check_arms(spec, spec_path, arms)
+    rendered = render(spec, doc, spec_path)  # every arm: OUT/scripts is the whole spec
     manifest = json.loads(rendered.files["manifest.json"])
-    known = [
-        name.removeprefix("train_").removesuffix(".py")
-        for name in rendered.files
-        if name.startswith("train_")
-    ]
-    chosen = arms or arm_names(Spec.model_validate(manifest["resolved_spec"]))
-    unknown = [a for a in chosen if a not in known]
-    if unknown:
-        raise SpecErrors(
-            [
-                SpecError(
-                    str(spec_path),
-                    None,
-                    "",
-                    f"no arm named {a!r} (this spec has: {', '.join(known)})",
-                )
-                for a in unknown
-            ]
-        )
-    record = {"spec": manifest["spec"], "spec_sha256": manifest["spec_sha256"], **settings}
+    record = {"spec": spec.name, "spec_sha256": manifest["spec_sha256"], **settings}
     stamp = out / "ablation.json"
     if stamp.exists():
         previous = json.loads(stamp.read_text())
@@ -104,7 +87,7 @@ def prepare(
                     )
                 ]
             )
-    return rendered, chosen, record
+    return rendered, arms or arm_names(spec), record
 
 
 def make_jobs(out: Path, arms: list[str], seeds: list[int]) -> list[Job]:

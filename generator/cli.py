@@ -6,6 +6,7 @@ folder that cannot be written; 3 the generator itself failed (a bug: please repo
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import os
@@ -67,6 +68,22 @@ def _spec_files(paths: list[Path]) -> tuple[list[Path], list[SpecError]]:
     return files, errors
 
 
+@contextlib.contextmanager
+def _exits(what: Path):
+    """The commands' one mapping of failures to exit codes: an invalid spec (SpecErrors) or
+    an output that cannot be written (OSError) is 2, a generator bug 3."""
+    try:
+        yield
+    except SpecErrors as exc:
+        _fail(exc.errors)
+    except GenerationError as exc:
+        typer.echo(f"internal error while generating {what}: {exc}", err=True)
+        raise typer.Exit(3) from None
+    except OSError as exc:
+        typer.echo(f"{exc.filename or what}: cannot write: {exc.strerror or exc}", err=True)
+        raise typer.Exit(2) from None
+
+
 def _fail(errors: list[SpecError]) -> None:
     for error in errors:
         typer.echo(str(error), err=True)
@@ -93,13 +110,11 @@ def generate(
     files, errors = _spec_files(specs)
     rendered = []
     for path in files:
-        try:
-            rendered.append(render_spec(path, set_ or [], variant or []))
-        except SpecErrors as exc:
-            errors += exc.errors
-        except GenerationError as exc:
-            typer.echo(f"internal error while generating {path}: {exc}", err=True)
-            raise typer.Exit(3) from None
+        with _exits(path):
+            try:
+                rendered.append(render_spec(path, set_ or [], variant or []))
+            except SpecErrors as exc:  # collected: every spec's errors print together
+                errors += exc.errors
     names = [r.name for r in rendered]
     for name in sorted({n for n in names if names.count(n) > 1}):
         errors.append(SpecError(str(out / name), None, "", "two specs share this name"))
@@ -116,15 +131,8 @@ def generate(
         typer.echo(f"{out}/ is up to date ({len(rendered)} spec(s)).")
         return
     for r in rendered:
-        try:
+        with _exits(out / r.name):  # on failure the folder stays as it was
             target = write_folder(r, out)
-        except OSError as exc:
-            typer.echo(
-                f"{out / r.name}: cannot write: {exc.strerror or exc}; "
-                "the folder is as it was before this command",
-                err=True,
-            )
-            raise typer.Exit(2) from None
         typer.echo(f"wrote {target}/ ({', '.join(r.files)})")
 
 
@@ -136,13 +144,8 @@ def diff(
     set_: SetOpt = None,
 ) -> None:
     """Print the unified diff between two arms' scripts: the ablation, as code."""
-    try:
+    with _exits(spec):
         rendered = render_spec(spec, set_ or [], [arm_a, arm_b])
-    except SpecErrors as exc:
-        _fail(exc.errors)
-    except GenerationError as exc:
-        typer.echo(f"internal error while generating {spec}: {exc}", err=True)
-        raise typer.Exit(3) from None
     a, b = (f"train_{arm}.py" for arm in (arm_a, arm_b))
     lines = difflib.unified_diff(
         rendered.files[a].decode().splitlines(keepends=True),
@@ -188,24 +191,14 @@ def ablate(
     from generator import report as reporting
 
     settings = {"epochs": epochs, "smoke": smoke, "overrides": sorted(set_ or [])}
-    try:
-        spec_name = load_spec(spec, set_ or [])[0].name
-        folder = out or Path("runs") / spec_name
-        rendered, chosen, record = runner.prepare(
-            spec, folder, set_ or [], [a for a in (arms or "").split(",") if a], settings
-        )
-    except SpecErrors as exc:
-        _fail(exc.errors)
-    except GenerationError as exc:
-        typer.echo(f"internal error while generating {spec}: {exc}", err=True)
-        raise typer.Exit(3) from None
-    try:
+    with _exits(spec):
+        loaded, doc = load_spec(spec, set_ or [])
+        folder = out or Path("runs") / loaded.name
+        chosen_arms = [a for a in (arms or "").split(",") if a]
+        rendered, chosen, record = runner.prepare(loaded, doc, spec, folder, chosen_arms, settings)
+    with _exits(folder):
         runner.write_scripts(rendered, folder, record)
-    except OSError as exc:
-        typer.echo(f"{folder}: cannot write: {exc.strerror or exc}", err=True)
-        raise typer.Exit(2) from None
-    first_seed = json.loads(rendered.files["manifest.json"])["resolved_spec"]["seed"]
-    all_jobs = runner.make_jobs(folder, chosen, [first_seed + k for k in range(seeds)])
+    all_jobs = runner.make_jobs(folder, chosen, [loaded.seed + k for k in range(seeds)])
     extra = (["--epochs", str(epochs)] if epochs else []) + (["--smoke"] if smoke else [])
     threads = max(1, (os.cpu_count() or 1) // (jobs * nproc))
     typer.echo(
@@ -232,12 +225,13 @@ def ablate(
             err=True,
         )
     try:
-        report_dir, report = reporting.build(folder)
-    except FileNotFoundError:
+        with _exits(folder):
+            report_dir, report = reporting.build(folder)
+    except reporting.NoRuns:
         typer.echo("no run wrote any output: no report", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"report: {report_dir / 'report.md'}")
-    for arm, data in report["specs"].get(spec_name, {}).get("arms", {}).items():
+    for arm, data in report["specs"].get(loaded.name, {}).get("arms", {}).items():
         typer.echo(f"  {arm:24s} final val acc {reporting._cell(data['final_acc'], '.2f', 100)}")
     if failed:
         raise typer.Exit(1)
@@ -315,12 +309,10 @@ def report(
     from generator import report as reporting
 
     try:
-        report_dir, _ = reporting.build(runs, out)
-    except FileNotFoundError as exc:
+        with _exits(out or runs / "report"):
+            report_dir, _ = reporting.build(runs, out)
+    except reporting.NoRuns as exc:
         typer.echo(f"{runs}: {exc}", err=True)
-        raise typer.Exit(2) from None
-    except OSError as exc:
-        typer.echo(f"cannot write the report: {exc}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"wrote {report_dir / 'report.md'}")
 
@@ -351,11 +343,8 @@ def schema(
     if out is None:
         sys.stdout.write(text)
     else:
-        try:
+        with _exits(out):
             out.write_text(text)
-        except OSError as exc:
-            typer.echo(f"{out}: cannot write: {exc.strerror or exc}", err=True)
-            raise typer.Exit(2) from None
         typer.echo(f"wrote {out}")
 
 

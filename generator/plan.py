@@ -240,6 +240,7 @@ def plan(spec: Spec, doc: Located) -> list[RenderModel]:
     digest = spec_hash(spec)
     models = []
     for arm, kind, s, override in arms:
+        formula, values = eps_formula(s, kind)
         shape, classes = input_shape(s)
         models.append(
             RenderModel(
@@ -251,8 +252,8 @@ def plan(spec: Spec, doc: Located) -> list[RenderModel]:
                 kind=kind,
                 script=f"train_{arm}.py",
                 override=override,
-                eps_formula=eps_formula(s, kind)[0],
-                eps_values=eps_formula(s, kind)[1],
+                eps_formula=formula,
+                eps_values=values,
                 dataset=s.data.dataset,
                 input_shape=shape,
                 num_classes=classes,

@@ -22,7 +22,7 @@ import jinja2
 from generator import __version__
 from generator.errors import SpecError, SpecErrors
 from generator.loading import Located, load_file, merge, parse_override
-from generator.plan import ReadmeModel, RenderModel, plan, spec_hash
+from generator.plan import ReadmeModel, RenderModel, arm_names, plan, spec_hash
 from generator.spec import Spec, validate
 
 BLACK_MODE = black.Mode(line_length=99, target_versions={black.TargetVersion.PY311})
@@ -119,25 +119,30 @@ def load_spec(path: Path, overrides: list[str] = ()) -> tuple[Spec, Located]:
     return validate(doc, str(path)), doc
 
 
+def check_arms(spec: Spec, path: Path, arms: list[str]) -> None:
+    """Every name in `arms` must be an arm of the spec."""
+    known = arm_names(spec)
+    unknown = [a for a in arms if a not in known]
+    if unknown:
+        raise SpecErrors(
+            [
+                SpecError(
+                    str(path), None, "", f"no arm named {a!r} (this spec has: {', '.join(known)})"
+                )
+                for a in unknown
+            ]
+        )
+
+
 def render_spec(path: Path, overrides: list[str] = (), arms: list[str] = ()) -> Rendered:
     spec, doc = load_spec(path, overrides)
-    models = plan(spec, doc)
-    if arms:
-        known = [m.arm for m in models]
-        unknown = [a for a in arms if a not in known]
-        if unknown:
-            raise SpecErrors(
-                [
-                    SpecError(
-                        str(path),
-                        None,
-                        "",
-                        f"no arm named {a!r} " f"(this spec has: {', '.join(known)})",
-                    )
-                    for a in unknown
-                ]
-            )
-        models = [m for m in models if m.arm in arms]
+    return render(spec, doc, path, arms)
+
+
+def render(spec: Spec, doc: Located, path: Path, arms: list[str] = ()) -> Rendered:
+    """A loaded spec's arms (all, or those named), README and manifest, in memory."""
+    check_arms(spec, path, arms)
+    models = [m for m in plan(spec, doc) if not arms or m.arm in arms]
     files = {m.script: render_script(m).encode() for m in models}
     readme = ReadmeModel(spec.name, spec.description, __version__, tuple(models))
     files["README.md"] = render_readme(readme).encode()

@@ -23,6 +23,10 @@ ARM_ORDER = ("baseline", "fixed", "phase_only", "schedule_only", "full")
 ALPHA = 0.05
 
 
+class NoRuns(Exception):
+    """The folder holds no run folder: there is nothing to report."""
+
+
 @dataclass
 class Run:
     """One run folder as found on disk."""
@@ -34,6 +38,7 @@ class Run:
     metrics: list[dict[str, Any]]
     summary: dict[str, Any] | None
     problems: list[str] = field(default_factory=list)
+    constants: dict[str, Any] = field(default_factory=dict)  # config.json's, as written
 
     @property
     def status(self) -> str:
@@ -124,7 +129,18 @@ def load_run(folder: Path) -> Run:
         summary = None
     if isinstance(summary, dict) and summary.get("status") == "completed" and not metrics:
         problems.append("metrics.jsonl holds no epoch")
-    return Run(folder, config["spec"], config["arm"], config["seed"], metrics, summary, problems)
+    constants = config.get("constants")
+    constants = constants if isinstance(constants, dict) else {}
+    return Run(
+        folder,
+        config["spec"],
+        config["arm"],
+        config["seed"],
+        metrics,
+        summary,
+        problems,
+        constants,
+    )
 
 
 def find_runs(root: Path) -> list[Run]:
@@ -291,11 +307,8 @@ def aggregate(runs: list[Run]) -> dict[str, Any]:
 def _constants(runs: list[Run]) -> dict[str, Any]:
     """TARGET_ACCURACY and STABILITY_WINDOW of the spec, from the first config that has them."""
     for run in runs:
-        config, _ = _read_json(run.path / "config.json")
-        constants = config.get("constants") if isinstance(config, dict) else None
-        if not isinstance(constants, dict):
-            continue
-        target, window = constants.get("TARGET_ACCURACY"), constants.get("STABILITY_WINDOW")
+        target = run.constants.get("TARGET_ACCURACY")
+        window = run.constants.get("STABILITY_WINDOW")
         if _is_number(target) and 0 < target <= 1 and isinstance(window, int) and window >= 2:
             return {"TARGET_ACCURACY": target, "STABILITY_WINDOW": window}
     return {}
@@ -544,7 +557,7 @@ def build(root: Path, out: Path | None = None) -> tuple[Path, dict[str, Any]]:
     """Write report.md, report.json and the plots for the runs under root."""
     runs = find_runs(root)
     if not runs:
-        raise FileNotFoundError(f"no run folders (with config.json) under {root}")
+        raise NoRuns(f"no run folders (with config.json) under {root}")
     out = out or root / "report"
     out.mkdir(parents=True, exist_ok=True)
     report = aggregate(runs)
