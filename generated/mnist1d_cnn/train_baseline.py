@@ -217,14 +217,14 @@ def lr_at(step, total_steps, warmup_steps, steps_per_epoch):
 # Checkpointing
 
 
-def save_atomic(obj, path):
-    """torch.save to a temporary file, fsync, then rename: a crash never leaves half a file,
+def write_atomic(path, write):
+    """write(f) into a temporary file, fsync, then rename: a crash never leaves half a file,
     and a failed write (a full disk) leaves the previous file as it was. The temporary name
     is per process, so runs sharing a data cache cannot collide."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -232,13 +232,12 @@ def save_atomic(obj, path):
         write_failed(path, tmp, exc)
 
 
+def save_atomic(obj, path):
+    write_atomic(path, lambda f: torch.save(obj, f))
+
+
 def write_text_atomic(path, text):
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as exc:
-        write_failed(path, tmp, exc)
+    write_atomic(path, lambda f: f.write(text.encode()))
 
 
 def write_failed(path, tmp, exc):

@@ -357,14 +357,14 @@ class Perturbation:
 
     def __init__(self, model, seed, device, kernel, rank=0, world=1):
         self.params = [p for p in model.parameters() if APPLY_TO == "all" or p.ndim >= 2]
-        self.generators = [
-            torch.Generator(device=device).manual_seed(derived_seed(seed, "noise", i))
-            for i in range(NOISE_STREAMS)
-        ]
-        self.kernel, self.fused = kernel, False
+        self.kernel, self.fused, self.generators = kernel, False, []
         # one flat buffer: a few draws and adds per step (torch), one launch (triton)
         self._flatten(model, device, grads=kernel == "triton")
         if kernel == "torch":
+            self.generators = [
+                torch.Generator(device=device).manual_seed(derived_seed(seed, "noise", i))
+                for i in range(NOISE_STREAMS)
+            ]
             scratch = torch.empty(self.n_noise, device=device)
             self.slices = list(
                 zip(
@@ -480,14 +480,14 @@ class Perturbation:
 # Checkpointing
 
 
-def save_atomic(obj, path):
-    """torch.save to a temporary file, fsync, then rename: a crash never leaves half a file,
+def write_atomic(path, write):
+    """write(f) into a temporary file, fsync, then rename: a crash never leaves half a file,
     and a failed write (a full disk) leaves the previous file as it was. The temporary name
     is per process, so runs sharing a data cache cannot collide."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -495,13 +495,12 @@ def save_atomic(obj, path):
         write_failed(path, tmp, exc)
 
 
+def save_atomic(obj, path):
+    write_atomic(path, lambda f: torch.save(obj, f))
+
+
 def write_text_atomic(path, text):
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as exc:
-        write_failed(path, tmp, exc)
+    write_atomic(path, lambda f: f.write(text.encode()))
 
 
 def write_failed(path, tmp, exc):
