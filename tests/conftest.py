@@ -8,6 +8,7 @@ import os
 import runpy
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,18 @@ def run_script(script: Path, *args: str, cwd: Path, timeout: int = 300, env=None
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+def wait_inside_epoch_2(proc: subprocess.Popen, run: Path, timeout: float = 120) -> None:
+    """Return once the run in `proc` has written epoch 1's metrics and is 0.3 s into epoch 2;
+    fail if it ends first."""
+    metrics, deadline = run / "metrics.jsonl", time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") == 1:
+            time.sleep(0.3)
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
 
 
 @dataclass

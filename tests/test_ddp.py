@@ -8,12 +8,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import GENERATED, MINIMAL, generate
+from conftest import GENERATED, MINIMAL, generate, wait_inside_epoch_2
 from robustness import TALLY
 
 ARMS = ["baseline", "fixed", "phase_only", "schedule_only", "full"]
@@ -133,14 +132,7 @@ def test_a_signal_to_one_rank_stops_both_at_one_step_and_resume_is_exact(tmp_pat
     proc = subprocess.Popen(
         command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + TIMEOUT_S
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and metrics.read_text().count("\n") == 1:
-            time.sleep(0.3)  # inside epoch 2
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before the signal"
+    wait_inside_epoch_2(proc, tmp_path / "run", TIMEOUT_S)
     workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
     assert len(workers) == 2
     os.kill(int(workers[1]), signal.SIGTERM)

@@ -10,12 +10,11 @@ import runpy
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
-from conftest import GENERATED, MINIMAL, generate, run_inprocess
+from conftest import GENERATED, MINIMAL, generate, run_inprocess, wait_inside_epoch_2
 
 IMAGE_MLP = ["model={arch: mlp, hidden: [16]}", "train.epochs=1"]
 
@@ -295,14 +294,7 @@ def test_sigkill_mid_epoch_then_resume_matches(tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        metrics = killed / "metrics.jsonl"
-        if metrics.exists() and metrics.read_text().count("\n") == 1:
-            time.sleep(0.3)  # well inside epoch 2 (about 1 s long here)
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed"
+    wait_inside_epoch_2(proc, killed)  # epochs take about 1 s here
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     resumed = run_inprocess(script, "--out", killed, "--resume")
