@@ -174,14 +174,30 @@ def parse_yaml(text: str, file: str) -> Located:
         builder = _Builder(loader, file)
         return Located(builder.build(node, ()), builder.origins)
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else None
-        problem = " ".join(str(p) for p in (exc.context, exc.problem) if p)
-        raise SpecErrors([SpecError(file, line, "", f"YAML syntax error: {problem}")]) from None
+        raise SpecErrors([_syntax_error(exc, file)]) from None
     except yaml.YAMLError as exc:
         raise SpecErrors([SpecError(file, None, "", f"YAML error: {exc}")]) from None
     finally:
         loader.dispose()
+
+
+def _syntax_error(exc: yaml.MarkedYAMLError, file: str) -> SpecError:
+    """One error naming both lines PyYAML marks: where a construct opened, where it failed.
+
+    An unclosed ``[``, ``{`` or quote is reported at its opening line, where the fix is;
+    the parser gives up lines later, at whatever comes next.
+    """
+    context, problem = exc.context or "", exc.problem or ""
+    opened, failed = exc.context_mark, exc.problem_mark
+    if not (opened and failed and opened.line != failed.line):
+        mark = failed or opened
+        text = " ".join(p for p in (context, problem) if p)
+        return SpecError(file, mark.line + 1 if mark else None, "", f"YAML syntax error: {text}")
+    if context.startswith(("while parsing a flow", "while scanning a quoted")):
+        text = f"{context} opened here: {problem} on line {failed.line + 1}"
+        return SpecError(file, opened.line + 1, "", f"YAML syntax error: {text}")
+    text = f"{context} (line {opened.line + 1}): {problem}"
+    return SpecError(file, failed.line + 1, "", f"YAML syntax error: {text}")
 
 
 def _drop_below(origins: dict[Path_, Origin], path: Path_) -> None:
@@ -216,12 +232,21 @@ def merge(base: Located, over: Located) -> Located:
     return Located(data, origins)
 
 
+def _not_a_spec_file(path: Path) -> str | None:
+    """Why ``path`` cannot be opened as a spec, or None.
+
+    A folder, a FIFO or /dev/zero is not a spec (and must not be read forever).
+    """
+    if path.is_file():
+        return None
+    return "is not a regular file" if path.exists() else "file not found"
+
+
 def load_file(path: Path, display: str | None = None, _stack: tuple[Path, ...] = ()) -> Located:
     """Load a spec file and resolve its ``extends:`` chain (path relative to the file)."""
     display = display or str(path)
     try:
-        if not path.is_file():  # a folder, a FIFO or /dev/zero is not a spec (nor read forever)
-            problem = "is not a regular file" if path.exists() else "file not found"
+        if problem := _not_a_spec_file(path):
             raise SpecErrors([SpecError(display, None, "", problem)])
         with path.open("rb") as f:
             raw = f.read(MAX_BYTES + 1)
@@ -255,6 +280,8 @@ def load_file(path: Path, display: str | None = None, _stack: tuple[Path, ...] =
         names = " -> ".join(p.name for p in chain + (resolved,))
         raise SpecErrors([SpecError(display, line, "extends", f"cycle in extends: {names}")])
     parent_display = str(Path(display).parent / parent)
+    if problem := _not_a_spec_file(resolved):  # said where the child names it
+        raise SpecErrors([SpecError(display, line, "extends", f"{parent_display}: {problem}")])
     return merge(load_file(resolved, parent_display, chain), doc)
 
 

@@ -306,6 +306,14 @@ def semantic_problems(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
     opt = spec.optimizer
     if isinstance(opt, SGD) and opt.nesterov and (opt.momentum == 0 or opt.dampening != 0):
         problems.append((("optimizer", "nesterov"), "nesterov needs momentum > 0 and dampening 0"))
+    if isinstance(spec.schedule, OneCycleSchedule) and spec.schedule.warmup_epochs > 0:
+        problems.append(
+            (
+                ("schedule", "warmup_epochs"),
+                "must be 0 with onecycle, which warms up by itself: pct_start is the share "
+                f"of training spent rising to lr (got {spec.schedule.warmup_epochs:g})",
+            )
+        )
     th = spec.phase_detector.thresholds
     if th.tau3 > th.tau1:
         problems.append(

@@ -17,8 +17,17 @@ def assert_clean(result):
 BAD = {
     "typo'd key": (("hidden", "hiden"), ":3: model.hiden: unknown key; did you mean 'hidden'?"),
     "negative lr": (("lr: 0.1", "lr: -0.1"), ":4: optimizer.lr: must be > 0 (got -0.1)"),
-    "yaml syntax": (("[16]}", "[16]"), ":4: YAML syntax error:"),
+    "unclosed flow mapping": (
+        ("[16]}", "[16]"),
+        ":3: YAML syntax error: while parsing a flow mapping opened here:",
+    ),
     "duplicate key": (("train:", "seed: 1\nseed: 1\ntrain:"), ":6: seed: duplicate key"),
+    "unclosed flow sequence": (
+        ("[baseline, fixed]", "[baseline,\n  fixed\nseed: 3"),
+        ":6: YAML syntax error: while parsing a flow sequence opened here: expected ',' or ']', "
+        "but got ':' on line 8",
+    ),
+    "missing parent": (("name: tiny", "extends: gone.yaml\nname: tiny"), ":1: extends: "),
 }
 
 

@@ -116,10 +116,30 @@ CASES = {
         ),
         "2: data.augment: no augmentation is defined for mnist1d",
     ),
-    "yaml syntax error": (
+    "unclosed flow mapping": (
         ("model: {arch: mlp, hidden: [16]}", "model: {arch: mlp, hidden: [16]"),
-        "4: YAML syntax error: while parsing a flow mapping "
-        "expected ',' or '}', but got '<scalar>'",
+        "3: YAML syntax error: while parsing a flow mapping opened here: "
+        "expected ',' or '}', but got '<scalar>' on line 4",
+    ),
+    "unclosed flow sequence": (
+        ("variants: [baseline, fixed]", "variants: [baseline,\n  fixed\nseed: 3"),
+        "6: YAML syntax error: while parsing a flow sequence opened here: "
+        "expected ',' or ']', but got ':' on line 8",
+    ),
+    "unclosed quote": (
+        ("name: tiny", "name: 'tiny"),
+        "1: YAML syntax error: while scanning a quoted scalar opened here: "
+        "found unexpected end of stream on line 7",
+    ),
+    "a bad indent names both lines": (
+        ("train:", "extra:\n  a: 2\n b: 1\ntrain:"),
+        "7: YAML syntax error: while parsing a block mapping (line 1): "
+        "expected <block end>, but found '<block mapping start>'",
+    ),
+    "onecycle with a warm-up of its own": (
+        ("variants:", "schedule: {name: onecycle, warmup_epochs: 2}\nvariants:"),
+        "6: schedule.warmup_epochs: must be 0 with onecycle, which warms up by itself: "
+        "pct_start is the share of training spent rising to lr (got 2)",
     ),
     "duplicate key": (
         ("train:", "seed: 1\nseed: 2\ntrain:"),
@@ -209,6 +229,18 @@ def test_extends_errors_point_into_the_right_file(write_spec, tmp_path):
     assert errors_of(child) == [
         f"{child}:3: seed: must be >= 0 (got -1)",
         f"{tmp_path / 'parent.yaml'}:4: optimizer.lr: must be > 0 (got -0.1)",
+    ]
+
+
+def test_missing_extends_parent_is_reported_at_the_extends_line(write_spec, tmp_path):
+    child = write_spec("name: child\nextends: nowhere/parent.yaml\n", "child.yaml")
+    assert errors_of(child) == [
+        f"{child}:2: extends: {tmp_path / 'nowhere' / 'parent.yaml'}: file not found"
+    ]
+    (tmp_path / "folder.yaml").mkdir()
+    child = write_spec("extends: folder.yaml\nname: child\n", "child.yaml")
+    assert errors_of(child) == [
+        f"{child}:1: extends: {tmp_path / 'folder.yaml'}: is not a regular file"
     ]
 
 
