@@ -364,8 +364,8 @@ def _message(err: dict[str, Any], path: tuple, data: Any) -> str:
     kind, ctx = err["type"], err.get("ctx", {})
     got = f" (got {err.get('input')!r})"
     if kind == "extra_forbidden":
-        close = difflib.get_close_matches(str(path[-1]), _allowed_keys(path, data), n=1)
-        return "unknown key" + (f"; did you mean {close[0]!r}?" if close else "")
+        guess = _suggestion(str(path[-1]), _allowed_keys(path, data))
+        return "unknown key" + (f"; did you mean {guess!r}?" if guess else "")
     if kind == "missing":
         return "required key is missing"
     bounds = {
@@ -394,31 +394,82 @@ def _message(err: dict[str, Any], path: tuple, data: Any) -> str:
     return text if kind in ("too_short", "too_long") else text + got
 
 
+# Common synonyms of spec keys (PyTorch, Lightning and Hugging Face names) -> the spec's key;
+# a hint names the synonym's key only where that key is allowed.
+ALIASES = {
+    "learning_rate": "lr",
+    "base_lr": "lr",
+    "max_lr": "lr",
+    "wd": "weight_decay",
+    "l2": "weight_decay",
+    "n_epochs": "epochs",
+    "num_epochs": "epochs",
+    "max_epochs": "epochs",
+    "bs": "batch_size",
+    "batchsize": "batch_size",
+    "num_workers": "workers",
+    "n_classes": "num_classes",
+    "img_size": "image_size",
+    "optim": "optimizer",
+    "scheduler": "schedule",
+    "lr_scheduler": "schedule",
+    "warmup": "warmup_epochs",
+    "precision": "amp",
+    "noise": "perturbation",
+    "detector": "phase_detector",
+    "arms": "variants",
+}
+
+
+def _suggestion(key: str, allowed: list[str]) -> str | None:
+    """The allowed key that ``key`` most likely meant: a synonym, a spelling, or a typo."""
+    plain = key.lower().replace("-", "_")
+    for guess in (plain, ALIASES.get(plain)):
+        if guess in allowed:
+            return guess
+    close = difflib.get_close_matches(plain, allowed, n=1)
+    return close[0] if close else None
+
+
 def _allowed_keys(path: tuple, data: Any) -> list[str]:
-    """The keys a mapping at ``path[:-1]`` may have, for the 'did you mean' hint."""
-    model: Any = Spec
+    """The keys a mapping at ``path[:-1]`` may have, for the 'did you mean' hint.
+
+    Walks the spec's field types along the path: a model's field, a dict's or a list's
+    items, and of a discriminated union the member that the data's kind key selects.
+    Every part of ``path[:-1]`` is in ``data`` (``_data_path`` keeps only those).
+    """
+    annotation: Any = Spec
+    discriminator: str | None = None
     node = data
     for part in path[:-1]:
-        field = model.model_fields.get(part) if isinstance(part, str) else None
-        node = node.get(part) if isinstance(node, dict) else None
-        if field is None:
-            return []
-        members = [
-            a
-            for a in (get_args(field.annotation) or (field.annotation,))
-            if isinstance(a, type) and issubclass(a, BaseModel)
-        ]
-        model = next((m for m in members if _matches_kind(m, node)), None)
-        if model is None:
-            return []
-    return list(model.model_fields)
+        if get_origin(annotation) in (dict, list):
+            annotation, discriminator = get_args(annotation)[-1], None
+        else:
+            model = _member(annotation, discriminator, node)
+            field = model.model_fields.get(part) if model else None
+            if field is None:
+                return []
+            annotation, discriminator = field.annotation, field.discriminator
+        node = node[part]
+    model = _member(annotation, discriminator, node)
+    return list(model.model_fields) if model else []
 
 
-def _matches_kind(model: type[BaseModel], node: Any) -> bool:
-    for name, field in model.model_fields.items():
-        if get_origin(field.annotation) is Literal:
-            return isinstance(node, dict) and node.get(name) in get_args(field.annotation)
-    return True
+def _member(annotation: Any, discriminator: str | None, node: Any) -> type[BaseModel] | None:
+    """The model a value of this type validates as: the only one, or the tagged member."""
+    members = [
+        a
+        for a in (get_args(annotation) or (annotation,))
+        if isinstance(a, type) and issubclass(a, BaseModel)
+    ]
+    if discriminator is None:
+        return members[0] if len(members) == 1 else None
+    tag = node.get(discriminator) if isinstance(node, dict) else None
+    if tag is None:
+        return None
+    return next(
+        (m for m in members if tag in get_args(m.model_fields[discriminator].annotation)), None
+    )
 
 
 def _data_path(loc: tuple, data: Any) -> tuple:

@@ -106,6 +106,25 @@ def test_variant_and_set_options(write_spec, tmp_path):
     assert "no arm named 'full' (this spec has: baseline, fixed)" in bad.output
 
 
+def test_set_typos_get_a_hint_and_print_together(write_spec):
+    result = cli(
+        "validate",
+        write_spec(),
+        "--set",
+        "optimizer.learning_rate=1",
+        "--set",
+        "perturbation.fixd=0.1",
+    )
+    assert result.exit_code == 2
+    assert_clean(result)
+    assert result.output.splitlines() == [
+        "--set optimizer.learning_rate=1: optimizer.learning_rate: unknown key; "
+        "did you mean 'lr'?",
+        "--set perturbation.fixd=0.1: perturbation.fixd: unknown key; did you mean 'fixed'?",
+        "2 error(s); nothing was written.",
+    ]
+
+
 def test_missing_file_and_empty_folder(tmp_path):
     result = cli("validate", tmp_path / "nope.yaml", tmp_path)
     assert result.exit_code == 2

@@ -252,6 +252,118 @@ def test_extends_cycle_is_reported(write_spec):
     ]
 
 
+# An unknown key in every kind of section, and the hint it gets: a misspelling (difflib)
+# or a synonym from another library (ALIASES); each case is one section, put in MINIMAL.
+SUGGESTIONS = {
+    "perturbation": ("perturbation: {fixd: 0.1}", "perturbation.fixd", "fixed"),
+    "perturbation.eps": (
+        "perturbation: {eps: {finetuning: 0.1}}",
+        "perturbation.eps.finetuning",
+        "fine_tuning",
+    ),
+    "phase_detector": ("phase_detector: {evry: 5}", "phase_detector.evry", "every"),
+    "phase_detector.thresholds": (
+        "phase_detector: {thresholds: {tau_smoth: 0.1}}",
+        "phase_detector.thresholds.tau_smoth",
+        "tau_smooth",
+    ),
+    "train (alias)": ("train: {num_epochs: 2}", "train.num_epochs", "epochs"),
+    "data (alias)": ("data: {dataset: mnist1d, bs: 64}", "data.bs", "batch_size"),
+    "data (another member)": (
+        "data: {dataset: imagefolder, num_classes: 2, img_size: 64}",
+        "data.img_size",
+        "image_size",
+    ),
+    "model (another member)": ("model: {arch: cnn1d, widht: 8}", "model.widht", "width"),
+    "optimizer (alias)": (
+        "optimizer: {name: sgd, lr: 0.1, wd: 0.1}",
+        "optimizer.wd",
+        "weight_decay",
+    ),
+    "optimizer (spelling)": (
+        "optimizer: {name: sgd, lr: 0.1, Weight-Decay: 0.1}",
+        "optimizer.Weight-Decay",
+        "weight_decay",
+    ),
+    "schedule (discriminated)": (
+        "schedule: {name: cosine, min_lr: 0.1}",
+        "schedule.min_lr",
+        "min_lr_ratio",
+    ),
+    "schedule (alias)": ("schedule: {name: step, warmup: 1}", "schedule.warmup", "warmup_epochs"),
+    "top level (alias)": ("noise: {fixed: 0.1}", "noise", "perturbation"),
+    "an extra baseline's section": (
+        "baselines: {adam: {optimizer: {name: adam, lr: 0.001, betaz: [0.9, 0.99]}}}",
+        "baselines.adam.optimizer.betaz",
+        "betas",
+    ),
+    "an extra baseline itself": (
+        "baselines: {adam: {optimiser: {name: adam, lr: 0.001}}}",
+        "baselines.adam.optimiser",
+        "optimizer",
+    ),
+}
+
+
+def with_section(line: str) -> str:
+    """MINIMAL with ``line`` as its last line, in place of the section it names."""
+    section = line.partition(":")[0]
+    kept = [old for old in MINIMAL.splitlines() if not old.startswith(section + ":")]
+    return "\n".join(kept + [line]) + "\n"
+
+
+@pytest.mark.parametrize("case", SUGGESTIONS, ids=list(SUGGESTIONS))
+def test_unknown_keys_get_a_hint_in_every_section(case, write_spec):
+    line, path, hint = SUGGESTIONS[case]
+    text = with_section(line)
+    spec = write_spec(text)
+    where = f"{spec}:{text.count(chr(10))}"
+    assert f"{where}: {path}: unknown key; did you mean {hint!r}?" in errors_of(spec)
+
+
+def test_an_alias_hint_names_only_a_key_of_that_section(write_spec):
+    spec = write_spec(with_section("train: {bs: 4}"))  # batch_size is data's key, not train's
+    assert errors_of(spec) == [f"{spec}:6: train.bs: unknown key"]
+
+
+def test_an_alias_of_a_required_key(write_spec):
+    path = write_spec(MINIMAL.replace("lr: 0.1", "learning_rate: 0.1"))
+    assert errors_of(path) == [
+        f"{path}:4: optimizer.learning_rate: unknown key; did you mean 'lr'?",
+        f"{path}:4: optimizer.lr: required key is missing",
+    ]
+
+
+@pytest.mark.parametrize(
+    "override, hint",
+    [
+        ("optimizer.learning_rate=1", "lr"),
+        ("perturbation.fixd=0.1", "fixed"),
+        ("perturbation.eps.finetuning=0.1", "fine_tuning"),
+        ("phase_detector.thresholds.tau_smoth=0.1", "tau_smooth"),
+        ("train.n_epochs=3", "epochs"),
+    ],
+)
+def test_set_overrides_get_the_same_hints(override, hint, write_spec):
+    path = write_spec()
+    key = override.partition("=")[0]
+    assert f"--set {override}: {key}: unknown key; did you mean {hint!r}?" in errors_of(
+        path, [override]
+    )
+
+
+def test_onecycle_without_warm_up_is_valid_and_extra_baselines_are_checked(write_spec):
+    spec, _ = load_spec(write_spec(MINIMAL + "schedule: {name: onecycle, pct_start: 0.2}\n"))
+    assert spec.schedule.warmup_epochs == 0
+    path = write_spec(
+        MINIMAL + "baselines: {oc: {schedule: {name: onecycle, warmup_epochs: 1}}}\n"
+    )
+    assert errors_of(path) == [
+        f"{path}:7: baselines.oc.schedule.warmup_epochs: must be 0 with onecycle, which warms "
+        "up by itself: pct_start is the share of training spent rising to lr (got 1)"
+    ]
+
+
 def test_set_overrides_are_validated_like_the_file(write_spec):
     path = write_spec()
     spec, _ = load_spec(path, ["optimizer.lr=0.05", "variants=[fixed]"])
