@@ -305,6 +305,8 @@ def welch(a: list[float | None], b: list[float | None]) -> dict[str, Any]:
     mean(a) - mean(b), and Hedges' g (the difference over the pooled sd, bias-corrected)."""
     a, b = _finite(a), _finite(b)
     none = {"p": None, "t": None, "g": None, "diff": None, "ci": None}
+    if not a or not b:
+        return {**none, "note": "no values to compare"}
     if len(a) < 2 or len(b) < 2:
         return {**none, "note": "n < 2: no test"}
     from scipy import stats
@@ -682,12 +684,15 @@ def _cell(stat: dict[str, Any], fmt: str, scale: float = 1.0) -> str:
     return f"{mean}{std} (n={stat['n']})"
 
 
-COUNTS = "done/div/stop/miss"
+def _table(title: str, intro: list[str], columns: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table under its heading, with the lines that say how to read it."""
+    lines = ["", f"### {title}", ""] + (intro + [""] if intro else [])
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
-def _header(*columns: str) -> list[str]:
-    """A markdown table's header row and its rule."""
-    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+def _note(count: int, text: str) -> list[str]:
+    return ["", f"{count} {text}"] if count else []
 
 
 def _counts(row: dict[str, Any]) -> str:
@@ -699,202 +704,163 @@ def _value(value: Any) -> str:
     return "`" + json.dumps(value, default=str) + "`"
 
 
-def _tested(test: dict[str, Any] | None, extra: str = "") -> str:
-    """Cells `extra | p | p (Holm) | verdict` of one comparison ('—' for baseline)."""
+def _tested(test: dict[str, Any] | None) -> list[str]:
+    """The cells p, p (Holm) and verdict of one comparison ('—' for baseline)."""
     if test is None:
-        return " | ".join(["—"] * (4 if extra else 3))
+        return ["—"] * 3
     p = "—" if test["p"] is None else f"{test['p']:.3g}"
     holm_p = "—" if test["p_holm"] is None else f"{test['p_holm']:.3g}"
-    return " | ".join(([extra] if extra else []) + [p, holm_p, test["verdict"]])
+    return [p, holm_p, test["verdict"]]
 
 
 def _diverged(row: dict[str, Any]) -> str:
     return f"; {row['diverged']} of {row['finished']} runs diverged" if row["diverged"] else ""
 
 
-def _section_md(spec: str, k: int, count: int, data: dict[str, Any]) -> list[str]:
-    arms = data["arms"]
-    title = spec if count == 1 else f"{spec}: configuration {k} of {count}"
-    lines = [f"## {title}", ""]
-    if data["differs"]:
-        lines += [
-            f"This spec's runs were made with {count} different settings and are never pooled;"
-            " this section's: "
-            + ", ".join(f"{key} = {_value(v)}" for key, v in data["differs"].items())
-            + ".",
-            "",
-        ]
-    for arm in sorted({_base_arm(label) for label in data["split"]}, key=arm_rank):
-        rows = [(label, s) for label, s in data["split"].items() if _base_arm(label) == arm]
-        lines += [
-            f"Runs of arm `{arm}` were made with {len(rows)} different settings and are "
-            "kept apart: "
-            + "; ".join(
-                f"`{label}` has " + ", ".join(f"{key} = {_value(v)}" for key, v in s.items())
-                for label, s in rows
-            )
-            + ".",
-            "",
-        ]
-    if data["refused"]:
-        lines += [f"**Not compared:** {data['refused']}.", ""]
-    lines += [
-        "### Runs",
-        "",
-        *_header(
-            "arm",
-            "runs",
-            "completed",
-            "diverged",
-            "stopped",
-            "missing",
-            "divergence vs baseline: Fisher p",
-            "p (Holm)",
-            "verdict",
-            "not completed",
-        ),
-    ]
+def _test(row: dict[str, Any], family: str) -> dict[str, Any] | None:
+    return row.get("vs_baseline", {}).get(family)
+
+
+COUNTS = "done/div/stop/miss"
+HOLM = "Family for Holm: this table's comparisons with baseline, one per arm."
+
+
+def _runs_table(arms: dict[str, Any]) -> list[str]:
+    rows = []
     for label, a in arms.items():
         c = a["counts"]
-        listed = (
-            "; ".join(
-                f"{Path(x['path']).name}: {x['status']}"
-                + (f" ({', '.join(x['problems'])})" if x["problems"] else "")
-                for x in a["not_completed"]
-            )
-            or "—"
+        listed = "; ".join(
+            f"{Path(x['path']).name}: {x['status']}"
+            + (f" ({', '.join(x['problems'])})" if x["problems"] else "")
+            for x in a["not_completed"]
         )
-        lines.append(
-            f"| {label} | {a['runs']} | {c['completed']} | {c['diverged']}/{a['finished']} | "
-            f"{c['stopped']} | {c['missing']} | "
-            f"{_tested(a.get('vs_baseline', {}).get('divergence'))} | {listed} |"
+        rows.append(
+            [label, str(a["runs"]), str(c["completed"]), f"{c['diverged']}/{a['finished']}"]
+            + [str(c["stopped"]), str(c["missing"]), *_tested(_test(a, "divergence"))]
+            + [listed or "—"]
         )
-    target = data["target_accuracy"]
-    lines += [
-        "",
-        f"### Table I: time to {target:.0%} validation accuracy",
-        "",
-        "Epochs and training seconds over the runs that reached the target; the log-rank",
-        "test also uses the censored runs. Family for Holm: this table's arms.",
-        "",
-        *_header(
-            "arm",
-            COUNTS,
-            "reached",
-            "epochs",
-            "train seconds",
-            "log-rank χ²",
-            "p",
-            "p (Holm)",
-            "verdict",
-        ),
-    ]
-    for label, a in arms.items():
-        test = a.get("vs_baseline", {}).get("time_to_target")
+    columns = ["arm", "runs", "completed", "diverged", "stopped", "missing"]
+    columns += ["divergence vs baseline: Fisher p", "p (Holm)", "verdict", "not completed"]
+    return _table("Runs", [], columns, rows)
+
+
+def _time_table(data: dict[str, Any]) -> list[str]:
+    rows = []
+    for label, a in data["arms"].items():
+        test = _test(a, "time_to_target")
         chi2 = "—" if not test or test["chi2"] is None else f"{test['chi2']:.3g}"
-        lines.append(
-            f"| {label} | {_counts(a)} | {a['reached_target']}/{a['timed']} | "
-            f"{_cell(a['epochs_to_target'], '.1f')} | {_cell(a['seconds_to_target'], '.1f')} | "
-            f"{_tested(test, chi2)} |"
+        rows.append(
+            [label, _counts(a), f"{a['reached_target']}/{a['timed']}"]
+            + [_cell(a["epochs_to_target"], ".1f"), _cell(a["seconds_to_target"], ".1f")]
+            + [chi2, *_tested(test)]
         )
-    untimed = sum(a["reached_without_train_s"] for a in arms.values())
-    if untimed:
-        lines += [
-            "",
-            (
-                f"{untimed} run(s) that reached the target record no training seconds (run "
-                "folders from before `train_s` was logged): they have no seconds cell."
-            ),
-        ]
-    lines += [
-        "",
-        "### Table II: stability, CV of the validation loss (%)",
-        "",
-        f"Sample std / mean × 100 of the validation loss over the last {data['stability_window']}",
-        "epochs (all epochs if fewer); lower is steadier. Welch's",
-        "t-test; family for Holm: this table's arms.",
-        "",
-        *_header("arm", COUNTS, "CV (%)", "g", "p", "p (Holm)", "verdict"),
+    intro = [
+        "Epochs and training seconds over the runs that reached the target; the log-rank",
+        f"test also counts the censored runs. {HOLM}",
     ]
-    for label, a in arms.items():
-        test = a.get("vs_baseline", {}).get("cv_pct")
+    columns = ["arm", COUNTS, "reached", "epochs", "train seconds", "log-rank χ²"]
+    title = f"Table I: time to {data['target_accuracy']:.0%} validation accuracy"
+    untimed = sum(a["reached_without_train_s"] for a in data["arms"].values())
+    return _table(title, intro, columns + ["p", "p (Holm)", "verdict"], rows) + _note(
+        untimed,
+        "run(s) that reached the target record no training seconds (run folders from "
+        "before `train_s` was logged): they have no seconds cell.",
+    )
+
+
+def _cv_table(data: dict[str, Any]) -> list[str]:
+    rows = []
+    for label, a in data["arms"].items():
+        test = _test(a, "cv_pct")
         g = "—" if not test or test["g"] is None else f"{test['g']:+.2f}"
-        lines.append(
-            f"| {label} | {_counts(a)} | {_cell(a['cv_pct'], '.2f')} | {_tested(test, g)} |"
-        )
-    lines += [
-        "",
-        "### Table III: accuracy (%)",
-        "",
-        *_header(
-            "arm",
-            COUNTS,
-            "test, final model (primary)",
-            "test, best-val checkpoint",
-            "val, final",
-            "val, best",
-        ),
+        rows.append([label, _counts(a), _cell(a["cv_pct"], ".2f"), g, *_tested(test)])
+    window = data["stability_window"]
+    intro = [
+        f"Sample std / mean × 100 of the validation loss over the last {window} epochs (all",
+        f"epochs if fewer); lower is steadier. Welch's t-test, Hedges' g. {HOLM}",
     ]
-    for label, a in arms.items():
-        lines.append(
-            f"| {label} | {_counts(a)} | {_cell(a['test_acc'], '.2f', 100)} | "
-            f"{_cell(a['test_acc_at_best_val'], '.2f', 100)} | "
-            f"{_cell(a['final_acc'], '.2f', 100)} | {_cell(a['best_acc'], '.2f', 100)} |"
-        )
+    columns = ["arm", COUNTS, "CV (%)", "g", "p", "p (Holm)", "verdict"]
+    return _table("Table II: stability, CV of the validation loss (%)", intro, columns, rows)
+
+
+def _accuracy_table(arms: dict[str, Any]) -> list[str]:
+    keys = ("test_acc", "test_acc_at_best_val", "final_acc", "best_acc")
+    rows = [
+        [label, _counts(a)] + [_cell(a[k], ".2f", 100) for k in keys] for label, a in arms.items()
+    ]
+    columns = ["arm", COUNTS, "test, final model (primary)", "test, best-val checkpoint"]
     untested = sum(a["without_test_acc"] for a in arms.values())
-    if untested:
-        lines += [
-            "",
-            (
-                f"{untested} completed run(s) record no test accuracy (run folders from before "
-                "the val/test split): they are in no test column and not in Table IV."
-            ),
-        ]
-    lines += [
-        "",
-        "### Table IV: ablation, final test accuracy (primary endpoint) against baseline",
-        "",
-        "Δ = arm − baseline in points, with its 95 % Welch t-based confidence interval;",
-        "Welch's t-test; family for Holm: this table's arms.",
-        "",
-        *_header(
-            "arm", COUNTS, "test acc (%)", "Δ (points)", "95 % CI", "p", "p (Holm)", "verdict"
-        ),
-    ]
-    for label, a in arms.items():
-        test = a.get("vs_baseline", {}).get("test_acc")
+    return _table("Table III: accuracy (%)", [], columns + ["val, final", "val, best"], rows) + (
+        _note(
+            untested,
+            "completed run(s) record no test accuracy (run folders from before the val/test "
+            "split): they are in no test column and not in Table IV.",
+        )
+    )
+
+
+def _ablation_table(data: dict[str, Any]) -> list[str]:
+    rows = []
+    for label, a in data["arms"].items():
+        test = _test(a, "test_acc")
         delta = "—" if not test or test["diff"] is None else f"{100 * test['diff']:+.2f}"
         ci = "—"
         if test and test["ci"] is not None:
             ci = f"[{100 * test['ci'][0]:+.2f}, {100 * test['ci'][1]:+.2f}]"
-        cells = _tested(test, ci).rsplit(" | ", 1)
-        verdict = cells[1] if test else "reference" if label == data["baseline"] else "—"
-        lines.append(
-            f"| {label} | {_counts(a)} | {_cell(a['test_acc'], '.2f', 100)} | {delta} | "
-            f"{cells[0]} | {verdict}{_diverged(a)} |"
+        *p, verdict = _tested(test)
+        if not test:
+            verdict = "reference" if label == data["baseline"] else "—"
+        rows.append(
+            [label, _counts(a), _cell(a["test_acc"], ".2f", 100), delta, ci, *p]
+            + [verdict + _diverged(a)]
         )
-    phase_arms = {arm: a["phases_by_third"] for arm, a in arms.items() if a["phases_by_third"]}
-    if phase_arms:
-        lines += [
-            "",
-            "### Phase distribution by thirds of training (% of steps)",
-            "",
-            *_header("arm", "epochs", "exploration", "convergence", "fine-tuning"),
-        ]
-        for arm, thirds in phase_arms.items():
-            for name, third in zip(
-                ("first third", "middle third", "last third"), thirds, strict=True
-            ):
-                cells = ["—"] * 3 if third is None else [f"{100 * third[p]:.0f}" for p in PHASES]
-                lines.append(f"| {arm} | {name} | " + " | ".join(cells) + " |")
-    lines += [
+    intro = [
+        "Δ = arm − baseline in points, with its 95 % Welch t-based confidence interval;",
+        f"Welch's t-test. {HOLM}",
+    ]
+    columns = ["arm", COUNTS, "test acc (%)", "Δ (points)", "95 % CI", "p", "p (Holm)"]
+    title = "Table IV: ablation, final test accuracy (primary endpoint) against baseline"
+    return _table(title, intro, columns + ["verdict"], rows)
+
+
+def _phase_table(arms: dict[str, Any]) -> list[str]:
+    rows = []
+    for label, a in ((label, a) for label, a in arms.items() if a["phases_by_third"]):
+        for name, third in zip(("first", "middle", "last"), a["phases_by_third"], strict=True):
+            cells = ["—"] * 3 if third is None else [f"{100 * third[p]:.0f}" for p in PHASES]
+            rows.append([label, f"{name} third", *cells])
+    if not rows:
+        return []
+    columns = ["arm", "epochs", "exploration", "convergence", "fine-tuning"]
+    return _table("Phase distribution by thirds of training (% of steps)", [], columns, rows)
+
+
+def _section_md(spec: str, k: int, count: int, data: dict[str, Any]) -> list[str]:
+    title = spec if count == 1 else f"{spec}: configuration {k} of {count}"
+    lines = [f"## {title}"]
+    if data["differs"]:
+        differs = ", ".join(f"{key} = {_value(v)}" for key, v in data["differs"].items())
+        text = f"This spec's runs were made with {count} different settings, never pooled"
+        lines += ["", f"{text}; this section's: {differs}."]
+    for arm in sorted({_base_arm(label) for label in data["split"]}, key=arm_rank):
+        rows = [(label, s) for label, s in data["split"].items() if _base_arm(label) == arm]
+        kept = "; ".join(
+            f"`{label}` has " + ", ".join(f"{key} = {_value(v)}" for key, v in s.items())
+            for label, s in rows
+        )
+        text = f"Runs of arm `{arm}` were made with {len(rows)} different settings"
+        lines += ["", f"{text} and are kept apart: {kept}."]
+    if data["refused"]:
+        lines += ["", f"**Not compared:** {data['refused']}."]
+    lines += _runs_table(data["arms"]) + _time_table(data) + _cv_table(data)
+    lines += _accuracy_table(data["arms"]) + _ablation_table(data) + _phase_table(data["arms"])
+    return lines + [
         "",
         f"![validation accuracy]({data['name']}_accuracy.png)",
         "",
         f"![noise and phases]({data['name']}_eps_phases.png)",
         "",
     ]
-    return lines
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -292,7 +292,8 @@ def test_other_run_settings_get_a_section_each(tmp_path):
     assert result.exit_code == 0, result.output
     text = (tmp_path / "out" / "report.md").read_text()
     assert "## demo: configuration 1 of 2" in text and "## demo: configuration 2 of 2" in text
-    assert "this section's: epochs = `2`." in text and "this section's: epochs = `4`." in text
+    assert "2 different settings, never pooled; this section's: epochs = `2`." in text
+    assert "this section's: epochs = `4`." in text
     sections = json.loads((tmp_path / "out" / "report.json").read_text())["specs"]["demo"]
     means = [s["arms"]["baseline"]["test_acc"]["mean"] for s in sections["sections"]]
     assert means == pytest.approx([0.61, 0.81])  # never the pooled 0.71
@@ -316,7 +317,7 @@ def test_old_run_folders_say_what_they_lack(tmp_path):
             write_run(tmp_path, arm, seed, REACH, [1.0, 2.0, 3.0, 4.0], train_s=False)
     data = section(tmp_path)
     assert data["arms"]["full"]["without_test_acc"] == 2
-    assert data["arms"]["full"]["vs_baseline"]["test_acc"]["note"] == "n < 2: no test"
+    assert data["arms"]["full"]["vs_baseline"]["test_acc"]["note"] == "no values to compare"
     text = report.markdown(report.aggregate(report.find_runs(tmp_path)))
     assert "4 completed run(s) record no test accuracy" in text
     assert "4 run(s) that reached the target record no training seconds" in text
