@@ -82,8 +82,11 @@ class Run:
 
 def identity(config: dict[str, Any]) -> dict[str, Any]:
     """The settings that make a run the experiment it is: config.json without the seed and
-    the output folder (and without the SEED constant, which only supplies --seed's default)."""
+    the output folder (and without the SEED constant, which only supplies --seed's default,
+    and the device's index)."""
     out = {k: v for k, v in config.items() if k not in NOT_SETTINGS}
+    if isinstance(out.get("device"), str):  # cuda:1 is the same experiment as cuda:0
+        out["device"] = out["device"].split(":")[0]
     if isinstance(out.get("constants"), dict):
         out["constants"] = {k: v for k, v in out["constants"].items() if k != "SEED"}
     return out

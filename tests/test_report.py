@@ -300,6 +300,15 @@ def test_other_run_settings_get_a_section_each(tmp_path):
     assert (tmp_path / "out" / "demo_1_accuracy.png").exists()
 
 
+def test_the_fingerprint_ignores_only_the_seed_the_output_and_the_device_index():
+    config = {"arm": "full", "seed": 0, "out": "r/0", "device": "cuda:0", "epochs": 4}
+    config["constants"] = {"SEED": 0, "LR": 0.1}
+    same = {**config, "seed": 7, "out": "r/7", "device": "cuda:3", "constants": {"LR": 0.1}}
+    assert report.fingerprint(same) == report.fingerprint(config)
+    for change in ({"device": "cpu"}, {"epochs": 5}, {"constants": {"LR": 0.2}}):
+        assert report.fingerprint({**config, **change}) != report.fingerprint(config)
+
+
 def test_a_baseline_with_two_fingerprints_refuses_every_comparison(tmp_path):
     for seed, lr in enumerate([0.1, 0.1, 0.05, 0.05]):
         write_run(tmp_path, "baseline", seed, REACH, [1.0] * 4, test=0.8, constants={"LR": lr})
