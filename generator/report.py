@@ -993,7 +993,7 @@ def plots(runs: list[Run], out: Path) -> list[Path]:
 def build(root: Path, out: Path | None = None) -> tuple[Path, dict[str, Any]]:
     """Write report.md, report.json and the plots for the runs under root."""
     runs = find_runs(root)
-    if not runs:
+    if all(run.absent for run in runs):  # expected runs alone: nothing ran, nothing to report
         raise NoRuns(f"no run folders (with config.json) under {root}")
     out = out or root / "report"
     out.mkdir(parents=True, exist_ok=True)

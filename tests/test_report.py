@@ -347,6 +347,9 @@ def test_report_of_an_empty_folder_is_an_error(tmp_path):
     result = cli("report", tmp_path)
     assert result.exit_code == 2
     assert "no run folders" in result.output
+    (tmp_path / "ablation.json").write_text(json.dumps({"spec": "demo", "expected": [["a", 0]]}))
+    result = cli("report", tmp_path)  # runs expected, none ran
+    assert result.exit_code == 2 and "no run folders" in result.output
 
 
 # --- ablate's record, which the report reads ---------------------------------------------
