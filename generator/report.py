@@ -513,7 +513,10 @@ def sections(runs: list[Run]) -> list[dict[str, Any]]:
             _place(groups, run)
         for group in groups:
             order = sorted(group["arms"], key=lambda label: (arm_rank(label), label))
-            group["arms"] = {label: group["arms"][label] for label in order}
+            group["arms"] = {
+                label: sorted(group["arms"][label], key=lambda r: (r.seed, str(r.path)))
+                for label in order
+            }
         out += groups
     return out
 

@@ -75,7 +75,8 @@ def write_run(
 
 @pytest.fixture
 def runs(tmp_path):
-    """demo: baseline (one seed never reaches the target, one expected seed never ran), full
+    """demo: baseline (one seed never reaches the target, one stopped early, one expected seed
+    never ran), full
     (one diverged, one killed, one damaged), phase_only with two fingerprints; flat: a pair
     of arms with zero variance and different means."""
     expected = [[arm, s] for arm in ("baseline", "full", "phase_only") for s in range(4)]
@@ -85,6 +86,7 @@ def runs(tmp_path):
     write_run(tmp_path, "baseline", 0, [0.5, 0.7, 0.85, 0.9], [2.0, 1.0, 2.0, 3.0], test=0.80)
     write_run(tmp_path, "baseline", 1, [0.6, 0.82, 0.84, 0.88], [2.0, 2.0, 2.0, 2.0], test=0.82)
     write_run(tmp_path, "baseline", 2, [0.4, 0.6, 0.75, 0.79], [4.0, 3.0, 3.0, 6.0], test=0.84)
+    write_run(tmp_path, "baseline", 4, [0.5, 0.6], [1.0, 1.0], status="stopped")  # resumable
     for seed, test in enumerate([0.90, 0.92, 0.94]):
         write_run(tmp_path, "full", seed, REACH, [1.0] * 4, phases=True, test=test)
     write_run(tmp_path, "full", 3, [0.5, 0.6], [1.0, 1.0], status=None)  # killed: no summary
@@ -170,7 +172,7 @@ def test_outcomes_are_counted_and_missing_runs_come_from_the_ablation_record(run
     assert base["counts"] == {
         "completed": 3,
         "diverged": 0,
-        "stopped": 0,
+        "stopped": 1,  # seed4
         "missing": 1,  # seed3: expected by ablation.json, no folder
         "damaged": 0,
     }
@@ -186,7 +188,11 @@ def test_outcomes_are_counted_and_missing_runs_come_from_the_ablation_record(run
     assert listed["seed3"]["status"] == "incomplete (no summary.json)"
     assert listed["seed4"]["status"] == "diverged"
     assert listed["seed5"]["problems"] == ["metrics.jsonl line 4 is truncated"]
-    assert base["not_completed"][0]["status"] == "missing (no run folder)"
+    assert [x["status"] for x in base["not_completed"]] == [
+        "missing (no run folder)",
+        "incomplete (stopped early)",
+    ]
+    assert (base["diverged"], base["finished"]) == (0, 3)  # a stopped run has not finished
     assert full["seeds"] == [0, 1, 2]
     # Fisher on [[1, 4], [0, 3]]: with one divergence among 8 the arm holds it with
     # probability 5/8 (or not, 3/8); both tables are at most as likely as 5/8: p = 1
@@ -261,11 +267,12 @@ def test_markdown_shows_each_case(runs):
     # counts in every table, diverged in the verdict, censoring in "reached k/n"
     assert text.count("| full | 3/1/0/1 |") == 4
     assert "| full | 3/1/0/1 | 3/4 | 2.0 ± 0.0 (n=3) | 16.0 ± 0.0 (n=3) | 0.204 |" in text
-    assert "| baseline | 3/0/0/1 | 2/3 | 2.5 ± 0.7 (n=2) |" in text
+    assert "| baseline | 3/0/1/1 | 2/3 | 2.5 ± 0.7 (n=2) |" in text  # seed4 stopped: untimed
     assert "better; 1 of 5 runs diverged |" in text
     assert (
-        "| baseline | 4 | 3 | 0/3 | 0 | 1 | — | — | — | seed3: missing (no run folder) |" in text
-    )
+        "| baseline | 5 | 3 | 0/3 | 1 | 1 | — | — | — | seed3: missing (no run folder); "
+        "seed4: incomplete (stopped early) |"
+    ) in text
     assert "seed3: incomplete (no summary.json)" in text and "seed4: diverged" in text
     assert "| full | 3/1/0/1 | 92.00 ± 2.00 (n=3) | +10.00 | [+5.47, +14.53] |" in text
     # two fingerprints: two rows, and the setting that differs named
