@@ -1,7 +1,8 @@
 """Run every arm of a spec over seeds, as separate processes, and report.
 
 Layout of an ablation folder:
-    OUT/ablation.json        what these runs are (spec hash, epochs, smoke): a rerun must match
+    OUT/ablation.json        what these runs are (spec hash and every setting that changes a
+                             run: a rerun must match), and which runs (arm, seed) it expects
     OUT/scripts/             the generated arms (train_<arm>.py, README.md, manifest.json)
     OUT/<arm>/seed<S>/       one run folder per arm and seed, with its train.log
     OUT/report/              report.md, report.json and the plots
@@ -88,6 +89,21 @@ def prepare(
                 ]
             )
     return rendered, arms or arm_names(spec), record
+
+
+def expected(out: Path, arms: list[str], seeds: list[int]) -> list[list]:
+    """[arm, seed] of every run OUT should hold: this call's and those of earlier calls, so
+    that the report counts a run that never wrote anything as missing."""
+    try:
+        previous = json.loads((out / "ablation.json").read_text()).get("expected", [])
+    except (OSError, ValueError, AttributeError):
+        previous = []
+    pairs = {
+        (p[0], p[1])
+        for p in (previous if isinstance(previous, list) else [])
+        if isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and type(p[1]) is int
+    }
+    return sorted([list(p) for p in pairs | {(arm, seed) for arm in arms for seed in seeds}])
 
 
 def make_jobs(out: Path, arms: list[str], seeds: list[int]) -> list[Job]:

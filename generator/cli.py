@@ -190,17 +190,22 @@ def ablate(
     from generator import ablate as runner
     from generator import report as reporting
 
-    settings = {"epochs": epochs, "smoke": smoke, "overrides": sorted(set_ or [])}
+    # everything that changes a run; a rerun into the same folder must repeat it
+    settings = {"epochs": epochs, "smoke": smoke, "nproc": nproc, "overrides": sorted(set_ or [])}
     with _exits(spec):
         loaded, doc = load_spec(spec, set_ or [])
         folder = out or Path("runs") / loaded.name
         chosen_arms = [a for a in (arms or "").split(",") if a]
         rendered, chosen, record = runner.prepare(loaded, doc, spec, folder, chosen_arms, settings)
+    seed_list = [loaded.seed + k for k in range(seeds)]
+    threads = max(1, (os.cpu_count() or 1) // (jobs * nproc))
+    # what the last call ran with (timings depend on it; results do not): not checked
+    record["launch"] = {"jobs": jobs, "threads": threads}
+    record["expected"] = runner.expected(folder, chosen, seed_list)
     with _exits(folder):
         runner.write_scripts(rendered, folder, record)
-    all_jobs = runner.make_jobs(folder, chosen, [loaded.seed + k for k in range(seeds)])
+    all_jobs = runner.make_jobs(folder, chosen, seed_list)
     extra = (["--epochs", str(epochs)] if epochs else []) + (["--smoke"] if smoke else [])
-    threads = max(1, (os.cpu_count() or 1) // (jobs * nproc))
     typer.echo(
         f"{len(all_jobs)} runs ({len(chosen)} arms x {seeds} seeds) in {folder}/, "
         f"{jobs} at a time, {threads} thread(s) each"
@@ -231,8 +236,8 @@ def ablate(
         typer.echo("no run wrote any output: no report", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"report: {report_dir / 'report.md'}")
-    for arm, data in report["specs"].get(loaded.name, {}).get("arms", {}).items():
-        typer.echo(f"  {arm:24s} final val acc {reporting._cell(data['final_acc'], '.2f', 100)}")
+    for line in reporting.headline(report, loaded.name):
+        typer.echo(line)
     if failed:
         raise typer.Exit(1)
 

@@ -54,14 +54,15 @@ def test_named_damage_is_listed_and_the_rest_reported(tmp_path):
     (other / "config.json").write_text(json.dumps({**config, "spec": "second"}))
     text = build(tmp_path, "damaged run folders")
     assert "## demo" in text and "## second" in text  # each spec on its own
-    assert "| baseline | 3 | 3 | — |" in text  # the undamaged arm, whole
+    assert "| baseline | 3 | 3 | 0/3 | 0 | 0 | — | — | — | — |" in text  # undamaged, whole
     assert "seed1: completed (metrics.jsonl line 4 is truncated)" in text
     assert "seed2: incomplete (no summary.json)" in text
     assert "seed3: incomplete (no summary.json) (summary.json is unreadable" in text
     assert "seed4: incomplete (no summary.json) (config.json lacks a spec name" in text
     assert "seed5: completed (metrics.jsonl line 3 val_acc is 'NaN', not a finite number)" in text
     assert not any(p.name.startswith("..") for p in (tmp_path / "out").iterdir())
-    arms = json.loads((tmp_path / "out" / "report.json").read_text())["specs"]["demo"]["arms"]
+    demo = json.loads((tmp_path / "out" / "report.json").read_text())["specs"]["demo"]
+    arms = demo["sections"][0]["arms"]
     assert arms["full"]["completed"] == 1 and arms["baseline"]["completed"] == 3
 
 
@@ -131,3 +132,15 @@ def test_random_damage_never_stops_the_report(damages):
         for run in found:  # every run folder appears, averaged or listed with its problem
             assert run.complete or f"{run.path.name}: {run.status}" in text
         shutil.rmtree(root / "out")
+
+
+def test_a_damaged_ablation_record_loses_nothing(tmp_path):
+    three_runs(tmp_path)
+    expected = [["full", "x"], ["../up", 1], 7, ["baseline", 9], ["full", True]]
+    (tmp_path / "ablation.json").write_text(json.dumps({"spec": "demo", "expected": expected}))
+    text = build(tmp_path, "damaged run folders")
+    assert "seed9: missing (no run folder)" in text  # the one well-formed expectation
+    assert "up" not in text.split("## demo")[1].split("### Table I")[0]
+    (tmp_path / "ablation.json").write_bytes(b"\x00\xff not json")
+    text = build(tmp_path, "damaged run folders")
+    assert "| baseline | 3 | 3 | 0/3 | 0 | 0 |" in text
