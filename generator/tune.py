@@ -210,7 +210,7 @@ def file_lock(storage_file: Path | None):
     if storage_file is None:
         yield
         return
-    with open(f"{storage_file}.lock", "a") as f:
+    with open(f"{storage_file}.claims", "a") as f:  # not .lock: a journal uses that one
         fcntl.flock(f, fcntl.LOCK_EX)
         yield
 
@@ -621,7 +621,9 @@ def tuned_yaml(tuner: Tuner, info: dict[str, Any]) -> str:
             values = merge(values, parse_override(text))
     for key, value in best["params"].items():
         values = merge(values, parse_override(f"{key}={json.dumps(value)}"))
-    parent = os.path.relpath(s.spec_path.resolve(), s.out.resolve())
+    spec_file, out = s.spec_path.resolve(), s.out.resolve()
+    related = os.path.commonpath([spec_file, out]) != os.path.sep  # else the absolute path
+    parent = os.path.relpath(spec_file, out) if related else str(spec_file)
     seeds = ", ".join(map(str, s.seeds))
     header = (
         f"# Made by `perturbgen tune` (study {s.study_name}): the best of "

@@ -230,3 +230,48 @@ def test_the_tuner_names_no_test_key():
         ("test", source[: source.index('HELD_OUT = "test"')].count("\n") + 1)
     ]
     assert source.count("HELD_OUT") == 2  # defined, and used once: in read_json's filter
+
+
+# --- storage and refusals (no trial runs) ----------------------------------------------------
+
+
+def test_journal_and_bad_storages(write_spec, tmp_path):
+    path = write_spec(TUNED + SPACE)
+    spec, doc = load_spec(path)
+    journal = f"journal:{tmp_path / 'j' / 'study.log'}"
+    s = tune.settings(spec, doc, path, [], 3, 1, journal, "shared", tmp_path / "t")
+    tuner = tune.Tuner(s, print)
+    assert tuner.local == tmp_path / "j" / "study.log" and tuner.study.study_name == "shared"
+    assert tuner.study.user_attrs["fingerprint"] == s.fingerprint()
+    tune.Tuner(s, print)  # a second process opens the same study
+    (tmp_path / "file").write_text("")
+    for bad in ("nonsense", f"sqlite:///{tmp_path / 'file' / 'study.db'}"):
+        result = cli("tune", path, "-o", tmp_path / "t", "--storage", bad)
+        assert result.exit_code == 2 and "--storage: cannot open" in result.output, bad
+
+
+def test_a_spec_without_tune_section_is_refused(write_spec):
+    result = cli("tune", write_spec(TUNED))
+    assert result.exit_code == 2
+    assert "tune: the spec has no tune section to run" in result.output
+
+
+def test_a_serial_tune_samples_the_same_values_again(write_spec):
+    """The sampler is seeded from the spec seed and the trial number: the same results
+    give the same next samples, and another spec seed gives others."""
+    path = write_spec(TUNED + SPACE)
+
+    def samples(seed: int) -> list[dict]:
+        spec, doc = load_spec(path, [f"seed={seed}"])
+        s = tune.settings(spec, doc, path, [], None, 1, None, None, None)
+        study = optuna.create_study(direction="maximize")
+        out = []
+        for n in range(4):
+            study.sampler = tune.sampler(s, n)
+            trial = study.ask(tune.distributions(s))
+            study.tell(trial, trial.params["phase_detector.thresholds.tau1"])  # any result
+            out.append(trial.params)
+        return out
+
+    assert samples(0) == samples(0)
+    assert samples(0) != samples(1)
