@@ -304,6 +304,69 @@ class _Progress:
 
 
 @app.command()
+def tune(
+    spec: Annotated[Path, typer.Argument(help="A spec with a tune: section.", show_default=False)],
+    trials: Annotated[
+        Optional[int], typer.Option(min=1, help="Finished trials to reach (default tune.trials).")
+    ] = None,
+    workers: Annotated[
+        int, typer.Option(min=1, help="Trials at a time here; each gets cores / workers threads.")
+    ] = 1,
+    storage: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Optuna storage: sqlite:///FILE, postgresql://..., mysql://... or journal:FILE "
+            "(default: DIR/study.db). Processes sharing one storage share the study."
+        ),
+    ] = None,
+    study: Annotated[Optional[str], typer.Option(help="Study name (default NAME-ARM).")] = None,
+    out: Annotated[
+        Optional[Path], typer.Option("-o", "--out", help="Tune folder (default tune/NAME_ARM).")
+    ] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Tune one arm's settings with Optuna on the validation split (the spec's tune: section).
+
+    Writes DIR/tuned.yaml (the spec with the best values), DIR/tune_report.md and
+    DIR/tune.json. Rerunning the same command continues the study.
+    """
+    from generator import tune as tuning
+
+    with _exits(spec):
+        loaded, doc = load_spec(spec, set_ or [])
+        chosen = tuning.settings(
+            loaded, doc, spec, set_ or [], trials, workers, storage, study, out
+        )
+    signal.signal(signal.SIGTERM, _interrupt)  # stops the trials like Ctrl-C does
+    try:
+        with _exits(chosen.out):
+            why, info = tuning.tune(chosen)
+    except KeyboardInterrupt:
+        typer.echo(
+            "interrupted: finished trials are kept, running ones are marked failed and do not "
+            "count; rerun the same command to continue",
+            err=True,
+        )
+        raise typer.Exit(130) from None
+    best = info["best"]
+    if best is not None:
+        typer.echo(
+            f"best: trial {best['number']}, {info['objective']} {best['value']:.4g}; "
+            f"spec: {chosen.out / 'tuned.yaml'}"
+        )
+    typer.echo(f"report: {chosen.out / 'tune_report.md'}")
+    if why == "others":
+        typer.echo("the rest of the budget is running in other processes on this study")
+    if why == "failures":
+        typer.echo(
+            f"stopped: {tuning.MAX_FAILURES_IN_A_ROW} trials in a row failed; see their "
+            "train.log (listed in the report)",
+            err=True,
+        )
+        raise typer.Exit(1)
+
+
+@app.command()
 def report(
     runs: Annotated[Path, typer.Argument(help="A folder of run folders, e.g. runs/NAME.")],
     out: Annotated[

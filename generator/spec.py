@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import difflib
+import types
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from generator.errors import SpecError, SpecErrors
-from generator.loading import Located, dotted, merge
+from generator.loading import KIND_KEYS, Located, dotted, merge
 
 NAME_PATTERN = r"^[a-z][a-z0-9_]*$"
 ARMS = ("baseline", "fixed", "phase_only", "schedule_only", "full")
@@ -261,6 +262,56 @@ def _plain_text(text: str) -> str:
     return text
 
 
+# --- tuning (perturbgen tune) ------------------------------------------------------------
+
+Number = Union[int, float]
+Choice = Union[bool, int, float, str]
+# What a trial's spec must produce, and its direction: accuracies up, epochs down.
+OBJECTIVES = {
+    "best_val_acc": "maximize",
+    "final_val_acc": "maximize",
+    "epochs_to_target": "minimize",
+}
+
+
+class SearchDim(Section):
+    """One dimension of the search space: a range (low, high; log, step) or choices."""
+
+    low: Number | None = Field(None, description="Lower bound (inclusive).")
+    high: Number | None = Field(None, description="Upper bound (inclusive).")
+    log: bool = Field(False, description="Sample uniformly in log space (low > 0).")
+    step: Annotated[Number, Field(gt=0)] | None = Field(None, description="Grid step.")
+    choices: list[Choice] | None = Field(
+        None, min_length=1, description="Categorical: one of these values."
+    )
+
+
+class Tune(Section):
+    """`perturbgen tune`: Optuna over one arm's fields, scored on the validation split."""
+
+    arm: Arm = Field(description="The arm whose script every trial runs (one of variants).")
+    space: dict[str, SearchDim] = Field(
+        min_length=1, description="Dotted spec path -> its range or choices."
+    )
+    objective: Literal["best_val_acc", "final_val_acc", "epochs_to_target"] = Field(
+        "best_val_acc",
+        description="Validation accuracy (best or final epoch; maximized) or epochs until "
+        "validation accuracy reaches train.target_accuracy (minimized; never = epochs + 1).",
+    )
+    trials: PosInt = Field(20, description="Finished trials (completed or pruned) to reach.")
+    seeds: PosInt = Field(1, description="Runs per trial, at seed, seed + 1, ...; scored by mean.")
+    epochs: PosInt | None = Field(None, description="Epochs per run (default train.epochs).")
+    pruner: Literal["median", "hyperband", "none"] = Field(
+        "median", description="Stops trials whose per-epoch validation value is bad."
+    )
+    startup_trials: Annotated[int, Field(ge=0, lt=INT_LIMIT)] = Field(
+        5, description="Trials that finish before the median pruner prunes any."
+    )
+    warmup_epochs: Annotated[int, Field(ge=0, lt=INT_LIMIT)] = Field(
+        5, description="Epochs a trial runs before it can be pruned."
+    )
+
+
 class Spec(Section):
     """One experiment: the model, data and training of every arm, and the arms to emit."""
 
@@ -279,6 +330,8 @@ class Spec(Section):
     phase_detector: PhaseDetector = PhaseDetector()
     variants: list[Arm] = Field(["baseline", "fixed"], min_length=1)
     baselines: dict[Name, BaselineOverride] = {}
+    # not part of any script: excluded from dumps, so the spec hash ignores it
+    tune: Tune | None = Field(None, exclude=True, description="What perturbgen tune does.")
 
 
 # Input shape (without the batch dimension) and class count of each fixed dataset.
@@ -357,7 +410,127 @@ def semantic_problems(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
                     f"with length >= 3 (got {list(shape)})",
                 )
             )
+    problems += tune_problems(spec)
     return problems
+
+
+# The dotted prefixes each arm's script never reads: tuning them would waste the budget.
+UNUSED_BY_ARM = {
+    "baseline": ("perturbation", "phase_detector"),
+    "fixed": ("perturbation.eps", "perturbation.base", "perturbation.decay", "phase_detector"),
+    "phase_only": ("perturbation.fixed", "perturbation.base", "perturbation.decay"),
+    "schedule_only": ("perturbation.fixed", "perturbation.eps", "phase_detector"),
+    "full": ("perturbation.fixed", "perturbation.base"),
+}
+
+
+def tune_problems(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
+    """The tune section's checks: each path names a numeric or choice field the tuned arm
+    uses, and each range or choice is one that field accepts."""
+    tune = spec.tune
+    if tune is None:
+        return []
+    problems: list[tuple[tuple[str | int, ...], str]] = []
+    if tune.arm not in spec.variants:
+        problems.append(
+            (("tune", "arm"), f"{tune.arm!r} is not one of variants ({', '.join(spec.variants)})")
+        )
+    for key, dim in sorted(tune.space.items()):
+        where = ("tune", "space", key)
+        found = tune_field(spec, key)
+        if isinstance(found, str):
+            problems.append((where, found))
+            continue
+        section, name = found
+        kind = field_kind(type(section).model_fields[name].annotation)
+        unused = [p for p in UNUSED_BY_ARM[tune.arm] if key == p or key.startswith(p + ".")]
+        if key == "seed":
+            problems.append((where, "tuning the seed picks luck, not settings"))
+        elif KIND_KEYS.get(tuple(key.split(".")[:-1])) == name:
+            problems.append((where, "chooses the kind of its section; tune that kind's fields"))
+        elif kind is None:
+            problems.append((where, "is neither a number nor a choice field: it cannot be tuned"))
+        elif unused:
+            problems.append((where, f"the {tune.arm} arm does not use {unused[0]}"))
+        else:
+            problems += _dim_problems(where, dim, kind, section, name)
+    return problems
+
+
+def tune_field(spec: Spec, path: str) -> tuple[BaseModel, str] | str:
+    """(the section holding a dotted path's field, the field's name), or why there is none."""
+    node: Any = spec
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        where = ".".join(parts[:i])
+        if not isinstance(node, BaseModel):
+            return f"{where} is not a section"
+        fields = [f for f in type(node).model_fields if f != "tune"]
+        if part not in fields:
+            close = difflib.get_close_matches(part, fields, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            return f"{where or 'the spec'} has no field {part!r}{hint}"
+        if i < len(parts) - 1:
+            node = getattr(node, part)
+    return node, parts[-1]
+
+
+def field_kind(annotation: Any) -> str | None:
+    """'int', 'float' or 'choice' (a bool or a Literal) for a tunable field, else None."""
+    while get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    if get_origin(annotation) in (Union, types.UnionType):  # X | None: the X
+        members = [a for a in get_args(annotation) if a is not type(None)]
+        return field_kind(members[0]) if len(members) == 1 else None
+    if annotation is bool or get_origin(annotation) is Literal:
+        return "choice"
+    return {int: "int", float: "float"}.get(annotation)
+
+
+def _dim_problems(where: tuple, dim: SearchDim, kind: str, section: BaseModel, name: str):
+    problems = []
+    ranged = [k for k in ("low", "high", "log", "step") if k in dim.model_fields_set]
+    if dim.choices is not None:
+        if ranged:
+            problems.append((where, "give either choices or low and high, not both"))
+        for i, value in enumerate(dim.choices):
+            why = _field_error(section, name, value)
+            if why:
+                problems.append((where + ("choices", i), why))
+        return problems
+    if kind == "choice":
+        return [(where, f"{name} is a choice field: give choices, e.g. {{choices: [...]}}")]
+    for bound in ("low", "high"):
+        value = getattr(dim, bound)
+        if value is None:
+            problems.append((where + (bound,), "required key is missing (or give choices)"))
+        elif kind == "int" and not isinstance(value, int):
+            problems.append((where + (bound,), f"{name} is an integer field (got {value!r})"))
+        else:
+            why = _field_error(section, name, value)
+            if why:
+                problems.append((where + (bound,), why))
+    if problems:
+        return problems
+    if dim.high <= dim.low:
+        problems.append((where + ("high",), f"must be > low ({dim.low}) (got {dim.high})"))
+    if dim.log and dim.low <= 0:
+        problems.append((where + ("low",), f"must be > 0 with log: true (got {dim.low})"))
+    if dim.log and dim.step is not None:
+        problems.append((where + ("step",), "log and step cannot be combined"))
+    if kind == "int" and dim.step is not None and not isinstance(dim.step, int):
+        problems.append((where + ("step",), f"{name} is an integer field (got {dim.step!r})"))
+    return problems
+
+
+def _field_error(section: BaseModel, name: str, value: Any) -> str | None:
+    """Why `name: value` would be refused in this section, or None."""
+    try:
+        type(section).model_validate({**section.model_dump(), name: value})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        return _message(err, tuple(err["loc"]), None)
+    return None
 
 
 def _message(err: dict[str, Any], path: tuple, data: Any) -> str:
@@ -491,7 +664,7 @@ def _data_path(loc: tuple, data: Any) -> tuple:
 
 def baseline_overrides(spec: Spec, doc: Located) -> list[tuple[str, list[str], dict]]:
     """Each extra baseline as (name, the sections it overrides, the merged spec data)."""
-    base = Located({k: v for k, v in doc.data.items() if k != "baselines"})
+    base = Located({k: v for k, v in doc.data.items() if k not in ("baselines", "tune")})
     out = []
     for name, override in sorted(spec.baselines.items()):
         sections = {k: v for k, v in override.model_dump().items() if v is not None}
