@@ -440,18 +440,44 @@ def baseline_overrides(spec: Spec, doc: Located) -> list[tuple[str, list[str], d
     return out
 
 
+# What an extra baseline may change in `data`: how batches are drawn, never which examples.
+PER_ARM_DATA = ("batch_size", "augment", "workers")
+
+
+def data_differences(spec: Spec, child: Spec) -> list[tuple[str, str]]:
+    """(key, message) for each data setting an extra baseline changes that every arm shares:
+    the dataset, its root, its split sizes, its shape. A changed dataset is one difference."""
+    mine, theirs = spec.data.model_dump(), child.data.model_dump()
+    keys = ["dataset"] if mine["dataset"] != theirs["dataset"] else sorted(mine)
+    return [
+        (
+            key,
+            f"every arm must train on the same data: the spec's {key} is {mine[key]!r}, "
+            f"this baseline's {theirs[key]!r} (only {', '.join(PER_ARM_DATA)} may differ)",
+        )
+        for key in keys
+        if key not in PER_ARM_DATA and mine[key] != theirs[key]
+    ]
+
+
 def validate(doc: Located, file: str) -> Spec:
     """Validate a loaded spec; raise SpecErrors listing every problem with file:line.
 
-    Each extra baseline is validated too, as the spec with its override merged in.
+    Each extra baseline is validated too, as the spec with its override merged in, and may
+    not change the data the arms are compared on.
     """
     spec = _validate_one(doc.data, doc, file, ())
     errors: list[SpecError] = []
     for name, _, data in baseline_overrides(spec, doc):
         try:
-            _validate_one(data, doc, file, ("baselines", name))
+            child = _validate_one(data, doc, file, ("baselines", name))
         except SpecErrors as exc:
             errors.extend(exc.errors)
+            continue
+        for key, message in data_differences(spec, child):
+            path = ("baselines", name, "data", key)
+            origin_file, line = doc.origin(path, file)
+            errors.append(SpecError(origin_file, line, dotted(path), message))
     if errors:
         raise SpecErrors(errors)
     return spec
