@@ -46,14 +46,21 @@ class _Data(Section):
     augment: bool = Field(False, description="Standard augmentation (image datasets only).")
 
 
+VAL_SIZE_HELP = (
+    "Validation examples, carved from the dataset's training split by a fixed permutation "
+    "(the same for every seed and arm); the rest trains."
+)
+
+
 class SyntheticData(_Data):
     """Deterministic, learnable data of any shape: class prototypes plus Gaussian noise."""
 
     dataset: Literal["synthetic"]
     shape: list[PosInt] = Field([1, 40], min_length=1, max_length=3, description="Input shape.")
     num_classes: Annotated[int, Field(ge=2, lt=INT_LIMIT)] = 10
-    train_size: PosInt = 1024
-    val_size: PosInt = 256
+    train_size: PosInt = Field(1024, description="Training examples.")
+    val_size: PosInt = Field(256, description="Validation examples.")
+    test_size: PosInt = Field(256, description="Test examples, drawn apart from the others.")
     noise: NonNegFloat = Field(1.0, description="Std of the noise around each prototype.")
 
 
@@ -61,23 +68,27 @@ class MNIST1DData(_Data):
     """MNIST-1D made locally by the `mnist1d` package (4000 train, 1000 test, length 40)."""
 
     dataset: Literal["mnist1d"]
+    val_size: Annotated[int, Field(gt=0, lt=4000)] = Field(500, description=VAL_SIZE_HELP)
 
 
 class CIFAR10Data(_Data):
     dataset: Literal["cifar10"]
+    val_size: Annotated[int, Field(gt=0, lt=50000)] = Field(5000, description=VAL_SIZE_HELP)
 
 
 class CIFAR100Data(_Data):
     dataset: Literal["cifar100"]
+    val_size: Annotated[int, Field(gt=0, lt=50000)] = Field(5000, description=VAL_SIZE_HELP)
 
 
 class ImageFolderData(_Data):
-    """root/train/<class>/* and root/val/<class>/* images."""
+    """root/train/<class>/* (training and validation) and root/val/<class>/* (test)."""
 
     dataset: Literal["imagefolder"]
     num_classes: Annotated[int, Field(ge=2, lt=INT_LIMIT)]
     image_size: PosInt = 224
     workers: Annotated[int, Field(ge=0, lt=INT_LIMIT)] = 4
+    val_size: PosInt = Field(5000, description=VAL_SIZE_HELP)
 
 
 Data = Annotated[

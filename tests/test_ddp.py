@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import GENERATED, MINIMAL, generate, wait_inside_epoch_2
+from conftest import GENERATED, MINIMAL, generate, wait_inside_epoch_2, without_timing
 from robustness import TALLY
 
 ARMS = ["baseline", "fixed", "phase_only", "schedule_only", "full"]
@@ -97,13 +97,7 @@ def test_resume_under_two_ranks_continues_exactly(busy_detector, tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert summary(tmp_path / "a")["replicas"] == summary(tmp_path / "b")["replicas"]
     for name in ("phases.jsonl", "metrics.jsonl"):
-        strip = [
-            [
-                {k: v for k, v in json.loads(line).items() if k != "elapsed_s"}
-                for line in (tmp_path / run / name).read_text().splitlines()
-            ]
-            for run in "ab"
-        ]
+        strip = [without_timing(tmp_path / run / name) for run in "ab"]
         assert strip[0] == strip[1], name
 
 
