@@ -133,8 +133,11 @@ def constants(spec: Spec, arm: str, kind: str) -> tuple[Constant, ...]:
         c += [
             Constant("TRAIN_SIZE", spec.data.train_size, "synthetic training examples"),
             Constant("VAL_SIZE", spec.data.val_size, "synthetic validation examples"),
+            Constant("TEST_SIZE", spec.data.test_size, "synthetic test examples"),
             Constant("SYNTHETIC_NOISE", spec.data.noise, "std of the noise around prototypes"),
         ]
+    else:
+        c.append(Constant("VAL_SIZE", spec.data.val_size, "validation examples, from train"))
     if isinstance(spec.data, ImageFolderData):
         c += [
             Constant("IMAGE_SIZE", spec.data.image_size, "pixels, height and width"),

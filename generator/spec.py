@@ -47,14 +47,21 @@ class _Data(Section):
     augment: bool = Field(False, description="Standard augmentation (image datasets only).")
 
 
+VAL_SIZE_HELP = (
+    "Validation examples, carved from the dataset's training split by a fixed permutation "
+    "(the same for every seed and arm); the rest trains."
+)
+
+
 class SyntheticData(_Data):
     """Deterministic, learnable data of any shape: class prototypes plus Gaussian noise."""
 
     dataset: Literal["synthetic"]
     shape: list[PosInt] = Field([1, 40], min_length=1, max_length=3, description="Input shape.")
     num_classes: Annotated[int, Field(ge=2, lt=INT_LIMIT)] = 10
-    train_size: PosInt = 1024
-    val_size: PosInt = 256
+    train_size: PosInt = Field(1024, description="Training examples.")
+    val_size: PosInt = Field(256, description="Validation examples.")
+    test_size: PosInt = Field(256, description="Test examples, drawn apart from the others.")
     noise: NonNegFloat = Field(1.0, description="Std of the noise around each prototype.")
 
 
@@ -62,23 +69,27 @@ class MNIST1DData(_Data):
     """MNIST-1D made locally by the `mnist1d` package (4000 train, 1000 test, length 40)."""
 
     dataset: Literal["mnist1d"]
+    val_size: Annotated[int, Field(gt=0, lt=4000)] = Field(500, description=VAL_SIZE_HELP)
 
 
 class CIFAR10Data(_Data):
     dataset: Literal["cifar10"]
+    val_size: Annotated[int, Field(gt=0, lt=50000)] = Field(5000, description=VAL_SIZE_HELP)
 
 
 class CIFAR100Data(_Data):
     dataset: Literal["cifar100"]
+    val_size: Annotated[int, Field(gt=0, lt=50000)] = Field(5000, description=VAL_SIZE_HELP)
 
 
 class ImageFolderData(_Data):
-    """root/train/<class>/* and root/val/<class>/* images."""
+    """root/train/<class>/* (training and validation) and root/val/<class>/* (test)."""
 
     dataset: Literal["imagefolder"]
     num_classes: Annotated[int, Field(ge=2, lt=INT_LIMIT)]
     image_size: PosInt = 224
     workers: Annotated[int, Field(ge=0, lt=INT_LIMIT)] = 4
+    val_size: PosInt = Field(5000, description=VAL_SIZE_HELP)
 
 
 Data = Annotated[
@@ -672,18 +683,44 @@ def baseline_overrides(spec: Spec, doc: Located) -> list[tuple[str, list[str], d
     return out
 
 
+# What an extra baseline may change in `data`: how batches are drawn, never which examples.
+PER_ARM_DATA = ("batch_size", "augment", "workers")
+
+
+def data_differences(spec: Spec, child: Spec) -> list[tuple[str, str]]:
+    """(key, message) for each data setting an extra baseline changes that every arm shares:
+    the dataset, its root, its split sizes, its shape. A changed dataset is one difference."""
+    mine, theirs = spec.data.model_dump(), child.data.model_dump()
+    keys = ["dataset"] if mine["dataset"] != theirs["dataset"] else sorted(mine)
+    return [
+        (
+            key,
+            f"every arm must train on the same data: the spec's {key} is {mine[key]!r}, "
+            f"this baseline's {theirs[key]!r} (only {', '.join(PER_ARM_DATA)} may differ)",
+        )
+        for key in keys
+        if key not in PER_ARM_DATA and mine[key] != theirs[key]
+    ]
+
+
 def validate(doc: Located, file: str) -> Spec:
     """Validate a loaded spec; raise SpecErrors listing every problem with file:line.
 
-    Each extra baseline is validated too, as the spec with its override merged in.
+    Each extra baseline is validated too, as the spec with its override merged in, and may
+    not change the data the arms are compared on.
     """
     spec = _validate_one(doc.data, doc, file, ())
     errors: list[SpecError] = []
     for name, _, data in baseline_overrides(spec, doc):
         try:
-            _validate_one(data, doc, file, ("baselines", name))
+            child = _validate_one(data, doc, file, ("baselines", name))
         except SpecErrors as exc:
             errors.extend(exc.errors)
+            continue
+        for key, message in data_differences(spec, child):
+            path = ("baselines", name, "data", key)
+            origin_file, line = doc.origin(path, file)
+            errors.append(SpecError(origin_file, line, dotted(path), message))
     if errors:
         raise SpecErrors(errors)
     return spec

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import runpy
 import subprocess
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, settings
 from robustness import TALLY
 from typer.testing import CliRunner
@@ -48,6 +50,17 @@ variants: [baseline, fixed]
 """
 
 
+TIMING = {"elapsed_s", "train_s", "seconds_to_target"}  # clock readings differ run to run
+
+
+def without_timing(path: Path) -> list[dict]:
+    """The JSON lines of a run's file less the clock readings: what two equal runs share."""
+    return [
+        {k: v for k, v in json.loads(line).items() if k not in TIMING}
+        for line in path.read_text().splitlines()
+    ]
+
+
 def cli(*args: str, cwd: Path | None = None):
     """Run the perturbgen CLI in-process; a traceback would show up as result.exception."""
     old = os.getcwd()
@@ -81,6 +94,22 @@ def wait_inside_epoch_2(proc: subprocess.Popen, run: Path, timeout: float = 120)
             break
         time.sleep(0.02)
     assert proc.poll() is None, "the run ended before it could be interrupted"
+
+
+def evaluate_on_test(script: Path, checkpoint: Path, data_root: Path) -> tuple[float, float]:
+    """(mean loss, accuracy) on the test split of the model in a checkpoint: in this process,
+    in one batch, apart from the script's own evaluation loop and from DDP."""
+    ns = runpy.run_path(str(script), run_name="perturbgen_test")
+    model = ns["build_model"]()
+    model.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
+    model.eval()
+    x, y = ns["load_data"](str(data_root), False, 0, torch.device("cpu")).eval_sets["test"]
+    with torch.no_grad():
+        logits = model(x)
+    return (
+        torch.nn.functional.cross_entropy(logits, y).item(),
+        (logits.argmax(1) == y).sum().item() / len(y),  # as the script divides: exact
+    )
 
 
 @dataclass

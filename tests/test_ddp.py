@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import GENERATED, MINIMAL, generate, wait_inside_epoch_2
+from conftest import (
+    GENERATED,
+    MINIMAL,
+    evaluate_on_test,
+    generate,
+    wait_inside_epoch_2,
+    without_timing,
+)
 from robustness import TALLY
 
 ARMS = ["baseline", "fixed", "phase_only", "schedule_only", "full"]
@@ -86,6 +93,11 @@ def test_phase_decisions_are_shared(busy_detector, tmp_path):
     changes = (tmp_path / "run" / "phases.jsonl").read_text().splitlines()
     assert changes, "the detector never changed phase: the test would prove nothing"
     assert json.loads(changes[-1])["step"] == a["phase_start"]
+    # test is split across the ranks and summed; rank 0's best.pt reaches every rank
+    s = summary(tmp_path / "run")
+    for key, checkpoint in (("test_acc", "last.pt"), ("test_acc_at_best_val", "best.pt")):
+        _, acc = evaluate_on_test(busy_detector, tmp_path / "run" / checkpoint, tmp_path)
+        assert s[key] == acc, key
 
 
 def test_resume_under_two_ranks_continues_exactly(busy_detector, tmp_path):
@@ -97,13 +109,7 @@ def test_resume_under_two_ranks_continues_exactly(busy_detector, tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert summary(tmp_path / "a")["replicas"] == summary(tmp_path / "b")["replicas"]
     for name in ("phases.jsonl", "metrics.jsonl"):
-        strip = [
-            [
-                {k: v for k, v in json.loads(line).items() if k != "elapsed_s"}
-                for line in (tmp_path / run / name).read_text().splitlines()
-            ]
-            for run in "ab"
-        ]
+        strip = [without_timing(tmp_path / run / name) for run in "ab"]
         assert strip[0] == strip[1], name
 
 

@@ -9,7 +9,7 @@ import runpy
 
 import pytest
 import torch
-from conftest import GENERATED, MINIMAL, cli, generate, run_inprocess
+from conftest import GENERATED, MINIMAL, cli, generate, run_inprocess, without_timing
 
 EXPLORATION, CONVERGENCE, FINE_TUNING = 0, 1, 2
 
@@ -242,13 +242,7 @@ def test_resume_restores_the_detector_and_schedule_exactly(tmp_path):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert a["perturbation"]["detector"] == b["perturbation"]["detector"]
     for name in ("phases.jsonl", "metrics.jsonl"):
-        strip = [
-            [
-                {k: v for k, v in json.loads(line).items() if k != "elapsed_s"}
-                for line in (tmp_path / run / name).read_text().splitlines()
-            ]
-            for run in "ab"
-        ]
+        strip = [without_timing(tmp_path / run / name) for run in "ab"]
         assert strip[0] == strip[1], name
     assert (tmp_path / "a" / "phases.jsonl").read_text(), "the detector never changed phase"
 

@@ -19,7 +19,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import GENERATED, MINIMAL, generate, run_inprocess, wait_inside_epoch_2
+from conftest import (
+    GENERATED,
+    MINIMAL,
+    generate,
+    run_inprocess,
+    wait_inside_epoch_2,
+    without_timing,
+)
 from robustness import TALLY
 from test_training import IMAGE_MLP, image_folder_scripts, write_cifar, write_image_folder
 
@@ -49,10 +56,7 @@ def model_of(run: Path):
 
 
 def metrics_of(run: Path):
-    return [
-        {k: v for k, v in json.loads(line).items() if k != "elapsed_s"}
-        for line in (run / "metrics.jsonl").read_text().splitlines()
-    ]
+    return without_timing(run / "metrics.jsonl")
 
 
 # --- damaged checkpoints -----------------------------------------------------------------

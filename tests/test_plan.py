@@ -75,3 +75,19 @@ def test_pyrepr_refuses_what_python_source_cannot_hold():
     for bad in (math.inf, math.nan, object()):
         with pytest.raises(Exception, match="non-finite|cannot emit"):
             pyrepr(bad)
+
+
+@pytest.mark.parametrize(
+    "spec, sizes",
+    [
+        ("mnist1d_cnn", {"VAL_SIZE": 500}),
+        ("cifar10_resnet18", {"VAL_SIZE": 5000}),
+        ("imagenet100_efficientnet_b0", {"VAL_SIZE": 5000}),
+        ("synthetic_mlp", {"TRAIN_SIZE": 2048, "VAL_SIZE": 512, "TEST_SIZE": 256}),
+    ],
+)
+def test_split_sizes_reach_every_arm(spec, sizes):
+    for model in models_for(REPO / "specs" / f"{spec}.yaml").values():
+        values = {c.name: c.value for c in model.constants}
+        assert {k: values.get(k) for k in sizes} == sizes, model.arm
+        assert ("TEST_SIZE" in values) is (spec == "synthetic_mlp")

@@ -386,3 +386,32 @@ def test_extra_baselines_are_validated_with_their_override(write_spec):
     ok = write_spec(MINIMAL + "baselines:\n  adam: {optimizer: {name: adam, lr: 0.001}}\n")
     spec, _ = load_spec(ok)
     assert list(spec.baselines) == ["adam"]
+
+
+SAME_DATA = "every arm must train on the same data: the spec's"
+PER_ARM = "(only batch_size, augment, workers may differ)"
+BASELINE_DATA = {
+    "another dataset": (
+        "{dataset: mnist1d}",
+        "dataset",
+        "dataset is 'synthetic', this " "baseline's 'mnist1d'",
+    ),
+    "another root": ("{root: elsewhere}", "root", "root is 'data', this baseline's 'elsewhere'"),
+    "another val size": ("{val_size: 16}", "val_size", "val_size is 32, this baseline's 16"),
+    "another input shape": ("{shape: [4]}", "shape", "shape is [8], this baseline's [4]"),
+}
+
+
+@pytest.mark.parametrize("case", BASELINE_DATA, ids=list(BASELINE_DATA))
+def test_an_extra_baseline_may_not_change_the_data(case, write_spec):
+    override, key, says = BASELINE_DATA[case]
+    path = write_spec(MINIMAL + f"baselines:\n  other:\n    data: {override}\n")
+    assert errors_of(path) == [
+        f"{path}:9: baselines.other.data.{key}: {SAME_DATA} {says} {PER_ARM}"
+    ]
+
+
+def test_an_extra_baseline_may_change_how_batches_are_drawn(write_spec):
+    path = write_spec(MINIMAL + "baselines:\n  big:\n    data: {batch_size: 16}\n")
+    spec, _ = load_spec(path)
+    assert list(spec.baselines) == ["big"]

@@ -14,7 +14,14 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import GENERATED, MINIMAL, generate, run_inprocess, wait_inside_epoch_2
+from conftest import (
+    GENERATED,
+    MINIMAL,
+    generate,
+    run_inprocess,
+    wait_inside_epoch_2,
+    without_timing,
+)
 
 IMAGE_MLP = ["model={arch: mlp, hidden: [16]}", "train.epochs=1"]
 
@@ -84,6 +91,7 @@ def test_cifar_trains_from_python_batches(dataset, tmp_path):
         (GENERATED.parent / "specs" / f"{spec}.yaml").read_text(),
         *IMAGE_MLP,
         "data.batch_size=16",
+        "data.val_size=16",
     )
     write_cifar(tmp_path / "data", dataset)
     result = run_inprocess(
@@ -93,8 +101,10 @@ def test_cifar_trains_from_python_batches(dataset, tmp_path):
     (metrics,) = [
         json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     ]
-    assert metrics["step"] == 80 // 16 and math.isfinite(metrics["val_loss"])
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["constants"]["AUGMENT"]
+    assert metrics["step"] == (80 - 16) // 16 and math.isfinite(metrics["val_loss"])
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["constants"]["AUGMENT"]
+    assert [config["splits"][k] for k in ("train", "val", "test")] == [64, 16, 24]
 
 
 def test_missing_and_broken_cifar_are_clear_errors(tmp_path):
@@ -163,6 +173,7 @@ def image_folder_scripts(tmp_path, workers):
         "data.image_size=32",
         f"data.workers={workers}",
         "data.batch_size=4",
+        "data.val_size=4",
         "train.amp=none",
     )
 
@@ -178,7 +189,9 @@ def test_image_folder_trains_with_pillow(workers, tmp_path):
     (metrics,) = [
         json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     ]
-    assert metrics["step"] == 3  # 12 training images in batches of 4
+    assert metrics["step"] == 2  # 12 images in train/, 4 of them for val, batches of 4
+    splits = json.loads((tmp_path / "run" / "config.json").read_text())["splits"]
+    assert [splits[k] for k in ("train", "val", "test")] == [8, 4, 12]  # test: val/
 
 
 def test_image_folder_with_the_wrong_class_count(tmp_path):
@@ -304,12 +317,6 @@ def test_sigkill_mid_epoch_then_resume_matches(tmp_path):
     a = torch.load(killed / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    strip = [
-        {k: v for k, v in json.loads(line).items() if k != "elapsed_s"}
-        for line in (killed / "metrics.jsonl").read_text().splitlines()
-    ]
-    assert strip == [
-        {k: v for k, v in json.loads(line).items() if k != "elapsed_s"}
-        for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
-    ]
+    strip = without_timing(killed / "metrics.jsonl")
+    assert strip == without_timing(tmp_path / "straight" / "metrics.jsonl")
     assert len(strip) == 3
