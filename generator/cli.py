@@ -20,7 +20,15 @@ import typer
 
 from generator.errors import SpecError, SpecErrors
 from generator.plan import arm_names
-from generator.render import GenerationError, drift, load_spec, render_spec, write_folder
+from generator.render import (
+    GenerationError,
+    check_arms,
+    drift,
+    load_spec,
+    render_all,
+    render_spec,
+    write_folder,
+)
 from generator.spec import ARMS, Spec
 
 app = typer.Typer(
@@ -108,18 +116,22 @@ def generate(
 ) -> None:
     """Render every arm of each spec into OUT/<spec name>/."""
     files, errors = _spec_files(specs)
-    rendered = []
+    loaded = []
     for path in files:
         with _exits(path):
             try:
-                rendered.append(render_spec(path, set_ or [], variant or []))
+                spec, doc = load_spec(path, set_ or [])
+                check_arms(spec, path, variant or [])
+                loaded.append((spec, doc, path))
             except SpecErrors as exc:  # collected: every spec's errors print together
                 errors += exc.errors
-    names = [r.name for r in rendered]
+    names = [spec.name for spec, _, _ in loaded]
     for name in sorted({n for n in names if names.count(n) > 1}):
         errors.append(SpecError(str(out / name), None, "", "two specs share this name"))
     if errors:
         _fail(errors)
+    with _exits(out):  # all specs at once: black formats their shared blocks once
+        rendered = render_all(loaded, variant or [], previous=out)
     if check:
         problems = [p for r in rendered for p in drift(r, out)]
         if problems:
