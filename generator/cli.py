@@ -193,6 +193,13 @@ def ablate(
     nproc: Annotated[
         int, typer.Option(min=1, help="Processes per run: >1 runs each under torchrun (DDP).")
     ] = 1,
+    fork: Annotated[
+        bool,
+        typer.Option(
+            help="Fork each run from a server that imported torch once (saves seconds per "
+            "run); --no-fork starts a fresh python per run. torchrun runs never fork."
+        ),
+    ] = True,
     set_: SetOpt = None,
 ) -> None:
     """Run every arm over seeds as separate processes, then write the report.
@@ -222,7 +229,7 @@ def ablate(
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         with display:
-            runner.run_all(all_jobs, jobs, extra, threads, display.update, nproc)
+            runner.run_all(all_jobs, jobs, extra, threads, display.update, nproc, fork)
     except KeyboardInterrupt:
         typer.echo(
             "interrupted: finished runs are kept, interrupted ones resume from their "
