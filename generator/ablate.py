@@ -1,4 +1,4 @@
-"""Run every arm of a spec over seeds, as separate processes, and report.
+"""Run every arm of a spec over seeds, each run a process of its own, and report.
 
 Layout of an ablation folder:
     OUT/ablation.json        what these runs are (spec hash and every setting that changes a
@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from generator import forkserver
 from generator.errors import SpecError, SpecErrors
 from generator.plan import arm_names
 from generator.loading import Located
@@ -114,36 +115,37 @@ def make_jobs(out: Path, arms: list[str], seeds: list[int]) -> list[Job]:
     ]
 
 
-def start(job: Job, extra: list[str], threads: int, nproc: int = 1) -> None:
+def start(job: Job, extra: list[str], threads: int, nproc: int = 1, server=None) -> None:
+    """Launch one run: forked by the fork server where there is one (torch is imported
+    there once), else as a process of its own (always for torchrun runs)."""
     job.folder.mkdir(parents=True, exist_ok=True)
     launcher = [sys.executable]
     if nproc > 1:  # DDP: torchrun on this node, with a free port of its own per run
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    command = [
-        *launcher,
-        str(job.script),
-        "--seed",
-        str(job.seed),
-        "--out",
-        str(job.folder),
-        *extra,
-    ]
+    args = ["--seed", str(job.seed), "--out", str(job.folder), *extra]
     if (job.folder / "last.pt").exists():
-        command.append("--resume")  # an interrupted or failed run continues where it stopped
+        args.append("--resume")  # an interrupted or failed run continues where it stopped
+    command = [*launcher, str(job.script), *args]
     env = {
-        **os.environ,
         "OMP_NUM_THREADS": str(threads),
         "MKL_NUM_THREADS": str(threads),
         "PYTHONUNBUFFERED": "1",
     }
-    log = open(job.folder / "train.log", "a")
-    log.write(f"$ {' '.join(command)}\n")
-    log.flush()
-    # a session of its own: Ctrl-C reaches perturbgen, which then stops the children itself
-    job.process = subprocess.Popen(
-        command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-    )
-    log.close()
+    log_path = job.folder / "train.log"
+    with open(log_path, "a") as log:
+        log.write(f"$ {' '.join(command)}\n")
+    if server is not None:
+        job.process = server.start(str(job.script), args, str(log_path), env, threads)
+    else:
+        with open(log_path, "a") as log:
+            # a session of its own: Ctrl-C reaches perturbgen, which then stops the children
+            job.process = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **env},
+                start_new_session=True,
+            )
     job.outcome, job.started = "running", time.time()
 
 
@@ -179,27 +181,41 @@ def run_all(
     threads: int,
     on_change: Callable[[list[Job], Job | None], None],
     nproc: int = 1,
+    fork: bool = True,
 ) -> None:
-    """Run the pending jobs, `parallel` at a time; Ctrl-C stops them and re-raises."""
+    """Run the pending jobs, `parallel` at a time; Ctrl-C stops them and re-raises.
+
+    With `fork` (and one process per run) the runs are forked by a fork server that has
+    imported torch once, which saves each run seconds of start-up (generator/forkserver.py).
+    """
     for job in jobs:
         if job.recorded_status() in ("completed", "diverged"):
             job.outcome = "skipped"
     queue = [j for j in jobs if j.outcome == "pending"]
+    server = None
+    if queue and fork and nproc == 1 and hasattr(os, "fork"):
+        server = forkserver.Server()
     try:
         while queue or any(j.outcome == "running" for j in jobs):
             while queue and sum(j.outcome == "running" for j in jobs) < parallel:
                 job = queue.pop(0)
-                start(job, extra, threads, nproc)
+                start(job, extra, threads, nproc, server)
                 on_change(jobs, job)
             for job in jobs:
                 if job.outcome == "running" and job.process.poll() is not None:
                     finish(job)
                     on_change(jobs, job)
             on_change(jobs, None)
-            time.sleep(POLL_S)
+            if server is not None:
+                server.wait(POLL_S)  # returns as soon as a run ends
+            else:
+                time.sleep(POLL_S)
     except KeyboardInterrupt:
         stop(jobs)
         raise
+    finally:
+        if server is not None:
+            server.close()
 
 
 def write_scripts(rendered: Rendered, out: Path, record: dict) -> None:

@@ -20,7 +20,15 @@ import typer
 
 from generator.errors import SpecError, SpecErrors
 from generator.plan import arm_names
-from generator.render import GenerationError, drift, load_spec, render_spec, write_folder
+from generator.render import (
+    GenerationError,
+    check_arms,
+    drift,
+    load_spec,
+    render_all,
+    render_spec,
+    write_folder,
+)
 from generator.spec import ARMS, Spec
 
 app = typer.Typer(
@@ -108,18 +116,22 @@ def generate(
 ) -> None:
     """Render every arm of each spec into OUT/<spec name>/."""
     files, errors = _spec_files(specs)
-    rendered = []
+    loaded = []
     for path in files:
         with _exits(path):
             try:
-                rendered.append(render_spec(path, set_ or [], variant or []))
+                spec, doc = load_spec(path, set_ or [])
+                check_arms(spec, path, variant or [])
+                loaded.append((spec, doc, path))
             except SpecErrors as exc:  # collected: every spec's errors print together
                 errors += exc.errors
-    names = [r.name for r in rendered]
+    names = [spec.name for spec, _, _ in loaded]
     for name in sorted({n for n in names if names.count(n) > 1}):
         errors.append(SpecError(str(out / name), None, "", "two specs share this name"))
     if errors:
         _fail(errors)
+    with _exits(out):  # all specs at once: black formats their shared blocks once
+        rendered = render_all(loaded, variant or [], previous=out)
     if check:
         problems = [p for r in rendered for p in drift(r, out)]
         if problems:
@@ -181,6 +193,13 @@ def ablate(
     nproc: Annotated[
         int, typer.Option(min=1, help="Processes per run: >1 runs each under torchrun (DDP).")
     ] = 1,
+    fork: Annotated[
+        bool,
+        typer.Option(
+            help="Fork each run from a server that imported torch once (saves seconds per "
+            "run); --no-fork starts a fresh python per run. torchrun runs never fork."
+        ),
+    ] = True,
     set_: SetOpt = None,
 ) -> None:
     """Run every arm over seeds as separate processes, then write the report.
@@ -215,7 +234,7 @@ def ablate(
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         with display:
-            runner.run_all(all_jobs, jobs, extra, threads, display.update, nproc)
+            runner.run_all(all_jobs, jobs, extra, threads, display.update, nproc, fork)
     except KeyboardInterrupt:
         typer.echo(
             "interrupted: finished runs are kept, interrupted ones resume from their "

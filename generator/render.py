@@ -8,11 +8,13 @@ import fcntl
 import hashlib
 import json
 import math
+import multiprocessing as mp
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from functools import cache, lru_cache
+from functools import cache
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -80,23 +82,97 @@ def _render(template: str, model: Any) -> str:
         raise GenerationError(f"template {template} failed: {exc}") from exc
 
 
-@lru_cache(maxsize=512)
-def _black(source: str) -> str:
-    """black is pure and costs ~0.2 s a script: remember what it made of the same input."""
-    return black.format_str(source, mode=BLACK_MODE)
+# What black made of each top-level block it has seen in this process (see format_sources).
+_FORMATTED: dict[str, str] = {}
+# Below this many unformatted lines a process pool costs more than it saves.
+POOL_MIN_LINES = 3000
+
+
+def formatter_id() -> str:
+    """Names black and its mode: a manifest's recorded sources are reusable only under it."""
+    return f"black {black.__version__} line_length={BLACK_MODE.line_length} target=py311"
+
+
+def blocks(source: str) -> list[str]:
+    """Cut a module into runs of top-level statements that black formats independently.
+
+    black decides everything inside a top-level statement from that statement alone; only
+    the blank lines between statements depend on their neighbours. After a top-level
+    `def`/`class` (one whose body is more than `...`, which black may keep hugging its
+    neighbour) the next top-level statement always gets exactly two blank lines, whatever
+    the source had. So the module is cut just after such a definition, where only blank
+    lines and column-0 comments (which black moves with the statement after them) follow:
+    black(source) == "\n\n".join(black(block) for block in blocks(source)). The golden
+    tests check that identity against whole-file black.
+    """
+    body = ast.parse(source).body
+    lines = source.splitlines(keepends=True)
+    cuts = [0]
+    for stmt, following in pairwise(body):
+        if not isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            continue
+        if len(stmt.body) == 1 and _is_ellipsis(stmt.body[0]):
+            continue
+        start = min(
+            [following.lineno] + [d.lineno for d in getattr(following, "decorator_list", ())]
+        )
+        between = lines[stmt.end_lineno : start - 1]
+        if all(not line.strip() or line.startswith("#") for line in between):
+            cuts.append(stmt.end_lineno)
+    cuts.append(len(lines))
+    return ["".join(lines[a:b]) for a, b in pairwise(cuts)]
+
+
+def _is_ellipsis(stmt: ast.stmt) -> bool:
+    return isinstance(stmt, ast.Expr) and getattr(stmt.value, "value", None) is Ellipsis
+
+
+def format_sources(sources: dict[str, str]) -> dict[str, str]:
+    """black for many modules at once, byte-identical to formatting each whole file.
+
+    Arms and specs share most of their top-level blocks, so each distinct block is
+    formatted once (and remembered for this process); when there is much to do, the
+    distinct blocks are spread over a process pool, one worker per core.
+    """
+    cut = {}
+    for name, source in sources.items():
+        try:
+            cut[name] = blocks(source)
+        except SyntaxError as exc:
+            raise GenerationError(f"{name} is not valid Python: {exc}") from exc
+    todo = sorted({b for parts in cut.values() for b in parts} - _FORMATTED.keys())
+    workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1, 8)
+    lines = sum(b.count("\n") for b in todo)
+    if workers > 1 and lines >= POOL_MIN_LINES and "fork" in mp.get_all_start_methods():
+        # a Pool forks all its workers before it starts its own threads
+        with mp.get_context("fork").Pool(workers) as pool:
+            results = pool.map(_guarded_format, todo, chunksize=max(1, len(todo) // (4 * workers)))
+        done = dict(zip(todo, results))
+    else:
+        done = {b: _guarded_format(b) for b in todo}
+    for name, parts in cut.items():
+        for part in parts:
+            if part in done and done[part][0] == "error":  # any black failure is our bug
+                raise GenerationError(f"black could not format {name}: {done[part][1]}")
+    if len(_FORMATTED) > 20_000:  # a long-lived process (the tests) keeps memory bounded
+        _FORMATTED.clear()
+    _FORMATTED.update((b, text) for b, (_, text) in done.items())
+    formatted = {**_FORMATTED, **{b: text for b, (_, text) in done.items()}}
+    return {name: "\n\n".join(formatted[b] for b in parts) for name, parts in cut.items()}
+
+
+def _guarded_format(block: str) -> tuple[str, str]:
+    """("ok", formatted) or ("error", message): a pool worker reports, never raises."""
+    try:
+        formatted = black.format_str(block, mode=BLACK_MODE)
+        ast.parse(formatted)  # black parses too, so this guards the formatter's output
+        return "ok", formatted
+    except Exception as exc:  # black raises several types
+        return "error", f"{type(exc).__name__}: {exc}"
 
 
 def render_script(model: RenderModel) -> str:
-    source = _render("train.py.jinja", model)
-    try:
-        source = _black(source)
-    except Exception as exc:  # black raises several types; any of them is a generator bug
-        raise GenerationError(f"black could not format {model.script}: {exc}") from exc
-    try:
-        ast.parse(source, filename=model.script)
-    except SyntaxError as exc:  # black parses too, so this guards the formatter's output
-        raise GenerationError(f"{model.script} is not valid Python: {exc}") from exc
-    return source
+    return format_sources({model.script: _render("train.py.jinja", model)})[model.script]
 
 
 def render_readme(model: ReadmeModel) -> str:
@@ -134,16 +210,49 @@ def check_arms(spec: Spec, path: Path, arms: list[str]) -> None:
         )
 
 
-def render_spec(path: Path, overrides: list[str] = (), arms: list[str] = ()) -> Rendered:
+def render_spec(
+    path: Path, overrides: list[str] = (), arms: list[str] = (), previous: Path | None = None
+) -> Rendered:
     spec, doc = load_spec(path, overrides)
-    return render(spec, doc, path, arms)
+    return render(spec, doc, path, arms, previous)
 
 
-def render(spec: Spec, doc: Located, path: Path, arms: list[str] = ()) -> Rendered:
+def render(
+    spec: Spec, doc: Located, path: Path, arms: list[str] = (), previous: Path | None = None
+) -> Rendered:
     """A loaded spec's arms (all, or those named), README and manifest, in memory."""
-    check_arms(spec, path, arms)
-    models = [m for m in plan(spec, doc) if not arms or m.arm in arms]
-    files = {m.script: render_script(m).encode() for m in models}
+    return render_all([(spec, doc, path)], arms, previous)[0]
+
+
+def render_all(
+    loaded: list[tuple[Spec, Located, Path]], arms: list[str] = (), previous: Path | None = None
+) -> list[Rendered]:
+    """Several loaded specs at once, so that black sees all their blocks in one batch.
+
+    `previous` is a folder of earlier output (OUT): a script whose unformatted source hashes
+    to what OUT/<spec>/manifest.json recorded under the same formatter, and whose file there
+    is intact, is taken from there instead of being formatted again.
+    """
+    drafts = []
+    for spec, doc, path in loaded:
+        check_arms(spec, path, arms)
+        models = [m for m in plan(spec, doc) if not arms or m.arm in arms]
+        drafts.append((spec, models, {m.script: _render("train.py.jinja", m) for m in models}))
+    scripts, todo = {}, {}
+    for spec, _, sources in drafts:
+        recorded = _formatted_on_disk(previous / spec.name) if previous else {}
+        for script, source in sources.items():
+            key = f"{spec.name}/{script}"
+            if (script, _sha256(source.encode())) in recorded:
+                scripts[key] = recorded[script, _sha256(source.encode())]
+            else:
+                todo[key] = source
+    scripts.update((key, text.encode()) for key, text in format_sources(todo).items())
+    return [_folder(spec, models, sources, scripts) for spec, models, sources in drafts]
+
+
+def _folder(spec: Spec, models: list[RenderModel], sources: dict[str, str], scripts) -> Rendered:
+    files = {m.script: scripts[f"{spec.name}/{m.script}"] for m in models}
     readme = ReadmeModel(spec.name, spec.description, __version__, tuple(models))
     files["README.md"] = render_readme(readme).encode()
     manifest = {
@@ -152,10 +261,37 @@ def render(spec: Spec, doc: Located, path: Path, arms: list[str] = ()) -> Render
         "spec": spec.name,
         "spec_sha256": spec_hash(spec),
         "resolved_spec": spec.model_dump(mode="json", exclude={"extends"}),
-        "files": {name: hashlib.sha256(data).hexdigest() for name, data in sorted(files.items())},
+        "files": {name: _sha256(data) for name, data in sorted(files.items())},
+        "formatter": formatter_id(),
+        # each script's source before black: lets the next generate reuse the file
+        "sources": {name: _sha256(text.encode()) for name, text in sorted(sources.items())},
     }
     files["manifest.json"] = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
     return Rendered(spec.name, dict(sorted(files.items())))
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _formatted_on_disk(folder: Path) -> dict[tuple[str, str], bytes]:
+    """(script, hash of its unformatted source) → the intact formatted file in `folder`."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        sources, files = dict(manifest["sources"]), dict(manifest["files"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}  # no usable record: format everything
+    if manifest.get("formatter") != formatter_id():
+        return {}
+    found = {}
+    for script, source_hash in sources.items():
+        try:
+            data = (folder / script).read_bytes()
+        except OSError:
+            continue
+        if _sha256(data) == files.get(script):
+            found[script, source_hash] = data
+    return found
 
 
 def write_folder(rendered: Rendered, out_dir: Path) -> Path:

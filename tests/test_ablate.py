@@ -172,3 +172,51 @@ def test_ablate_runs_each_arm_under_torchrun(tmp_path):
     summary = json.loads((out / "full" / "seed0" / "summary.json").read_text())
     assert len(summary["replicas"]) == 2 and summary["replicas"][0] == summary["replicas"][1]
     assert "torch.distributed.run" in (out / "full" / "seed0" / "train.log").read_text()
+
+
+def test_forked_runs_are_bit_identical_to_the_scripts_run_alone(tmp_path):
+    """ablate forks its runs from a server that imported torch once; each run must end
+    exactly as `python train_<arm>.py` with the same flags and threads does."""
+    import os
+
+    import torch
+
+    out = tmp_path / "ab"
+    arms = "fixed,full"  # noise from its own generators; the detector's state
+    result = cli(
+        "ablate", SPEC, "--smoke", "--seeds", "1", "--arms", arms, "--jobs", "1", "-o", out
+    )
+    assert result.exit_code == 0, result.output
+    threads = max(1, os.cpu_count() or 1)  # --jobs 1: every core
+    for arm in arms.split(","):
+        run, alone = out / arm / "seed0", tmp_path / f"alone-{arm}"
+        assert "$ " in (run / "train.log").read_text().splitlines()[0]
+        subprocess.run(
+            [
+                sys.executable,
+                out / "scripts" / f"train_{arm}.py",
+                "--seed",
+                "0",
+                "--out",
+                alone,
+                "--smoke",
+            ],
+            check=True,
+            capture_output=True,
+            env={**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)},
+        )
+        a = torch.load(run / "last.pt", weights_only=True)
+        b = torch.load(alone / "last.pt", weights_only=True)
+        assert a["model"].keys() == b["model"].keys()
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), arm
+        noise = zip(a["perturbation"]["generators"], b["perturbation"]["generators"], strict=True)
+        assert all(torch.equal(x, y) for x, y in noise)  # the same noise drawn
+
+        def lines(folder):
+            return [
+                {k: v for k, v in json.loads(line).items() if k != "elapsed_s"}
+                for line in (folder / "metrics.jsonl").read_text().splitlines()
+            ]
+
+        assert lines(run) == lines(alone) and lines(run)
+        assert (run / "phases.jsonl").read_text() == (alone / "phases.jsonl").read_text()

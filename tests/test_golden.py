@@ -74,6 +74,9 @@ def test_output_is_identical_under_two_hash_seeds(tmp_path):
     outputs = []
     for seed in ("0", "12345"):  # the richest spec: every arm and two extra baselines
         out = tmp_path / seed
+        # the golden folder as the previous output: a script is reused only where its
+        # unformatted source hashes to the recorded one, so that hash is compared too
+        shutil.copytree(GENERATED / "mnist1d_cnn", out / "mnist1d_cnn")
         subprocess.run(
             [
                 sys.executable,
@@ -121,3 +124,100 @@ def test_every_spec_has_a_golden_folder():
     assert sorted(p.name for p in GENERATED.iterdir() if p.is_dir()) == sorted(
         p.stem for p in SPECS
     )
+
+
+def _sources(spec_path, arms=()):
+    spec, doc = render.load_spec(spec_path)
+    return {
+        m.script: render._render("train.py.jinja", m)
+        for m in render.plan(spec, doc)
+        if not arms or m.arm in arms
+    }
+
+
+def test_blockwise_black_equals_whole_file_black():
+    # every arm of the richest spec and the fullest arm of every other: each template path
+    import black
+
+    sources = _sources(REPO / "specs" / "mnist1d_cnn.yaml")
+    for path in (p for p in SPECS if p.stem != "mnist1d_cnn"):
+        sources.update({f"{path.stem}/{k}": v for k, v in _sources(path, ["full"]).items()})
+    assert len(sources) == 7 + len(SPECS) - 1
+    render._FORMATTED.clear()  # no block formatted earlier in this process may stand in
+    blockwise = render.format_sources(sources)
+    for name, source in sources.items():
+        assert len(render.blocks(source)) > 10, name  # the cut really happens
+        assert blockwise[name] == black.format_str(source, mode=render.BLACK_MODE), name
+
+
+AWKWARD = """\
+\"\"\"Doc.\"\"\"
+import os
+x = 1
+def stub(): ...
+def hugged(): ...
+
+
+
+class A:
+    def m(self):
+        return 1
+    # an indented comment after a body stays with the body
+x = [1,
+  2]
+@staticmethod  # after an assignment: no cut
+def decorated():
+  pass
+# a column-0 comment moves with what follows
+
+def tail(): return os
+if __name__ == "__main__":
+    tail()
+"""
+
+
+def test_blocks_cut_only_where_black_forces_two_blank_lines():
+    import black
+
+    parts = render.blocks(AWKWARD)
+    assert [p.splitlines()[0] for p in parts] == [
+        '"""Doc."""',  # stubs hug their neighbours, an indented comment keeps A whole,
+        "# a column-0 comment moves with what follows",
+        'if __name__ == "__main__":',
+    ]
+    render._FORMATTED.clear()
+    assert render.format_sources({"m": AWKWARD})["m"] == black.format_str(
+        AWKWARD, mode=render.BLACK_MODE
+    )
+
+
+def test_check_of_an_unchanged_record_runs_no_black(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("black was called")
+
+    monkeypatch.setattr(render, "format_sources", lambda todo: {} if not todo else refuse())
+    result = cli("generate", "specs/", "--check", cwd=REPO)
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda d: (d / "train_fixed.py").write_text("# edited by hand\n"),
+        lambda d: (d / "manifest.json").write_text(
+            (d / "manifest.json").read_text().replace('"formatter": "black', '"formatter": "old')
+        ),
+        lambda d: (d / "train_fixed.py").unlink(),
+        lambda d: (d / "manifest.json").write_text("{not json"),
+    ],
+    ids=["edited-script", "other-formatter", "missing-script", "broken-manifest"],
+)
+def test_reuse_never_hides_drift(tmp_path, tamper):
+    folder = tmp_path / "synthetic_mlp"
+    shutil.copytree(GENERATED / "synthetic_mlp", folder)
+    tamper(folder)
+    result = cli("generate", "specs/synthetic_mlp.yaml", "-o", tmp_path, "--check", cwd=REPO)
+    assert result.exit_code == 1, result.output
+    result = cli("generate", "specs/synthetic_mlp.yaml", "-o", tmp_path, cwd=REPO)
+    assert result.exit_code == 0, result.output
+    assert tree(folder) == tree(GENERATED / "synthetic_mlp")  # repaired from the templates

@@ -282,6 +282,7 @@ def test_help_explains_every_flag(tmp_path):
             "--seed",
             "--device",
             "--resume",
+            "--checkpoint-every",
             "--smoke",
             "--kernel",
         ]
@@ -320,3 +321,68 @@ def test_sigkill_mid_epoch_then_resume_matches(tmp_path):
     strip = without_timing(killed / "metrics.jsonl")
     assert strip == without_timing(tmp_path / "straight" / "metrics.jsonl")
     assert len(strip) == 3
+
+
+class Crash(BaseException):
+    """Stands for the process dying (power, OOM killer) at a chosen point."""
+
+
+def test_checkpoint_cadence_and_resume_from_an_older_checkpoint(tmp_path):
+    """last.pt after epoch 1, then not again for --checkpoint-every seconds, and at the end.
+    A crash in between resumes from the older checkpoint: the metrics lines written after it
+    are dropped and trained again, and the run ends exactly as an uninterrupted one."""
+    script = generate(tmp_path, MINIMAL, "train.epochs=4") / "train_fixed.py"
+    straight = run_inprocess(script, "--out", tmp_path / "straight", "--checkpoint-every", "0")
+    assert straight.returncode == 0, straight.stderr
+
+    run, calls = tmp_path / "run", []
+    ns = script_namespace(script)
+    evaluate = ns["evaluate"]
+
+    def crash_in_epoch_3(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise Crash
+        return evaluate(*args)
+
+    ns["train"].__globals__["evaluate"] = crash_in_epoch_3  # where train() looks it up
+    with pytest.raises(Crash):
+        ns["main"](["--out", str(run), "--checkpoint-every", "1e9"])
+    assert torch.load(run / "last.pt", weights_only=True)["state"]["epoch"] == 1
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2  # epoch 2: no checkpoint
+
+    resumed = run_inprocess(script, "--out", run, "--resume", "--checkpoint-every", "1e9")
+    assert resumed.returncode == 0, resumed.stderr
+    a = torch.load(run / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    assert a["state"]["epoch"] == 4 and all(
+        torch.equal(a["model"][k], b["model"][k]) for k in a["model"]
+    )
+
+    def lines(folder):
+        return [
+            {k: v for k, v in json.loads(line).items() if k != "elapsed_s"}
+            for line in (folder / "metrics.jsonl").read_text().splitlines()
+        ]
+
+    assert lines(run) == lines(tmp_path / "straight") and len(lines(run)) == 4
+    best = torch.load(run / "best.pt", weights_only=True)
+    assert best["state"]["history"][-1]["val_acc"] == max(r["val_acc"] for r in lines(run))
+
+
+def test_a_cached_mnist1d_imports_neither_mnist1d_nor_scipy(tmp_path):
+    """Start-up: with data/mnist1d.pt in place the script needs only torch (the mnist1d
+    package pulls in scipy, matplotlib and requests, seconds of imports)."""
+    x, y = torch.randn(6, 1, 40), torch.arange(6) % 10
+    torch.save({"x": x, "y": y, "x_test": x, "y_test": y}, tmp_path / "mnist1d.pt")
+    script = GENERATED / "mnist1d_cnn" / "train_baseline.py"
+    probe = (
+        "import runpy, sys\n"
+        f"ns = runpy.run_path({str(script)!r}, run_name='probe')\n"
+        f"ns['load_data']({str(tmp_path)!r}, False, 0, __import__('torch').device('cpu'))\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'mnist1d', 'scipy', 'matplotlib', 'requests'}))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

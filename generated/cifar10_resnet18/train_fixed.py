@@ -595,28 +595,50 @@ class Perturbation:
 # ----------------------------------------------------------------------------------------
 # Checkpointing
 
+# last.pt is written after the first epoch, then at the end of the first epoch that ends
+# this many seconds after the previous one, and always at the end, on --max-steps and on a
+# signal; a crash resumes from it, that many seconds back at most, with the same results.
+CHECKPOINT_EVERY_S = 60.0
 
-def write_atomic(path, write):
-    """write(f) into a temporary file, fsync, then rename: a crash never leaves half a file,
-    and a failed write (a full disk) leaves the previous file as it was. The temporary name
-    is per process, so runs sharing a data cache cannot collide."""
+
+def write_atomic(path, write, durable=True):
+    """write(f) into a temporary file, fsync (unless not `durable` yet), then rename: a crash
+    never leaves half a file, and a failed write (a full disk) leaves the previous file as it
+    was. The temporary name is per process, so runs sharing a data cache cannot collide."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as either
         write_failed(path, tmp, exc)
 
 
-def save_atomic(obj, path):
-    write_atomic(path, lambda f: torch.save(obj, f))
+def save_atomic(obj, path, durable=True):
+    write_atomic(path, lambda f: torch.save(obj, f), durable)
 
 
 def write_text_atomic(path, text):
     write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def sync_file(path):
+    """fsync a file written without it (best.pt), if it exists: it is durable from now on."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        fail(f"cannot write {path}: {one_line(exc)}")
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        fail(f"cannot write {path}: {one_line(exc)}")
+    finally:
+        os.close(fd)
 
 
 def write_failed(path, tmp, exc):
@@ -642,6 +664,46 @@ def dumps(record):
 def write_jsonl(path, records):
     """One JSON object per line, the whole file rewritten atomically."""
     write_text_atomic(path, "".join(dumps(record) + "\n" for record in records))
+
+
+class MetricsLog:
+    """metrics.jsonl, one line appended per epoch (after that epoch's last.pt, if any),
+    made durable with each last.pt and at the end.
+
+    It starts as the records the run continues from (those of last.pt when resuming, so
+    lines of epochs after the checkpoint are dropped: they are trained again). A failed
+    write cuts the file back to what it held before, so no torn line is ever left behind.
+    """
+
+    def __init__(self, path, records):
+        write_jsonl(path, records)
+        self.path, self.size, self.durable = path, path.stat().st_size, path.stat().st_size
+
+    def append(self, record):
+        try:
+            with open(self.path, "ab") as f:
+                f.write((dumps(record) + "\n").encode())
+            self.size = self.path.stat().st_size
+        except OSError as exc:
+            self.failed(exc, self.size)
+
+    def sync(self):
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self.durable = self.size
+        except OSError as exc:
+            self.failed(exc, self.durable)
+
+    def failed(self, exc, size):
+        try:
+            os.truncate(self.path, size)
+        except OSError:
+            pass  # the message below is what matters
+        fail(f"cannot write {self.path}: {one_line(exc)}; the previous {self.path.name} is kept")
 
 
 def load_checkpoint(path):
@@ -718,6 +780,13 @@ def positive_int(text):
     return value
 
 
+def seconds(text):
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0 (got {text})")
+    return value
+
+
 def seed_int(text):
     value = int(text)
     if not 0 <= value < 2**31:
@@ -773,6 +842,14 @@ def build_parser():
         "--resume",
         action="store_true",
         help="continue the run in --out from its last.pt, exactly where it stopped",
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=seconds,
+        default=CHECKPOINT_EVERY_S,
+        metavar="SECONDS",
+        help="least time between two last.pt writes; one is "
+        f"also written after epoch 1 and at every stop (default {CHECKPOINT_EVERY_S:g})",
     )
     parser.add_argument(
         "--kernel",
@@ -1035,9 +1112,10 @@ def train(args, rank, world, device, stop):
         write_text_atomic(out / "config.json", json.dumps(config, indent=2) + "\n")
         if Path(__file__).resolve() != (out / Path(__file__).name).resolve():
             shutil.copyfile(__file__, out / Path(__file__).name)
+        metrics = MetricsLog(out / "metrics.jsonl", state["history"])
         (out / "phases.jsonl").touch()  # this arm has no phase detector: it stays empty
 
-    def save(path):
+    def save(path, durable=True):
         if rank != 0:
             return
         save_atomic(
@@ -1050,7 +1128,15 @@ def train(args, rank, world, device, stop):
                 "state": state,
             },
             path,
+            durable,
         )
+
+    def checkpoint():
+        """last.pt, once the metrics and best.pt it vouches for are durable."""
+        if rank == 0:
+            metrics.sync()
+            sync_file(out / "best.pt")
+        save(out / "last.pt")
 
     def finish(status, test=None):
         summary = summarize(state["history"], status, state["step"], test)
@@ -1060,6 +1146,7 @@ def train(args, rank, world, device, stop):
             dist.all_gather_object(replicas, fingerprint)
             summary["replicas"] = replicas
         if rank == 0:
+            metrics.sync()
             write_text_atomic(out / "summary.json", dumps(summary) + "\n")
         return summary
 
@@ -1067,6 +1154,7 @@ def train(args, rank, world, device, stop):
     best_acc = max((h["val_acc"] for h in history), default=-1.0)
     started = time.perf_counter() - (history[-1]["elapsed_s"] if history else 0.0)
     step, train_s = state["step"], state["train_s"]  # train_s: seconds inside training steps
+    last_checkpoint = -math.inf  # so that epoch 1 (of this process) writes one
     stopping = False  # set, on every rank at once, when any rank received SIGTERM or SIGINT
     model.train()
     for epoch in range(state["epoch"], epochs):
@@ -1078,7 +1166,7 @@ def train(args, rank, world, device, stop):
         for batch, (xb, yb) in enumerate(batches, start=first):
             if stopping or (args.max_steps is not None and step >= args.max_steps):
                 state.update(epoch=epoch, batch=batch, step=step, sums=sums, train_s=train_s)
-                save(out / "last.pt")
+                checkpoint()
                 finish("stopped")
                 why = "by a signal" if stopping else "(--max-steps)"
                 log(rank, f"stopped {why} after {step} steps; continue with --resume")
@@ -1132,12 +1220,15 @@ def train(args, rank, world, device, stop):
         }
         history.append(record)
         state.update(epoch=epoch + 1, batch=0, step=step, sums=epoch_sums(), train_s=train_s)
-        if rank == 0:
-            write_jsonl(out / "metrics.jsonl", history)
-        save(out / "last.pt")
         if val_acc > best_acc:
             best_acc = val_acc
-            save(out / "best.pt")
+            save(out / "best.pt", durable=False)  # made durable by the next checkpoint()
+        now = time.perf_counter()
+        if epoch + 1 == epochs or now - last_checkpoint >= args.checkpoint_every:
+            checkpoint()
+            last_checkpoint = now
+        if rank == 0:  # after last.pt: a line in metrics.jsonl means its epoch is resumable
+            metrics.append(record)
         log(
             rank,
             f"epoch {epoch + 1}/{epochs}  step {step}  train_loss {record['train_loss']:.4f}"
