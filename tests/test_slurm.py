@@ -1,0 +1,183 @@
+"""`ablate --launcher slurm` against a real single-node Slurm (the `slurm_cluster` fixture):
+the report equals the local launcher's, a failed task is reported and alone resubmitted,
+--no-wait then a collecting rerun, --cancel, and a requeue mid-epoch that resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import REPO, cli
+
+from generator import slurm
+from generator.ablate import thread_env
+
+TWO_BY_TWO = """\
+name: tiny
+data: {dataset: synthetic, shape: [8], num_classes: 3, train_size: 64, val_size: 32}
+model: {arch: mlp, hidden: [16]}
+optimizer: {name: sgd, lr: 0.1, momentum: 0.9}
+train: {epochs: 3, stability_window: 2}
+variants: [baseline, fixed]
+"""
+TIMES = ("seconds", "seconds_to_target")  # wall-clock numbers: the only ones that may differ
+
+
+def numbers(folder):
+    """report.json without its wall-clock entries."""
+    report = json.loads((folder / "report" / "report.json").read_text())
+    for arm in report["specs"]["tiny"]["arms"].values():
+        for key in TIMES:
+            arm.pop(key)
+    return report
+
+
+def states(folder):
+    record = json.loads((folder / slurm.RECORD).read_text())
+    return record, slurm.squeue(sorted({t.split("_")[0] for t in record["tasks"].values()}))
+
+
+def test_no_wait_failure_resubmit_and_report_equal_to_local(slurm_cluster, tmp_path):
+    (tmp_path / "spec.yaml").write_text(TWO_BY_TWO)
+    out = tmp_path / "slurm"
+    broken = out / "fixed" / "seed1"
+    broken.mkdir(parents=True)
+    (broken / "last.pt").write_bytes(b"not a checkpoint")  # this run fails on the cluster
+    args = ("ablate", tmp_path / "spec.yaml", "--seeds", "2", "--launcher", "slurm")
+
+    submitted = cli(*args, "-o", out, "--no-wait")
+    assert submitted.exit_code == 0, submitted.output
+    assert (
+        "submitted job array" in submitted.output and "rerun the same command" in submitted.output
+    )
+    assert not (out / "report").exists()  # nothing waited for, nothing reported
+    first, _ = states(out)
+    assert sorted(first["tasks"]) == [
+        "baseline/seed0",
+        "baseline/seed1",
+        "fixed/seed0",
+        "fixed/seed1",
+    ]
+    assert len({t.split("_")[0] for t in first["tasks"].values()}) == 1  # one array
+
+    collected = cli(*args, "-o", out)  # attaches to the submitted array, does not resubmit
+    assert collected.exit_code == 1, collected.output
+    record, _ = states(out)
+    assert record["tasks"] == first["tasks"]
+    failure = next(line for line in collected.output.splitlines() if "failed:" in line)
+    assert "fixed/seed1" in failure and f"log: {broken / 'train.log'}" in failure, failure
+    assert "exited 2" in failure  # the script's exit code: a damaged checkpoint
+    assert "error: cannot load checkpoint" in (broken / "train.log").read_text()
+
+    (broken / "last.pt").unlink()  # mend it; the rerun resubmits this run alone
+    mended = cli(*args, "-o", out)
+    assert mended.exit_code == 0, mended.output
+    record, _ = states(out)
+    changed = {k for k in record["tasks"] if record["tasks"][k] != first["tasks"][k]}
+    assert changed == {"fixed/seed1"} and len(record["arrays"]) == 2
+
+    local = cli(*args[:-2], "-o", tmp_path / "local", "--jobs", "2")
+    assert local.exit_code == 0, local.output
+    assert numbers(out) == numbers(tmp_path / "local")
+
+
+LONG = TWO_BY_TWO.replace("train_size: 64", "train_size: 12000").replace(
+    "variants: [baseline, fixed]", "variants: [fixed]"
+)
+
+
+def test_requeue_mid_epoch_resumes_bit_identical(slurm_cluster, tmp_path):
+    """`scontrol requeue` of the running task in its second epoch: the script checkpoints
+    on Slurm's SIGTERM, the task runs again with --resume auto, and the final parameters
+    equal those of an uninterrupted run bit for bit."""
+    (tmp_path / "spec.yaml").write_text(LONG)
+    out = tmp_path / "runs"
+    ablate = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "generator",
+            "ablate",
+            tmp_path / "spec.yaml",
+            "--seeds",
+            "1",
+            "--launcher",
+            "slurm",
+            "-o",
+            out,
+            "--set",
+            "data.batch_size=4",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    run = out / "fixed" / "seed0"
+    metrics, deadline = run / "metrics.jsonl", time.time() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") == 1):
+        assert time.time() < deadline and ablate.poll() is None, "epoch 1 never ended"
+        time.sleep(0.05)
+    time.sleep(0.3)  # into epoch 2
+    task = json.loads((out / slurm.RECORD).read_text())["tasks"]["fixed/seed0"]
+    subprocess.run(["scontrol", "requeue", task], check=True)
+    restarted = False
+    while not restarted:  # Slurm delays a requeued job's start by two minutes: not here
+        assert time.time() < deadline + 60 and ablate.poll() is None, "never restarted"
+        state = slurm.squeue([task.split("_")[0]]).get(task, "")
+        if state == "PENDING":
+            subprocess.run(["scontrol", "update", f"jobid={task}", "StartTime=now"])
+        restarted = (run / "train.log").read_text().count("# slurm task") == 2
+        time.sleep(0.5)
+    output, _ = ablate.communicate(timeout=180)
+    assert ablate.returncode == 0, output
+    log = (run / "train.log").read_text()
+    assert "stopped by a signal" in log and "# exit 143" in log, log
+    assert log.rstrip().endswith("# exit 0")
+    straight = subprocess.run(  # in a process of its own with one thread, as on the cluster
+        [sys.executable, out / "scripts" / "train_fixed.py", "--out", tmp_path / "straight"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **thread_env(1)},
+    )
+    assert straight.returncode == 0, straight.stderr
+    a = torch.load(run / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cancel_cancels_the_queued_and_running_tasks(slurm_cluster, tmp_path):
+    (tmp_path / "spec.yaml").write_text(LONG)
+    out = tmp_path / "runs"
+    args = ("ablate", tmp_path / "spec.yaml", "--seeds", "2", "--launcher", "slurm", "-o", out)
+    assert cli(*args, "--no-wait").exit_code == 0
+    cancelled = cli(*args, "--cancel")
+    assert cancelled.exit_code == 0 and "cancelled 2 task(s)" in cancelled.output
+    deadline = time.time() + 60
+    while True:
+        record, seen = states(out)
+        if all(seen.get(t) not in slurm.ACTIVE for t in record["tasks"].values()):
+            break
+        assert time.time() < deadline, seen
+        time.sleep(0.5)
+    assert {seen.get(t, "") for t in record["tasks"].values()} <= {"CANCELLED", ""}
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--sbatch", "constraint"], "expected KEY=VALUE"),
+        (["--launcher", "lsf"], "local or slurm"),
+    ],
+)
+def test_bad_slurm_options_are_one_line_errors(tmp_path, options, message):
+    (tmp_path / "spec.yaml").write_text(TWO_BY_TWO)
+    result = cli(
+        "ablate", tmp_path / "spec.yaml", "--launcher", "slurm", *options, "-o", tmp_path / "o"
+    )
+    assert result.exit_code == 2 and message in result.output, result.output
