@@ -246,6 +246,7 @@ def ablate(
         ):
             return
     else:
+        _refuse_runs_on_slurm(folder)
         slots = runner.gpu_slots(runner.visible_gpus(), gpus_per_run or nproc)
         if slots and "jobs" not in _given_options():
             jobs = len(slots)  # default --jobs on a GPU machine: one run per GPU slot
@@ -296,6 +297,20 @@ def _given_options() -> set[str]:
         for name in context.params
         if context.get_parameter_source(name) != click.core.ParameterSource.DEFAULT
     }
+
+
+def _refuse_runs_on_slurm(folder: Path) -> None:
+    from generator import slurm
+
+    active = slurm.active_runs(folder)
+    if active:
+        typer.echo(
+            f"error: {folder}: {len(active)} run(s) are queued or running on Slurm "
+            f"({', '.join(active[:3])}{', ...' if len(active) > 3 else ''}); rerun with "
+            "--launcher slurm to follow them, or add --cancel there first",
+            err=True,
+        )
+        raise typer.Exit(2)
 
 
 def _slurm_resources(gpus, cpus, partition, time_min, mem, account, qos, sbatch):

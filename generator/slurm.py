@@ -228,6 +228,18 @@ class Launcher:
         return ids
 
 
+def active_runs(folder: Path) -> list[str]:
+    """The runs of OUT/slurm.json that Slurm still queues or runs (none without a record,
+    or where Slurm cannot be asked): a local launcher must not write into them."""
+    if not (folder / RECORD).exists():
+        return []
+    try:
+        states = Launcher(folder, Resources()).states()
+    except SlurmError:
+        return []
+    return sorted(key for key, state in states.items() if state in ACTIVE)
+
+
 def squeue(job_ids: list[str]) -> dict[str, str]:
     """{array task id: state} for every task of these jobs that Slurm still knows."""
     done = _run(

@@ -12,19 +12,12 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, cli
+from conftest import MINIMAL, REPO, cli
 
 from generator import slurm
 from generator.ablate import thread_env
 
-TWO_BY_TWO = """\
-name: tiny
-data: {dataset: synthetic, shape: [8], num_classes: 3, train_size: 64, val_size: 32}
-model: {arch: mlp, hidden: [16]}
-optimizer: {name: sgd, lr: 0.1, momentum: 0.9}
-train: {epochs: 3, stability_window: 2}
-variants: [baseline, fixed]
-"""
+TWO_BY_TWO = MINIMAL  # 2 arms (baseline, fixed), 2 epochs; with --seeds 2, four runs
 TIMES = ("seconds", "seconds_to_target")  # wall-clock numbers: the only ones that may differ
 
 
@@ -86,8 +79,10 @@ def test_no_wait_failure_resubmit_and_report_equal_to_local(slurm_cluster, tmp_p
     assert numbers(out) == numbers(tmp_path / "local")
 
 
-LONG = TWO_BY_TWO.replace("train_size: 64", "train_size: 12000").replace(
-    "variants: [baseline, fixed]", "variants: [fixed]"
+LONG = (
+    MINIMAL.replace("train_size: 64", "train_size: 12000")
+    .replace("epochs: 2", "epochs: 3")
+    .replace("variants: [baseline, fixed]", "variants: [fixed]")
 )
 
 
@@ -156,6 +151,8 @@ def test_cancel_cancels_the_queued_and_running_tasks(slurm_cluster, tmp_path):
     out = tmp_path / "runs"
     args = ("ablate", tmp_path / "spec.yaml", "--seeds", "2", "--launcher", "slurm", "-o", out)
     assert cli(*args, "--no-wait").exit_code == 0
+    local = cli(*args[:-4], "-o", out)  # the tasks own their run folders: no local runs
+    assert local.exit_code == 2 and "2 run(s) are queued or running on Slurm" in local.output
     cancelled = cli(*args, "--cancel")
     assert cancelled.exit_code == 0 and "cancelled 2 task(s)" in cancelled.output
     deadline = time.time() + 60
@@ -181,3 +178,35 @@ def test_bad_slurm_options_are_one_line_errors(tmp_path, options, message):
         "ablate", tmp_path / "spec.yaml", "--launcher", "slurm", *options, "-o", tmp_path / "o"
     )
     assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_resources_become_these_sbatch_lines():
+    """What submitit writes for our resources (no cluster needed): requeue, USR1 before the
+    time limit (the scripts checkpoint on it; submitit's default USR2 would kill them)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    resources = slurm.Resources(
+        partition="gpu",
+        time_min=90,
+        gpus_per_run=2,
+        cpus_per_run=8,
+        mem="32G",
+        account="proj",
+        qos="high",
+        sbatch=slurm.parse_sbatch(["constraint=a100"]),
+    )
+    text = _make_sbatch_string("python -u -m x", "/tmp/f", **resources.executor_parameters())
+    for line in [
+        "--requeue",
+        "--signal=USR1@120",
+        "--gpus-per-node=2",
+        "--partition=gpu",
+        "--time=90",
+        "--cpus-per-task=8",
+        "--mem=32G",
+        "--account=proj",
+        "--qos=high",
+        "--constraint=a100",
+        "--ntasks-per-node=1",
+    ]:
+        assert f"#SBATCH {line}\n" in text, line
