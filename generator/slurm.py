@@ -140,20 +140,20 @@ class RunTask:
                 time.sleep(0.5)  # polling, not wait(): a signal handler may poll too
             out.write(f"# exit {code}\n")
         if code not in self.RESULTS:
-            raise RuntimeError(
-                f"{command[-1] if command else 'command'} exited {code}; "
-                f"log: {Path(folder) / log}"
-            )
+            raise RuntimeError(f"the run exited {code}; log: {Path(folder) / log}")
         return code
 
-    def checkpoint(self, *args, **kwargs):
+    def checkpoint(self, command: list[str], folder: str, env: dict, log: str):
         import submitit
 
         process = getattr(self, "process", None)
         deadline = time.time() + CHECKPOINT_WAIT_S
         while process is not None and process.poll() is None and time.time() < deadline:
             time.sleep(0.2)
-        return submitit.helpers.DelayedSubmission(RunTask(), *args, **kwargs)
+        if process is not None:  # submitit exits from its signal handler: log it here
+            with open(Path(folder) / log, "a") as out:
+                out.write(f"# exit {process.poll()}, requeued\n")
+        return submitit.helpers.DelayedSubmission(RunTask(), command, folder, env, log)
 
 
 class Launcher:
@@ -357,7 +357,7 @@ def _exit_code(log: Path) -> int | None:
     for line in reversed(lines):
         if line.startswith("# exit "):
             try:
-                return int(line.split()[2])
+                return int(line.split()[2].rstrip(","))
             except (IndexError, ValueError):
                 return None
     return None

@@ -86,10 +86,20 @@ LONG = (
 )
 
 
-def test_requeue_mid_epoch_resumes_bit_identical(slurm_cluster, tmp_path):
-    """`scontrol requeue` of the running task in its second epoch: the script checkpoints
-    on Slurm's SIGTERM, the task runs again with --resume auto, and the final parameters
-    equal those of an uninterrupted run bit for bit."""
+@pytest.mark.parametrize(
+    "interrupt, code",
+    [
+        (["scontrol", "requeue"], 143),  # pre-emption: Slurm sends SIGTERM and requeues
+        # the warning before a time limit (--signal=USR1@120), sent now: submitit waits for
+        # the script's checkpoint, then requeues the task itself
+        (["scancel", "--signal=USR1"], 138),
+    ],
+    ids=["requeue", "usr1"],
+)
+def test_interrupted_task_resumes_bit_identical(slurm_cluster, tmp_path, interrupt, code):
+    """A running task is interrupted in its second epoch: the script checkpoints, the task
+    runs again with --resume auto, and the final parameters equal those of an uninterrupted
+    run bit for bit, while the waiting ablate sees one run that completed."""
     (tmp_path / "spec.yaml").write_text(LONG)
     out = tmp_path / "runs"
     ablate = subprocess.Popen(
@@ -120,7 +130,7 @@ def test_requeue_mid_epoch_resumes_bit_identical(slurm_cluster, tmp_path):
         time.sleep(0.05)
     time.sleep(0.3)  # into epoch 2
     task = json.loads((out / slurm.RECORD).read_text())["tasks"]["fixed/seed0"]
-    subprocess.run(["scontrol", "requeue", task], check=True)
+    subprocess.run([*interrupt, task], check=True)
     restarted = False
     while not restarted:  # Slurm delays a requeued job's start by two minutes: not here
         assert time.time() < deadline + 60 and ablate.poll() is None, "never restarted"
@@ -132,7 +142,7 @@ def test_requeue_mid_epoch_resumes_bit_identical(slurm_cluster, tmp_path):
     output, _ = ablate.communicate(timeout=180)
     assert ablate.returncode == 0, output
     log = (run / "train.log").read_text()
-    assert "stopped by a signal" in log and "# exit 143" in log, log
+    assert "stopped by a signal" in log and f"# exit {code}" in log, log
     assert log.rstrip().endswith("# exit 0")
     straight = subprocess.run(  # in a process of its own with one thread, as on the cluster
         [sys.executable, out / "scripts" / "train_fixed.py", "--out", tmp_path / "straight"],
