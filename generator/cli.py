@@ -247,7 +247,8 @@ def ablate(
             return
     else:
         _refuse_runs_on_slurm(folder)
-        slots = runner.gpu_slots(runner.visible_gpus(), gpus_per_run or nproc)
+        per_run = nproc if gpus_per_run is None else gpus_per_run
+        slots = runner.gpu_slots(runner.visible_gpus(), per_run) if per_run else []
         if slots and "jobs" not in _given_options():
             jobs = len(slots)  # default --jobs on a GPU machine: one run per GPU slot
         jobs = min(jobs, len(slots)) if slots else jobs

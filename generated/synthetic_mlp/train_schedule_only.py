@@ -590,7 +590,7 @@ def build_parser():
     parser.add_argument(
         "--resume",
         nargs="?",
-        const="yes",
+        const=True,
         default=None,
         type=resume_mode,
         help="continue the run in --out from its last.pt, exactly where it "
@@ -737,7 +737,7 @@ def train(args, rank, world, device, stop):
     run_name = f"{ARM}-smoke" if args.smoke else f"{ARM}-seed{args.seed}"
     out = Path(args.out or f"runs/{SPEC_NAME}/{run_name}")
     resume = (out / "last.pt").exists()
-    if args.resume == "yes" and not resume:
+    if args.resume is True and not resume:
         fail(f"nothing to resume: {out / 'last.pt'} does not exist")
     if args.resume is None and resume:
         fail(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
