@@ -44,6 +44,7 @@ ACTIVE = {
     "REQUEUE_FED",
     "PREEMPTED",
 }
+QUEUED = {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"}  # not started
 POLL_S = 2.0
 CHECKPOINT_WAIT_S = 60.0  # how long a requeue waits for the script's checkpoint
 
@@ -330,9 +331,10 @@ def run_ablation(
 
 
 def _follow(job, state: str) -> None:
-    if state == "RUNNING" and job.outcome != "running":
+    outcome = "queued" if state in QUEUED else "running"  # COMPLETING too: still its run
+    if outcome == "running" and job.outcome != "running":
         job.started = time.time()
-    job.outcome = "running" if state == "RUNNING" else "queued"
+    job.outcome = outcome
 
 
 def _collect(job, task: str | None, state: str) -> None:
