@@ -220,3 +220,21 @@ def test_resources_become_these_sbatch_lines():
         "--ntasks-per-node=1",
     ]:
         assert f"#SBATCH {line}\n" in text, line
+
+
+def test_a_refused_submission_is_a_one_line_error(slurm_cluster, tmp_path):
+    (tmp_path / "spec.yaml").write_text(TWO_BY_TWO)
+    result = cli(
+        "ablate",
+        tmp_path / "spec.yaml",
+        "--launcher",
+        "slurm",
+        "--partition",
+        "nosuch",
+        "-o",
+        tmp_path / "o",
+    )
+    assert result.exit_code == 2, result.output
+    (line,) = [x for x in result.output.splitlines() if x.startswith("error:")]
+    assert "sbatch failed" in line and "invalid partition" in line.lower(), line
+    assert not (tmp_path / "o" / slurm.RECORD).exists()  # nothing recorded as submitted
