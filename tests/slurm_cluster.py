@@ -18,7 +18,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-DAEMONS = ("slurmctld", "slurmd", "munged", "mungekey", "sinfo", "sbatch", "scontrol")
+TOOLS = (
+    "slurmctld",
+    "slurmd",
+    "munged",
+    "mungekey",
+    "sinfo",
+    "sbatch",
+    "squeue",
+    "scancel",
+    "scontrol",
+)
 
 
 class ClusterError(RuntimeError):
@@ -26,7 +36,7 @@ class ClusterError(RuntimeError):
 
 
 def missing_tools() -> list[str]:
-    return [name for name in DAEMONS if shutil.which(name) is None]
+    return [name for name in TOOLS if shutil.which(name) is None]
 
 
 def _free_port() -> int:
