@@ -38,10 +38,14 @@ class Job:
     seed: int
     script: Path
     folder: Path
-    outcome: str = "pending"  # pending, running, completed, diverged, failed, skipped
+    outcome: str = (
+        "pending"  # pending, queued (slurm), running, completed, diverged, failed, skipped
+    )
     returncode: int | None = None
     process: subprocess.Popen | None = field(default=None, repr=False)
     started: float = 0.0
+    gpus: str | None = None  # CUDA_VISIBLE_DEVICES of the run, where GPUs are handed out
+    reason: str = ""  # why it failed, where the exit code alone does not say
 
     @property
     def name(self) -> str:
@@ -115,32 +119,75 @@ def make_jobs(out: Path, arms: list[str], seeds: list[int]) -> list[Job]:
     ]
 
 
-def start(job: Job, extra: list[str], threads: int, nproc: int = 1, server=None) -> None:
-    """Launch one run: forked by the fork server where there is one (torch is imported
-    there once), else as a process of its own (always for torchrun runs)."""
-    job.folder.mkdir(parents=True, exist_ok=True)
+def command(job: Job, extra: list[str], nproc: int = 1) -> list[str]:
+    """The run's command line, for any launcher: an interrupted, failed or requeued run
+    continues where it stopped (--resume auto), a new one starts fresh."""
     launcher = [sys.executable]
     if nproc > 1:  # DDP: torchrun on this node, with a free port of its own per run
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    args = ["--seed", str(job.seed), "--out", str(job.folder), *extra]
-    if (job.folder / "last.pt").exists():
-        args.append("--resume")  # an interrupted or failed run continues where it stopped
-    command = [*launcher, str(job.script), *args]
-    env = {
+    return [
+        *launcher,
+        str(job.script),
+        "--seed",
+        str(job.seed),
+        "--out",
+        str(job.folder),
+        *extra,
+        "--resume",
+        "auto",
+    ]
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    return {
         "OMP_NUM_THREADS": str(threads),
         "MKL_NUM_THREADS": str(threads),
         "PYTHONUNBUFFERED": "1",
     }
+
+
+def visible_gpus(environ: dict | None = None, count: int | None = None) -> list[str]:
+    """The GPU ids this process may hand out: CUDA_VISIBLE_DEVICES when set, else 0..N-1
+    for the N GPUs torch sees (none on a CPU-only machine)."""
+    environ = os.environ if environ is None else environ
+    if "CUDA_VISIBLE_DEVICES" in environ:
+        return [d.strip() for d in environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
+    if count is None:
+        import torch
+
+        count = torch.cuda.device_count()
+    return [str(i) for i in range(count)]
+
+
+def gpu_slots(gpus: list[str], per_run: int) -> list[str]:
+    """CUDA_VISIBLE_DEVICES values for runs side by side, each with `per_run` GPUs of its own:
+    8 GPUs, 2 per run -> "0,1", "2,3", "4,5", "6,7". GPUs that do not fill a slot stay idle."""
+    return [",".join(gpus[i : i + per_run]) for i in range(0, len(gpus) - per_run + 1, per_run)]
+
+
+def free_slot(slots: list[str], jobs: list[Job]) -> str | None:
+    """A slot no running job holds (None without GPUs: the child sees what we see)."""
+    taken = {j.gpus for j in jobs if j.outcome == "running"}
+    return next((s for s in slots if s not in taken), None)
+
+
+def start(job: Job, extra: list[str], threads: int, nproc: int = 1, server=None) -> None:
+    """Launch one run: forked by the fork server where there is one (torch is imported
+    there once), else as a process of its own (always for torchrun runs)."""
+    job.folder.mkdir(parents=True, exist_ok=True)
+    command_line = command(job, extra, nproc)
+    env = thread_env(threads)
+    env.update({} if job.gpus is None else {"CUDA_VISIBLE_DEVICES": job.gpus})
     log_path = job.folder / "train.log"
     with open(log_path, "a") as log:
-        log.write(f"$ {' '.join(command)}\n")
-    if server is not None:
-        job.process = server.start(str(job.script), args, str(log_path), env, threads)
+        log.write(f"$ {' '.join(command_line)}\n")
+    if server is not None:  # the server runs the script itself: no interpreter or torchrun
+        job.process = server.start(str(job.script), command_line[2:], str(log_path), env, threads)
     else:
         with open(log_path, "a") as log:
             # a session of its own: Ctrl-C reaches perturbgen, which then stops the children
             job.process = subprocess.Popen(
-                command,
+                command_line,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **env},
@@ -182,8 +229,10 @@ def run_all(
     on_change: Callable[[list[Job], Job | None], None],
     nproc: int = 1,
     fork: bool = True,
+    slots: list[str] = (),
 ) -> None:
-    """Run the pending jobs, `parallel` at a time; Ctrl-C stops them and re-raises.
+    """Run the pending jobs, `parallel` at a time (each in a GPU slot of its own when there
+    are `slots`); Ctrl-C stops them and re-raises.
 
     With `fork` (and one process per run) the runs are forked by a fork server that has
     imported torch once, which saves each run seconds of start-up (generator/forkserver.py).
@@ -199,6 +248,7 @@ def run_all(
         while queue or any(j.outcome == "running" for j in jobs):
             while queue and sum(j.outcome == "running" for j in jobs) < parallel:
                 job = queue.pop(0)
+                job.gpus = free_slot(slots, jobs)
                 start(job, extra, threads, nproc, server)
                 on_change(jobs, job)
             for job in jobs:

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Annotated, Optional
 
+import click
 import typer
 
 from generator.errors import SpecError, SpecErrors
@@ -201,14 +202,49 @@ def ablate(
         ),
     ] = True,
     set_: SetOpt = None,
+    launcher: Annotated[
+        str,
+        typer.Option(help="local: processes on this machine; slurm: one job array (submitit)."),
+    ] = "local",
+    gpus_per_run: Annotated[
+        Optional[int],
+        typer.Option(
+            min=0,
+            help="GPUs per run (default: --nproc where GPUs are visible, else 0). Locally each "
+            "concurrent run gets its own via CUDA_VISIBLE_DEVICES; on slurm >1 starts torchrun.",
+        ),
+    ] = None,
+    cpus_per_run: Annotated[int, typer.Option(min=1, help="slurm: CPUs per run.")] = 1,
+    partition: Annotated[Optional[str], typer.Option(help="slurm: partition.")] = None,
+    time_min: Annotated[
+        int, typer.Option(min=1, help="slurm: time limit per attempt, minutes.")
+    ] = 60,
+    mem: Annotated[Optional[str], typer.Option(help="slurm: memory per run, e.g. 16G.")] = None,
+    account: Annotated[Optional[str], typer.Option(help="slurm: account.")] = None,
+    qos: Annotated[Optional[str], typer.Option(help="slurm: quality of service.")] = None,
+    sbatch: Annotated[
+        Optional[list[str]],
+        typer.Option(metavar="KEY=VALUE", help="slurm: any other sbatch option, repeatable."),
+    ] = None,
+    no_wait: Annotated[
+        bool, typer.Option("--no-wait", help="slurm: submit and return; rerun to collect.")
+    ] = False,
+    cancel: Annotated[
+        bool,
+        typer.Option("--cancel", help="slurm: cancel this ablation's queued and running tasks."),
+    ] = False,
 ) -> None:
-    """Run every arm over seeds as separate processes, then write the report.
+    """Run every arm over seeds as separate processes (or Slurm array tasks), then report.
 
-    Rerunning the same command skips finished runs and resumes interrupted ones.
+    Rerunning the same command skips finished runs and resumes interrupted ones; on slurm it
+    attaches to the submitted tasks and resubmits only failed or missing runs.
     """
     from generator import ablate as runner
     from generator import report as reporting
 
+    if launcher not in ("local", "slurm"):
+        typer.echo(f"error: --launcher {launcher!r}: choose local or slurm", err=True)
+        raise typer.Exit(2)
     # everything that changes a run; a rerun into the same folder must repeat it
     settings = {"epochs": epochs, "smoke": smoke, "nproc": nproc, "overrides": sorted(set_ or [])}
     with _exits(spec):
@@ -225,27 +261,47 @@ def ablate(
         runner.write_scripts(rendered, folder, record)
     all_jobs = runner.make_jobs(folder, chosen, seed_list)
     extra = (["--epochs", str(epochs)] if epochs else []) + (["--smoke"] if smoke else [])
-    typer.echo(
-        f"{len(all_jobs)} runs ({len(chosen)} arms x {seeds} seeds) in {folder}/, "
-        f"{jobs} at a time, {threads} thread(s) each"
-    )
     display = _Progress(len(all_jobs))
-    # SIGTERM stops the children like Ctrl-C does, instead of orphaning them
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        with display:
-            runner.run_all(all_jobs, jobs, extra, threads, display.update, nproc, fork)
-    except KeyboardInterrupt:
-        typer.echo(
-            "interrupted: finished runs are kept, interrupted ones resume from their "
-            "last checkpoint; rerun the same command to continue",
-            err=True,
+    if launcher == "slurm":
+        resources = _slurm_resources(
+            gpus_per_run, cpus_per_run, partition, time_min, mem, account, qos, sbatch
         )
-        raise typer.Exit(130) from None
+        if not _ablate_slurm(
+            all_jobs, folder, loaded.name, resources, extra, nproc, display, no_wait, cancel
+        ):
+            return
+    else:
+        _refuse_runs_on_slurm(folder)
+        per_run = nproc if gpus_per_run is None else gpus_per_run
+        slots = runner.gpu_slots(runner.visible_gpus(), per_run) if per_run else []
+        if slots and "jobs" not in _given_options():
+            jobs = len(slots)  # default --jobs on a GPU machine: one run per GPU slot
+        jobs = min(jobs, len(slots)) if slots else jobs
+        threads = max(1, (os.cpu_count() or 1) // (jobs * nproc))
+        typer.echo(
+            f"{len(all_jobs)} runs ({len(chosen)} arms x {seeds} seeds) in {folder}/, "
+            f"{jobs} at a time, {threads} thread(s) each"
+            + (f", GPUs {' | '.join(slots[:jobs])}" if slots else "")
+        )
+        # SIGTERM stops the children like Ctrl-C does, instead of orphaning them
+        signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            with display:
+                runner.run_all(
+                    all_jobs, jobs, extra, threads, display.update, nproc, fork, slots
+                )
+        except KeyboardInterrupt:
+            typer.echo(
+                "interrupted: finished runs are kept, interrupted ones resume from their "
+                "last checkpoint; rerun the same command to continue",
+                err=True,
+            )
+            raise typer.Exit(130) from None
     failed = [j for j in all_jobs if j.outcome == "failed"]
     for job in failed:
         typer.echo(
-            f"failed: {job.name} exited {job.returncode}; log: " f"{job.folder / 'train.log'}",
+            f"failed: {job.name} {job.reason or f'exited {job.returncode}'}; log: "
+            f"{job.folder / 'train.log'}",
             err=True,
         )
     try:
@@ -259,6 +315,97 @@ def ablate(
         typer.echo(line)
     if failed:
         raise typer.Exit(1)
+
+
+def _given_options() -> set[str]:
+    """The ablate options given on the command line (not defaulted)."""
+    context = click.get_current_context()
+    return {
+        name
+        for name in context.params
+        if context.get_parameter_source(name) != click.core.ParameterSource.DEFAULT
+    }
+
+
+def _refuse_runs_on_slurm(folder: Path) -> None:
+    from generator import slurm
+
+    active = slurm.active_runs(folder)
+    if active:
+        typer.echo(
+            f"error: {folder}: {len(active)} run(s) are queued or running on Slurm "
+            f"({', '.join(active[:3])}{', ...' if len(active) > 3 else ''}); rerun with "
+            "--launcher slurm to follow them, or add --cancel there first",
+            err=True,
+        )
+        raise typer.Exit(2)
+
+
+def _slurm_resources(gpus, cpus, partition, time_min, mem, account, qos, sbatch):
+    from generator import slurm
+
+    try:
+        extra = slurm.parse_sbatch(sbatch or [])
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    return slurm.Resources(
+        partition=partition,
+        time_min=time_min,
+        gpus_per_run=gpus or 0,
+        cpus_per_run=cpus,
+        mem=mem,
+        account=account,
+        qos=qos,
+        sbatch=extra,
+    )
+
+
+def _ablate_slurm(jobs, folder, name, resources, extra, nproc, display, no_wait, cancel):
+    """The slurm launcher's side of `ablate`; True when every run has ended (report next)."""
+    from generator import slurm
+
+    launcher = slurm.Launcher(folder, resources, name=f"pgen-{name}")
+    processes = resources.gpus_per_run if resources.gpus_per_run > 1 else nproc
+    try:
+        if cancel:
+            states = launcher.states()
+            ids = launcher.cancel([j.name for j in jobs if states.get(j.name) in slurm.ACTIVE])
+            typer.echo(
+                f"cancelled {len(ids)} task(s){': ' + ' '.join(ids) if ids else ''}; "
+                "their checkpoints stay, and a rerun resubmits them"
+            )
+            return False
+        with display:
+            slurm.run_ablation(
+                jobs,
+                launcher,
+                extra,
+                processes,
+                display.update,
+                wait=not no_wait,
+                on_submit=lambda array: typer.echo(
+                    f"submitted job array {array}: tasks recorded in {folder / slurm.RECORD}"
+                ),
+            )
+    except slurm.SlurmError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        typer.echo(
+            "stopped waiting: the cluster jobs keep running; rerun the same command to "
+            "attach and collect them, or add --cancel to cancel them",
+            err=True,
+        )
+        raise typer.Exit(130) from None
+    waiting = [j for j in jobs if j.outcome in ("queued", "running")]
+    if waiting:
+        typer.echo(
+            f"{len(waiting)} run(s) queued or running on the cluster; rerun the same "
+            "command to follow and collect them, or add --cancel"
+        )
+        return False
+    return True
 
 
 def _interrupt(signum, frame) -> None:

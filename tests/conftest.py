@@ -155,6 +155,34 @@ def write_spec(tmp_path):
     return write
 
 
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A real single-node Slurm (tests/slurm_cluster.py) for the whole session; SLURM_CONF
+    points at it while it runs. Skips where Slurm is not installed or cannot start, except
+    under CI=true, where that fails the tests with the reason."""
+    import slurm_cluster as cluster_tools
+
+    ci = os.environ.get("CI") == "true"
+    started = time.time()
+    try:
+        cluster = cluster_tools.start(tmp_path_factory.mktemp("slurm"))
+    except cluster_tools.ClusterError as exc:
+        if ci:
+            pytest.fail(f"the test Slurm did not start: {exc}", pytrace=False)
+        pytest.skip(f"no test Slurm: {exc}")
+    print(f"\ntest Slurm up in {time.time() - started:.1f} s", file=sys.stderr)
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(cluster.conf)
+    try:
+        yield cluster
+    finally:
+        if previous is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = previous
+        cluster.stop()
+
+
 def pytest_addoption(parser):
     parser.addoption(
         "--robustness-tally",

@@ -13,14 +13,16 @@ runs/synthetic_mlp/baseline-seed<SEED>):
     python train_baseline.py --out DIR --resume
     python train_baseline.py --smoke
     torchrun --nproc_per_node 2 train_baseline.py
---resume continues a run exactly from DIR/last.pt; --smoke takes a few steps on tiny
+--resume continues a run exactly from DIR/last.pt (--resume auto: if there is one, else
+start fresh, as a requeued cluster job needs); --smoke takes a few steps on tiny
 synthetic data of the same shape; --help lists every flag. Under torchrun the script runs
 DDP, one process per GPU (gloo on the CPU): --batch-size is the global batch, and every
 rank draws the same noise, so replicas stay bit-identical.
 
 The run folder receives config.json, metrics.jsonl (one line per epoch), phases.jsonl,
-summary.json, last.pt and best.pt, and a copy of this script. SIGTERM or Ctrl-C stops the
-run after the current step with a checkpoint (exit 143 or 130; --resume continues).
+summary.json, last.pt and best.pt, and a copy of this script. SIGTERM, SIGUSR1 or Ctrl-C
+stops the run after the current step with a checkpoint (exit 143, 138 or 130; --resume
+continues).
 Exit codes: 0 done, 2 bad arguments, data or run folder, 3 the training loss became
 non-finite.
 
@@ -363,11 +365,12 @@ def one_line(exc):
 
 
 class StopSignals:
-    """SIGTERM (a scheduler's pre-emption, `perturbgen ablate` stopping) or Ctrl-C: finish
-    the current step, save last.pt and exit 143 or 130 so that --resume continues exactly.
+    """SIGTERM (a scheduler's pre-emption, `perturbgen ablate` stopping), SIGUSR1 (Slurm's
+    warning before a time limit, `--signal=USR1@SECONDS`) or Ctrl-C: finish the current
+    step, save last.pt and exit 143, 138 or 130 so that --resume continues exactly.
     The same signal a second time acts at once, the usual way."""
 
-    CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}  # 128 + the signal's number
+    CODES = {signal.SIGTERM: 143, signal.SIGUSR1: 138, signal.SIGINT: 130}  # 128 + number
 
     def __init__(self):
         self.received, self.previous = None, {}
@@ -416,6 +419,12 @@ def seed_int(text):
     return value
 
 
+def resume_mode(text):
+    if text != "auto":
+        raise argparse.ArgumentTypeError(f"must be auto, or nothing (got {text!r})")
+    return text
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         description=f"Train arm `{ARM}` of spec `{SPEC_NAME}`. Defaults come from the spec.",
@@ -462,8 +471,13 @@ def build_parser():
     )
     parser.add_argument(
         "--resume",
-        action="store_true",
-        help="continue the run in --out from its last.pt, exactly where it stopped",
+        nargs="?",
+        const=True,
+        default=None,
+        type=resume_mode,
+        help="continue the run in --out from its last.pt, exactly where it "
+        "stopped; --resume auto: continue if last.pt exists, else start fresh "
+        "(for schedulers that requeue)",
     )
     parser.add_argument(
         "--checkpoint-every",
@@ -626,9 +640,10 @@ def main(argv=None):
 def train(args, rank, world, device, stop):
     run_name = f"{ARM}-smoke" if args.smoke else f"{ARM}-seed{args.seed}"
     out = Path(args.out or f"runs/{SPEC_NAME}/{run_name}")
-    if args.resume and not (out / "last.pt").exists():
+    resume = (out / "last.pt").exists()
+    if args.resume is True and not resume:
         fail(f"nothing to resume: {out / 'last.pt'} does not exist")
-    if not args.resume and (out / "last.pt").exists():
+    if args.resume is None and resume:
         fail(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
     epochs = min(args.epochs, 2) if args.smoke else args.epochs
     batch_size = min(args.batch_size, 8) if args.smoke else args.batch_size
@@ -696,7 +711,7 @@ def train(args, rank, world, device, stop):
         "phases": [],
         "train_s": 0.0,
     }
-    if args.resume:
+    if resume:
         ckpt = load_checkpoint(out / "last.pt")
         fixed = ("spec", "arm", "seed", "epochs", "batch_size", "smoke", "constants", "splits")
         changed = [k for k in fixed if ckpt["config"].get(k) != config[k]]
