@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 import runpy
 import signal
@@ -379,3 +380,31 @@ def test_sigkill_mid_epoch_then_resume_matches(tmp_path):
         for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
     ]
     assert len(strip) == 3
+
+
+# --- train.deterministic ----------------------------------------------------------------------
+
+
+def test_deterministic_switch_sets_every_knob_before_cuda(tmp_path):
+    """In a fresh process (the switch is process-wide): main() turns on deterministic
+    algorithms, the cuDNN settings and cuBLAS's workspace, and a run under it completes."""
+    folder = generate(tmp_path, MINIMAL, "train.deterministic=true")
+    probe = (
+        "import runpy, sys, os, torch\n"
+        "ns = runpy.run_path(sys.argv[1], run_name='probe')\n"
+        "assert not torch.are_deterministic_algorithms_enabled()\n"
+        "assert ns['main'](['--smoke', '--out', sys.argv[2]]) == 0\n"
+        "print(torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,"
+        " torch.backends.cudnn.benchmark, os.environ['CUBLAS_WORKSPACE_CONFIG'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
+    result = subprocess.run(
+        [sys.executable, "-c", probe, str(folder / "train_fixed.py"), str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-4:] == ["True", "True", "False", ":4096:8"]
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["constants"]["DETERMINISTIC"] is True
+    plain = generate(tmp_path / "plain", MINIMAL) / "train_fixed.py"
+    assert "DETERMINISTIC = False" in plain.read_text()
