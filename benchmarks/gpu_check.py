@@ -114,9 +114,11 @@ def check_resume(out, device, kernel, dry):
         result = subprocess.run(command, capture_output=True, text=True, cwd=out)
         codes[name] = result.returncode
     a, b = (
-        torch.load(out / "resume" / n / "last.pt", weights_only=True, map_location="cpu")
-        if (out / "resume" / n / "last.pt").exists()
-        else None
+        (
+            torch.load(out / "resume" / n / "last.pt", weights_only=True, map_location="cpu")
+            if (out / "resume" / n / "last.pt").exists()
+            else None
+        )
         for n in ("straight", "split")
     )
     exact = (
@@ -126,8 +128,14 @@ def check_resume(out, device, kernel, dry):
         and a["state"]["step"] == b["state"]["step"]
     )
     ok = exact and all(code == 0 for code in codes.values())
-    return {"spec": spec.stem, "arm": "full", "kernel": kernel, "codes": codes, "exact": exact,
-            "ok": ok}
+    return {
+        "spec": spec.stem,
+        "arm": "full",
+        "kernel": kernel,
+        "codes": codes,
+        "exact": exact,
+        "ok": ok,
+    }
 
 
 def timer(device):
@@ -188,8 +196,14 @@ def check_bandwidth(out, device, sizes, repeats):
             "sgd_noise_add": seconds(lambda: (sgd.step(), noise_add()), repeats),
             "sgd_torch_noise": seconds(lambda: (sgd.step(), torch_noise()), repeats),
         }
-        moved = {"copy": 8, "noise_add": 8, "torch_noise": 16, "sgd": 20, "sgd_noise_add": 28,
-                 "sgd_torch_noise": 36}
+        moved = {
+            "copy": 8,
+            "noise_add": 8,
+            "torch_noise": 16,
+            "sgd": 20,
+            "sgd_noise_add": 28,
+            "sgd_torch_noise": 36,
+        }
         gbs = {k: moved[k] * n / t[k] / 1e9 for k in t}
         rows.append(
             {
@@ -201,7 +215,6 @@ def check_bandwidth(out, device, sizes, repeats):
                 "step_speedup": round(t["sgd_torch_noise"] / t["sgd_noise_add"], 2),
             }
         )
-        del src, dst, param, sgd, p
     return rows
 
 
@@ -228,36 +241,71 @@ def check_overhead(out, device, kernels, batch, rounds, steps, arms):
         base = statistics.median(times["baseline"])
         for name, values in times.items():
             median = statistics.median(values)
-            rows.append({"kernel": kernel, "arm": name, "ms_per_step": round(1000 * median, 3),
-                         "ratio_to_baseline": round(median / base, 3)})
+            rows.append(
+                {
+                    "kernel": kernel,
+                    "arm": name,
+                    "ms_per_step": round(1000 * median, 3),
+                    "ratio_to_baseline": round(median / base, 3),
+                }
+            )
     return rows
 
 
 def markdown(report):
     lines = [f"# GPU check: {report['device_name']}", ""]
-    lines += [f"torch {report['torch']}, triton {report['triton']}, dry run: "
-              f"{report['dry_run']}, {report['seconds']:.0f} s in all, ok: {report['ok']}", ""]
-    lines += ["## (a) every arm, a few --smoke steps", "",
-              "| spec | arm | kernel | exit | steps | s | error |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['spec']} | {r['arm']} | {r['kernel'] or '-'} | {r['code']} | {r['steps']} "
-              f"| {r['seconds']} | {r['error']} |" for r in report["arms"]]
+    lines += [
+        f"torch {report['torch']}, triton {report['triton']}, dry run: "
+        f"{report['dry_run']}, {report['seconds']:.0f} s in all, ok: {report['ok']}",
+        "",
+    ]
+    lines += [
+        "## (a) every arm, a few --smoke steps",
+        "",
+        "| spec | arm | kernel | exit | steps | s | error |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['spec']} | {r['arm']} | {r['kernel'] or '-'} | {r['code']} | {r['steps']} "
+        f"| {r['seconds']} | {r['error']} |"
+        for r in report["arms"]
+    ]
     r = report["resume"]
-    lines += ["", "## (b) exact resume with train.deterministic: true", "",
-              f"{r['spec']} / {r['arm']}, kernel {r['kernel']}: exit codes {r['codes']}, "
-              f"bit-identical: {r['exact']}", "",
-              "## (c) bandwidth, GB/s (fraction of copy)", "",
-              "| params | copy | noise_add | torch noise | sgd | sgd+noise_add | sgd+torch noise "
-              "| step speed-up |", "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## (b) exact resume with train.deterministic: true",
+        "",
+        f"{r['spec']} / {r['arm']}, kernel {r['kernel']}: exit codes {r['codes']}, "
+        f"bit-identical: {r['exact']}",
+        "",
+        "## (c) bandwidth, GB/s (fraction of copy)",
+        "",
+        "| params | copy | noise_add | torch noise | sgd | sgd+noise_add | sgd+torch noise "
+        "| step speed-up |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for row in report["bandwidth"]:
         g = row["gbs"]
-        cells = [f"{g[k]:.1f} ({g[k] / g['copy']:.2f})" for k in
-                 ("noise_add", "torch_noise", "sgd", "sgd_noise_add", "sgd_torch_noise")]
-        lines.append(f"| {row['params']:,} | {g['copy']:.1f} | " + " | ".join(cells)
-                     + f" | {row['step_speedup']} |")
-    lines += ["", "## (d) step time over baseline, ResNet-18, CIFAR shape", "",
-              "| kernel | arm | ms/step | ratio |", "|---|---|---|---|"]
-    lines += [f"| {r['kernel']} | {r['arm']} | {r['ms_per_step']} | {r['ratio_to_baseline']} |"
-              for r in report["overhead"]]
+        cells = [
+            f"{g[k]:.1f} ({g[k] / g['copy']:.2f})"
+            for k in ("noise_add", "torch_noise", "sgd", "sgd_noise_add", "sgd_torch_noise")
+        ]
+        lines.append(
+            f"| {row['params']:,} | {g['copy']:.1f} | "
+            + " | ".join(cells)
+            + f" | {row['step_speedup']} |"
+        )
+    lines += [
+        "",
+        "## (d) step time over baseline, ResNet-18, CIFAR shape",
+        "",
+        "| kernel | arm | ms/step | ratio |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['kernel']} | {r['arm']} | {r['ms_per_step']} | {r['ratio_to_baseline']} |"
+        for r in report["overhead"]
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -156,7 +156,9 @@ def check_step_semantics(tmp_path: Path, kernel: str) -> None:
         else:  # the same Philox stream at eps = 1 onto zeros
             z = torch.zeros(perturbation.n_noise)
             grid = (ns["triton"].cdiv(len(z), ns["BLOCK"]),)
-            ns["noise_add_kernel"][grid](z, len(z), 1.0, perturbation.key_base | step, BLOCK=ns["BLOCK"])
+            ns["noise_add_kernel"][grid](
+                z, len(z), 1.0, perturbation.key_base | step, BLOCK=ns["BLOCK"]
+            )
         noise = (flat - stepped[0])[: perturbation.n_noise]
         start = 4 if step >= 4 else 0
         phase = ns["FINE_TUNING"] if step >= 4 else ns["EXPLORATION"]

@@ -155,9 +155,11 @@ def test_a_signal_to_one_rank_stops_both_at_one_step_and_resume_is_exact(tmp_pat
 @pytest.fixture(scope="module")
 def dropout_full(tmp_path_factory):
     """The full arm of EfficientNet-B0 (dropout 0.2, drop-path 0.2) on small synthetic images."""
-    spec = MINIMAL.replace("shape: [8]", "shape: [3, 32, 32]").replace(
-        "model: {arch: mlp, hidden: [16]}", "model: {arch: efficientnet_b0}"
-    ).replace("[baseline, fixed]", "[full]")
+    spec = (
+        MINIMAL.replace("shape: [8]", "shape: [3, 32, 32]")
+        .replace("model: {arch: mlp, hidden: [16]}", "model: {arch: efficientnet_b0}")
+        .replace("[baseline, fixed]", "[full]")
+    )
     root = tmp_path_factory.mktemp("dropout")
     return generate(root, spec, "data.batch_size=16", "phase_detector.every=1") / "train_full.py"
 

@@ -15,7 +15,13 @@ from conftest import REPO
 def test_gpu_check_dry_run(tmp_path):
     pytest.importorskip("triton", reason="the triton package is a test dependency")
     result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--dry-run", "--out", tmp_path],
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "gpu_check.py"),
+            "--dry-run",
+            "--out",
+            tmp_path,
+        ],
         capture_output=True,
         text=True,
         timeout=600,

@@ -230,8 +230,7 @@ def arm_differences(baseline_source, arm_source):
         body = [
             n
             for n in tree.body[1:]  # the module docstring names the arm and its eps(t)
-            if n not in section
-            and not (_bound(n) and _bound(n) <= names | {"ARM"})
+            if n not in section and not (_bound(n) and _bound(n) <= names | {"ARM"})
         ]
         out = []
         _lines([_Normalize(names).visit(n) for n in body], 0, names, out)
@@ -263,7 +262,9 @@ PAIRS = [
 ]
 
 
-@pytest.mark.parametrize("pair", PAIRS, ids=[p[1].relative_to(GENERATED).as_posix() for p in PAIRS])
+@pytest.mark.parametrize(
+    "pair", PAIRS, ids=[p[1].relative_to(GENERATED).as_posix() for p in PAIRS]
+)
 def test_arms_differ_from_the_baseline_by_the_perturbation_alone(pair):
     base, arm = (p.read_text() for p in pair)
     problems = arm_differences(base, arm)

@@ -400,7 +400,10 @@ def test_deterministic_switch_sets_every_knob_before_cuda(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
     result = subprocess.run(
         [sys.executable, "-c", probe, str(folder / "train_fixed.py"), str(tmp_path / "run")],
-        capture_output=True, text=True, timeout=300, env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split()[-4:] == ["True", "True", "False", ":4096:8"]
