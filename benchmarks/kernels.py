@@ -1,16 +1,18 @@
-"""Bandwidth of the Triton noise kernels on a CUDA GPU, next to torch doing the same work.
+"""Bandwidth of the Triton noise kernel on a CUDA GPU, next to torch doing the same work.
 
     python benchmarks/kernels.py [--sizes 1,4,16,64,256] [--repeats 20]
 
 For each size (millions of fp32 parameters) it times, with CUDA events, in one process:
   copy          dst.copy_(src): the device's practical bandwidth (8 bytes per element)
-  sgd_noise     the fused SGD(momentum) + noise kernel: reads p, g, m, writes p, m (20 B)
-  torch sgd     torch.optim.SGD(foreach) step, then randn_like + add_ for the noise
   noise_add     the noise-add kernel: reads and writes p (8 B)
   torch noise   randn_like + add_ (16 B and a materialised noise tensor)
-and prints GB/s (bytes above / time), the fraction of copy bandwidth, and the speed-up of
-each kernel over its torch sequence. The kernels are those of an emitted script
+  sgd           torch.optim.SGD(momentum, foreach): reads p, g, m, writes p, m (20 B), the
+                optimizer step every arm takes
+  sgd + noise   the perturbing arms' whole update with the kernel (28 B) and with torch (36 B)
+and prints GB/s (bytes above / time), the kernel's fraction of copy bandwidth, and its
+speed-up over the torch sequence. The kernel is that of an emitted script
 (generated/mnist1d_cnn/train_fixed.py). Needs CUDA and triton; it says so and stops otherwise.
+benchmarks/gpu_check.py runs the same measurement at 1M, 16M and 128M parameters.
 """
 
 from __future__ import annotations
@@ -53,61 +55,37 @@ def main():
     triton, block = ns["triton"], ns["BLOCK"]
     print(f"{torch.cuda.get_device_name()}, median of {args.repeats}, GB/s = bytes moved / time")
     print(
-        f"{'M params':>9} {'copy':>8} {'sgd_noise':>10} {'torch sgd':>10} {'x':>6} "
-        f"{'noise_add':>10} {'torch noise':>12} {'x':>6} {'sgd/copy':>9}"
+        f"{'M params':>9} {'copy':>8} {'noise_add':>10} {'torch noise':>12} {'x':>6} "
+        f"{'sgd':>8} {'sgd+kernel':>11} {'sgd+torch':>10} {'x':>6} {'add/copy':>9}"
     )
     for millions in [int(s) for s in args.sizes.split(",")]:
         n = millions * 2**20
-        p, g, m = (torch.randn(n, device="cuda") for _ in range(3))
-        stats, key = torch.zeros(2, device="cuda"), (1 << 32) | 7
+        key = (1 << 32) | 7
         grid = (triton.cdiv(n, block),)
         src, dst = torch.randn(n, device="cuda"), torch.empty(n, device="cuda")
         param = torch.nn.Parameter(torch.randn(n, device="cuda"))
         param.grad = torch.randn(n, device="cuda")
         sgd = torch.optim.SGD([param], lr=0.1, momentum=0.9, foreach=True)
+        p = param.data
 
-        def torch_sgd_noise():
-            sgd.step()
-            with torch.no_grad():
-                param.add_(torch.randn_like(param), alpha=1e-3)
+        def noise_add():
+            ns["noise_add_kernel"][grid](p, n, 1e-3, key, BLOCK=block)
 
         def torch_noise():
             p.add_(torch.randn_like(p), alpha=1e-3)
 
         t_copy = timed(lambda: dst.copy_(src), args.repeats)
-        t_sgd = timed(
-            lambda: ns["sgd_noise_kernel"][grid](
-                p,
-                g,
-                m,
-                stats,
-                n,
-                n,
-                0.1,
-                0.9,
-                0.0,
-                1e-4,
-                1e-3,
-                key,
-                0,
-                NESTEROV=False,
-                MOMENTUM=True,
-                STATS=False,
-                BLOCK=block,
-            ),
-            args.repeats,
-        )
-        t_torch_sgd = timed(torch_sgd_noise, args.repeats)
-        t_add = timed(
-            lambda: ns["noise_add_kernel"][grid](p, n, 1e-3, key, BLOCK=block), args.repeats
-        )
+        t_add = timed(noise_add, args.repeats)
         t_torch_add = timed(torch_noise, args.repeats)
+        t_sgd = timed(sgd.step, args.repeats)
+        t_sgd_add = timed(lambda: (sgd.step(), noise_add()), args.repeats)
+        t_sgd_torch = timed(lambda: (sgd.step(), torch_noise()), args.repeats)
         gbs = lambda nbytes, t: nbytes * n / t / 1e9  # noqa: E731
         print(
-            f"{millions:>9} {gbs(8, t_copy):>8.0f} {gbs(20, t_sgd):>10.0f} "
-            f"{gbs(20, t_torch_sgd):>10.0f} {t_torch_sgd / t_sgd:>6.2f} "
-            f"{gbs(8, t_add):>10.0f} {gbs(8, t_torch_add):>12.0f} "
-            f"{t_torch_add / t_add:>6.2f} {gbs(20, t_sgd) / gbs(8, t_copy):>9.2f}"
+            f"{millions:>9} {gbs(8, t_copy):>8.0f} {gbs(8, t_add):>10.0f} "
+            f"{gbs(16, t_torch_add):>12.0f} {t_torch_add / t_add:>6.2f} {gbs(20, t_sgd):>8.0f} "
+            f"{gbs(28, t_sgd_add):>11.0f} {gbs(36, t_sgd_torch):>10.0f} "
+            f"{t_sgd_torch / t_sgd_add:>6.2f} {gbs(8, t_add) / gbs(8, t_copy):>9.2f}"
         )
 
 

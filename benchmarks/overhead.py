@@ -5,7 +5,8 @@
 
 Each arm's training step is taken from its generated script (generated/<spec>/train_<arm>.py):
 forward, loss, backward, then `optimizer.step()` (baseline) or the arm's
-`Perturbation.step()` (optimizer step, detector sample on sample steps, noise). Arms run in
+`Perturbation.step(optimizer.step, ...)` (the same torch optimizer step on the same flat
+parameter layout, the detector sample on sample steps, the noise). Arms run in
 interleaved rounds, so that slow drift of the machine hits every arm alike; the table gives
 each arm's median step time over the rounds and its ratio to baseline's. Data are random
 tensors of the spec's shape (the data pipeline is the same in every arm).
@@ -31,31 +32,33 @@ MODELS = {  # name: (generated spec folder, batch size)
 
 
 class Arm:
-    def __init__(self, spec, arm, batch, kernel):
-        ns = runpy.run_path(str(REPO / "generated" / spec / f"train_{arm}.py"), run_name="bench")
+    """One arm's training step, built from its generated script, on random data."""
+
+    def __init__(self, spec, arm, batch, kernel, device="cpu", folder=REPO / "generated"):
+        ns = runpy.run_path(str(Path(folder) / spec / f"train_{arm}.py"), run_name="bench")
+        device = torch.device(device)
         torch.manual_seed(0)
-        self.model = ns["build_model"]()
+        self.model = ns["build_model"]().to(device)
+        ns["flatten_parameters"](self.model)  # as the script does, in every arm
         self.lr = ns["LR"]
         self.perturbation = None
         if "Perturbation" in ns:
-            self.perturbation = ns["Perturbation"](self.model, 0, torch.device("cpu"), kernel)
+            self.perturbation = ns["Perturbation"](self.model, 0, device, kernel)
         self.optimizer = ns["build_optimizer"](self.model)
-        self.x = torch.randn(batch, *ns["INPUT_SHAPE"])
-        self.y = torch.randint(ns["NUM_CLASSES"], (batch,))
+        self.x = torch.randn(batch, *ns["INPUT_SHAPE"], device=device)
+        self.y = torch.randint(ns["NUM_CLASSES"], (batch,), device=device)
         self.step_index = 0
 
     def step(self):
         logits = self.model(self.x)
         loss = F.cross_entropy(logits, self.y)
         loss_value = loss.item()  # the training loop's one sync per step
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
         if self.perturbation is None:
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
             self.optimizer.step()
         else:
-            self.perturbation.zero_grad(self.optimizer)
-            loss.backward()
-            self.perturbation.step(self.optimizer, self.step_index, self.lr, loss_value)
+            self.perturbation.step(self.optimizer.step, self.step_index, self.lr, loss_value)
         self.step_index += 1
 
 

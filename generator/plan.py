@@ -32,6 +32,9 @@ NORMALIZATION = {
 }
 
 
+SEED_COMMENT = ("seeds init, data order and dropout", "seeds init, data order, dropout and noise")
+
+
 @dataclass(frozen=True)
 class Constant:
     """One module-level constant of the emitted script, with its unit comment."""
@@ -77,11 +80,6 @@ class RenderModel:
         """Whether the script holds the phase detector (phase_only and full only)."""
         return self.kind in ("phase_only", "full")
 
-    @property
-    def fusable(self) -> bool:
-        """Whether the Triton path fuses SGD with the noise (not under the fp16 scaler)."""
-        return self.perturbs and self.optimizer == "sgd" and self.amp != "fp16"
-
 
 @dataclass(frozen=True)
 class ReadmeModel:
@@ -123,7 +121,7 @@ def constants(spec: Spec, arm: str, kind: str) -> tuple[Constant, ...]:
     c = [
         Constant("SPEC_NAME", spec.name, "the spec this script was generated from"),
         Constant("ARM", arm, "the ablation arm"),
-        Constant("SEED", spec.seed, "seeds init, data order and the noise stream"),
+        Constant("SEED", spec.seed, SEED_COMMENT[kind != "baseline"]),
         Constant("DATASET", spec.data.dataset, "--smoke swaps in synthetic data of this shape"),
         Constant("DATA_ROOT", spec.data.root, "folder holding (or caching) the data"),
         Constant("INPUT_SHAPE", shape, "one example, without the batch dimension"),
@@ -195,6 +193,7 @@ def constants(spec: Spec, arm: str, kind: str) -> tuple[Constant, ...]:
         Constant("EPOCHS", spec.train.epochs, "passes over the training set"),
         Constant("TARGET_ACCURACY", spec.train.target_accuracy, "for time-to-target"),
         Constant("STABILITY_WINDOW", spec.train.stability_window, "epochs, for the val-loss CV"),
+        Constant("DETERMINISTIC", spec.train.deterministic, "deterministic GPU kernels only"),
     ]
     p = spec.perturbation
     if kind != "baseline":

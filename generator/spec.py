@@ -211,6 +211,10 @@ class Train(Section):
     )
     amp: Literal["none", "bf16", "fp16"] = "none"
     compile: bool = False
+    deterministic: bool = Field(
+        False,
+        description="Deterministic kernels only (torch, cuDNN, cuBLAS): bit-exact GPU runs.",
+    )
 
 
 class PhaseEps(Section):

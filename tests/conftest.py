@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import runpy
 import subprocess
@@ -141,6 +142,62 @@ def generate(tmp_path: Path, spec_text: str = MINIMAL, *overrides: str) -> Path:
     assert result.exit_code == 0, result.output
     (folder,) = (tmp_path / "gen").iterdir()
     return folder
+
+
+def check_step_semantics(tmp_path: Path, kernel: str) -> None:
+    """One definition of the step, for either noise kernel: the noise of optimizer step t
+    takes the eps decided after step t's detector sample. The detector is made to adopt
+    fine-tuning at step 4 (eps 2.5e-4 instead of exploration's 2e-3 * exp(-4 lambda)), and
+    each step's noise is measured against the standard normal draw it was made from."""
+    import torch
+
+    text = MINIMAL.replace("[baseline, fixed]", "[full]")
+    folder = generate(tmp_path, text, "phase_detector.every=2", "phase_detector.window=3")
+    ns = runpy.run_path(str(folder / "train_full.py"), run_name="perturbgen_test")
+    torch.manual_seed(0)
+    model = ns["build_model"]()
+    ns["flatten_parameters"](model)
+    optimizer = ns["build_optimizer"](model)
+    perturbation = ns["Perturbation"](model, 0, torch.device("cpu"), kernel)
+
+    def adopt_fine_tuning_at_4(step, g, d, loss):
+        if step != 4:
+            return None
+        detector.phase, detector.phase_start = ns["FINE_TUNING"], step
+        return {"step": step}
+
+    detector = perturbation.detector
+    detector.observe = adopt_fine_tuning_at_4
+    flat = perturbation.flat
+    x, y = torch.randn(16, *ns["INPUT_SHAPE"]), torch.randint(0, ns["NUM_CLASSES"], (16,))
+    for step in range(7):
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        stepped = []
+
+        def optimizer_step():
+            optimizer.step()
+            stepped.append(flat.clone())
+
+        eps, change = perturbation.step(optimizer_step, step, 0.1, 1.0)
+        if kernel == "torch":  # the draws are still in the scratch slices
+            z = torch.cat([part[1] for part in perturbation.slices])
+        else:  # the same Philox stream at eps = 1 onto zeros
+            z = torch.zeros(perturbation.n_noise)
+            grid = (ns["triton"].cdiv(len(z), ns["BLOCK"]),)
+            ns["noise_add_kernel"][grid](
+                z, len(z), 1.0, perturbation.key_base | step, BLOCK=ns["BLOCK"]
+            )
+        noise = (flat - stepped[0])[: perturbation.n_noise]
+        start = 4 if step >= 4 else 0
+        phase = ns["FINE_TUNING"] if step >= 4 else ns["EXPLORATION"]
+        expected = ns["EPS_PHASE"][phase] * math.exp(-ns["DECAY"] * (step - start))
+        assert (change is not None) == (step == 4)
+        assert eps == pytest.approx(expected, rel=1e-12), step
+        # the noise measured as a difference of fp32 parameters of size ~0.1: its error is
+        # about one ulp of 0.1 (7e-9), far below the gap between the two eps (1.7e-3)
+        measured = float((noise.double() @ z.double()) / (z.double() @ z.double()))
+        assert measured == pytest.approx(expected, rel=1e-3), step
 
 
 @pytest.fixture

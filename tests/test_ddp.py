@@ -156,3 +156,42 @@ def test_a_signal_to_one_rank_stops_both_at_one_step_and_resume_is_exact(tmp_pat
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = summary(tmp_path / "run")["replicas"]
     assert a == b and a["step"] == 2000  # (exactness of resume: the single-process tests)
+
+
+@pytest.fixture(scope="module")
+def dropout_full(tmp_path_factory):
+    """The full arm of EfficientNet-B0 (dropout 0.2, drop-path 0.2) on small synthetic images."""
+    spec = (
+        MINIMAL.replace("shape: [8]", "shape: [3, 32, 32]")
+        .replace("model: {arch: mlp, hidden: [16]}", "model: {arch: efficientnet_b0}")
+        .replace("[baseline, fixed]", "[full]")
+    )
+    root = tmp_path_factory.mktemp("dropout")
+    return generate(root, spec, "data.batch_size=16", "phase_detector.every=1") / "train_full.py"
+
+
+def test_dropout_differs_by_rank_and_resume_restores_each_ranks_stream(dropout_full, tmp_path):
+    """Each rank draws dropout from its own stream while the noise stays shared (the
+    replicas stay bit-identical), and each rank's random state rides in the checkpoint: a
+    2-rank run stopped after 3 steps and resumed ends bit for bit as the straight run. If
+    every rank resumed rank 0's state, rank 1's dropout masks would change and so would the
+    all-reduced gradients and the parameters."""
+    straight = torchrun(dropout_full, "--out", tmp_path / "a", cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    first = torchrun(dropout_full, "--out", tmp_path / "b", "--max-steps", "3", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    rng = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["rng"]
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
+    second = torchrun(dropout_full, "--out", tmp_path / "b", "--resume", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    a, b = summary(tmp_path / "a"), summary(tmp_path / "b")
+    assert a["replicas"][0] == a["replicas"][1] and a["steps"] == 8
+    assert a["replicas"] == b["replicas"]
+    strip = [
+        [
+            {k: v for k, v in json.loads(line).items() if k != "elapsed_s"}
+            for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        ]
+        for run in "ab"
+    ]
+    assert strip[0] == strip[1]

@@ -157,6 +157,7 @@ def test_detector_state_round_trips(tmp_path):
 
 def perturbation(ns):
     model = torch.nn.Linear(400, 250)  # 100,250 parameters
+    ns["flatten_parameters"](model)
     return model, ns["Perturbation"](model, 0, torch.device("cpu"), "torch")
 
 
@@ -211,6 +212,7 @@ def test_apply_to_weights_leaves_biases_and_norms_alone(tmp_path):
     spec = (GENERATED.parent / "specs" / "cifar10_resnet18.yaml").read_text()
     ns = namespace(tmp_path, "fixed", "perturbation.apply_to=weights", spec=spec)
     model = ns["build_model"]()
+    ns["flatten_parameters"](model)
     p = ns["Perturbation"](model, 0, torch.device("cpu"), "torch")
     before = {k: v.clone() for k, v in model.named_parameters()}
     p.apply(0, 0.1)
@@ -276,3 +278,9 @@ def test_diff_prints_the_ablation():
     assert result.output.startswith("--- train_fixed.py\n+++ train_full.py\n")
     assert "+class PhaseDetector:" in result.output
     assert "-        eps = EPS_FIXED" in result.output
+
+
+def test_perturbation_refuses_parameters_outside_one_buffer(tmp_path):
+    ns = namespace(tmp_path, "fixed")
+    with pytest.raises(ValueError, match="flatten_parameters"):
+        ns["Perturbation"](torch.nn.Linear(4, 3), 0, torch.device("cpu"), "torch")

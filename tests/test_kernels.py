@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MINIMAL, generate
+from conftest import MINIMAL, check_step_semantics, generate
 
 HERE = Path(__file__).parent
 
@@ -63,3 +63,7 @@ def test_triton_is_refused_where_it_cannot_run(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as info:
         ns["pick_kernel"]("triton", torch.device("cpu"))
     assert info.value.code == 2
+
+
+def test_the_noise_takes_the_eps_decided_after_the_sample(tmp_path):
+    check_step_semantics(tmp_path, "torch")

@@ -41,8 +41,8 @@ def test_arms_and_extra_baselines_in_order():
 def test_baseline_has_no_perturbation(write_spec):
     models = models_for(write_spec())
     base, fixed = models["baseline"], models["fixed"]
-    assert not base.perturbs and not base.fusable and not base.detector
-    assert fixed.perturbs and fixed.fusable and not fixed.detector  # SGD: the fused kernel
+    assert not base.perturbs and not base.detector
+    assert fixed.perturbs and not fixed.detector
     assert not {"EPS_FIXED", "APPLY_TO", "NOISE_SCALE", "KERNEL"} & set(names(base))
     assert {"EPS_FIXED", "APPLY_TO", "NOISE_SCALE", "KERNEL"} <= set(names(fixed))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 import runpy
 import signal
@@ -265,6 +266,72 @@ def test_amp_and_compile_smoke(setting, tmp_path):
         assert not any(k.startswith("_orig_mod") for k in ckpt["model"])  # uncompiled names
 
 
+@pytest.fixture
+def fp16_full(tmp_path):
+    text = MINIMAL.replace("[baseline, fixed]", "[baseline, full]")
+    return generate(tmp_path, text, "train.amp=fp16", "phase_detector.every=1")
+
+
+def test_a_step_the_grad_scaler_skips_is_no_step(fp16_full):
+    """An inf gradient makes the scaler skip the step; through Perturbation.step that is no
+    noise (parameters and noise generators untouched) and no detector sample."""
+    ns = script_namespace(fp16_full / "train_full.py")
+    torch.manual_seed(0)
+    model = ns["build_model"]()
+    ns["flatten_parameters"](model)
+    optimizer = ns["build_optimizer"](model)
+    scaler = torch.amp.GradScaler("cpu")
+    perturbation = ns["Perturbation"](model, 0, torch.device("cpu"), "torch")
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+
+    def step(index, poison):
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        if poison:
+            next(model.parameters()).grad[0] = float("inf")
+        scaler.unscale_(optimizer)
+        return perturbation.step(lambda: ns["scaler_step"](scaler, optimizer), index, 0.1, 1.0)
+
+    eps, _ = step(0, poison=False)
+    assert eps == ns["EPS_PHASE"][0] and len(perturbation.detector.samples) == 1
+    params, scale = perturbation.flat.clone(), scaler.get_scale()
+    streams = [g.get_state() for g in perturbation.generators]
+    assert step(1, poison=True) == (None, None)
+    assert scaler.get_scale() < scale  # the scaler did skip it
+    assert torch.equal(perturbation.flat, params)
+    assert all(torch.equal(g.get_state(), s) for g, s in zip(perturbation.generators, streams))
+    assert len(perturbation.detector.samples) == 1
+    assert step(1, poison=False)[0] is not None and len(perturbation.detector.samples) == 2
+
+
+@pytest.mark.parametrize("arm", ["baseline", "full"])
+def test_a_skipped_step_is_not_counted_by_the_script(arm, fp16_full, tmp_path):
+    """The whole script with an inf gradient at its third backward pass takes one optimizer
+    step fewer than without it (the grad scaler on this tiny model skips nothing else)."""
+    script = fp16_full / f"train_{arm}.py"
+    steps = []
+    for poison in (False, True):
+        ns = script_namespace(script)
+        scope, build = ns["main"].__globals__, ns["build_model"]
+        calls = []
+
+        def build_poisoned(build=build, poison=poison, calls=calls):
+            model = build()
+            bad = lambda g: g * float("inf") if len(calls) == 2 else g  # noqa: E731
+            first = next(model.parameters())
+            first.register_hook(lambda g: (bad(g), calls.append(1))[0] if poison else g)
+            return model
+
+        scope["build_model"] = build_poisoned
+        out = tmp_path / f"{arm}-{poison}"
+        code = scope["main"](["--smoke", "--out", str(out)])
+        assert code == 0
+        steps.append(json.loads((out / "summary.json").read_text())["steps"])
+    assert steps[1] == steps[0] - 1, steps
+
+
 # --- the command line and exact resume after SIGKILL ------------------------------------
 
 
@@ -386,3 +453,34 @@ def test_a_cached_mnist1d_imports_neither_mnist1d_nor_scipy(tmp_path):
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+# --- train.deterministic ----------------------------------------------------------------------
+
+
+def test_deterministic_switch_sets_every_knob_before_cuda(tmp_path):
+    """In a fresh process (the switch is process-wide): main() turns on deterministic
+    algorithms, the cuDNN settings and cuBLAS's workspace, and a run under it completes."""
+    folder = generate(tmp_path, MINIMAL, "train.deterministic=true")
+    probe = (
+        "import runpy, sys, os, torch\n"
+        "ns = runpy.run_path(sys.argv[1], run_name='probe')\n"
+        "assert not torch.are_deterministic_algorithms_enabled()\n"
+        "assert ns['main'](['--smoke', '--out', sys.argv[2]]) == 0\n"
+        "print(torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,"
+        " torch.backends.cudnn.benchmark, os.environ['CUBLAS_WORKSPACE_CONFIG'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
+    result = subprocess.run(
+        [sys.executable, "-c", probe, str(folder / "train_fixed.py"), str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-4:] == ["True", "True", "False", ":4096:8"]
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["constants"]["DETERMINISTIC"] is True
+    plain = generate(tmp_path / "plain", MINIMAL) / "train_fixed.py"
+    assert "DETERMINISTIC = False" in plain.read_text()
