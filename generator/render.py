@@ -144,6 +144,9 @@ def render(spec: Spec, doc: Located, path: Path, arms: list[str] = ()) -> Render
     check_arms(spec, path, arms)
     models = [m for m in plan(spec, doc) if not arms or m.arm in arms]
     files = {m.script: render_script(m).encode() for m in models}
+    from generator.export import golden_module  # it renders with this module's environment
+
+    files.update(golden_module(models))
     readme = ReadmeModel(spec.name, spec.description, __version__, tuple(models))
     files["README.md"] = render_readme(readme).encode()
     manifest = {
