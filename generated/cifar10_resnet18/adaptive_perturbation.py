@@ -567,10 +567,17 @@ class AdaptivePerturbation(Perturbation):
             )
         step, lr = self.steps, optimizer.param_groups[0]["lr"]
         sampling, sample = self.sample_due(step), None
-        if sampling:
+        if sampling and any(p.grad is not None for p in self.model_params):
             self.gather()
             sample = self.before_step()
         self.stepping = (step, lr, sampling, sample)
+
+    def take_sample(self):
+        """For an optimizer step that runs a closure (Lightning's): the pre-hook ran before the
+        closure's backward, so the sample is taken again here, after it, before the update."""
+        if self.stepping is not None and self.stepping[2]:
+            self.gather()
+            self.stepping = (*self.stepping[:3], self.before_step())
 
     def after_optimizer_step(self, optimizer, args, kwargs):
         self.pending, self.stepping = self.stepping, None
@@ -584,6 +591,8 @@ class AdaptivePerturbation(Perturbation):
         step, lr, sampling, sample = self.pending
         self.pending = None
         self.gather()
+        if sampling and sample is None and self.rank == 0:
+            raise RuntimeError("the optimizer stepped without gradients: nothing to sample")
         self.change = self.observe(step, sample, self.loss_value(loss)) if sampling else None
         self.eps = self.apply(step, lr)
         if self.eps > 0:
@@ -724,6 +733,9 @@ def lightning_callback():
                 self.restored = None
             self.losses = []
 
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            self.perturb.take_sample()  # inside optimizer.step(closure), after the backward
+
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
             if loss is not None:
@@ -777,17 +789,17 @@ def trainer_callback():
                 raise ValueError(
                     "AdaptivePerturbationTrainerCallback supports neither DeepSpeed nor FSDP"
                 )
+            path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / self.STATE
+            if state.global_step > 0 and not path.is_file():  # resuming, from that checkpoint
+                raise FileNotFoundError(
+                    f"resuming at step {state.global_step}, but {path} is missing: this "
+                    "callback saves its state there; resume from a checkpoint made with it"
+                )
             self.perturb = AdaptivePerturbation(model, optimizer, self.seed, **self.overrides)
+            if state.global_step > 0:
+                self.perturb.load_state_dict(torch.load(path, map_location="cpu"))
             self.hook = model.register_forward_hook(self.take_loss)
             self.losses = []
-            if state.global_step > 0:  # resuming: the Trainer loaded the checkpoint's state
-                path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / self.STATE
-                if not path.is_file():
-                    raise FileNotFoundError(
-                        f"resuming at step {state.global_step}, but {path} is missing: this "
-                        "callback saves its state there; resume from a checkpoint made with it"
-                    )
-                self.perturb.load_state_dict(torch.load(path, map_location="cpu"))
 
         def take_loss(self, module, inputs, output):
             loss = (
