@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import GENERATED, REPO, cli
+from conftest import GENERATED, REPO, cli, readme_snippets
 
 SPEC = REPO / "specs" / "synthetic_mlp.yaml"
 MODULES = sorted(GENERATED.glob("*/adaptive_perturbation.py"))
@@ -126,6 +126,25 @@ except ImportError as exc:
         "AdaptivePerturbationCallback needs Lightning: pip install lightning",
     ]
     assert module.is_file()
+
+
+def test_the_readme_plain_loop_runs(tmp_path):
+    plain = readme_snippets("In your own training loop")[0]
+    (tmp_path / "main.py").write_text(plain)
+    (tmp_path / "adaptive_perturbation.py").write_bytes(
+        (GENERATED / "mnist1d_cnn" / "adaptive_perturbation.py").read_bytes()
+    )
+    result = subprocess.run(
+        [sys.executable, "main.py"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert [line.split(":")[0] for line in result.stdout.splitlines()] == [
+        "epoch 0",
+        "epoch 1",
+        "epoch 2",
+    ]
+    saved = torch.load(tmp_path / "checkpoint.pt")
+    assert saved["perturb"]["steps"] == 12 and set(saved) == {"model", "optimizer", "perturb"}
 
 
 # -- the proof: the same method as the scripts ---------------------------------------------

@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import importlib.util
+import runpy
+import sys
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import GENERATED
+from conftest import GENERATED, readme_snippets
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -113,6 +115,23 @@ def test_two_runs_are_identical_and_resume_from_a_checkpoint_continues_exactly(a
     assert callback.perturb.state_dict()["detector"] == state["detector"]
 
     (out / "checkpoint-20" / "adaptive_perturbation.pt").unlink()
-    with pytest.raises(FileNotFoundError, match="checkpoint-20/adaptive_perturbation.pt is missing"):
-        train(out, ap.AdaptivePerturbationTrainerCallback(seed=0, **FAST), 30,
-              resume=str(out / "checkpoint-20"))
+    with pytest.raises(
+        FileNotFoundError, match="checkpoint-20/adaptive_perturbation.pt is missing"
+    ):
+        train(
+            out,
+            ap.AdaptivePerturbationTrainerCallback(seed=0, **FAST),
+            30,
+            resume=str(out / "checkpoint-20"),
+        )
+
+
+def test_the_readme_program_runs(tmp_path, monkeypatch):
+    (tmp_path / "main.py").write_text(readme_snippets("In your own training loop")[2])
+    (tmp_path / "adaptive_perturbation.py").write_bytes(MODULE.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "adaptive_perturbation", raising=False)
+    ns = runpy.run_path(str(tmp_path / "main.py"), run_name="__main__")
+    assert ns["trainer"].state.global_step == 12
+    assert (tmp_path / "hf-run" / "checkpoint-12" / "adaptive_perturbation.pt").is_file()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+import runpy
+import sys
 import logging
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import GENERATED
+from conftest import GENERATED, readme_snippets
 
 L = pytest.importorskip("lightning.pytorch")
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -72,8 +74,9 @@ def flat(model):
 def test_noise_has_the_spec_std_and_is_logged(ap):
     model = Tiny(lr=0.0, momentum=0.0)  # the optimizer step changes nothing: only the noise
     before = flat(model)
-    trainer, _ = fit(ap.AdaptivePerturbationCallback(seed=0), 1, model, max_steps=1,
-                     enable_checkpointing=False)
+    trainer, _ = fit(
+        ap.AdaptivePerturbationCallback(seed=0), 1, model, max_steps=1, enable_checkpointing=False
+    )
     noise = flat(model) - before
     # 643 values: the sample std is within 10 % of eps with probability > 0.99
     assert abs(noise.std().item() / ap.EPS_PHASE[0] - 1) < 0.1
@@ -105,3 +108,14 @@ def test_two_runs_are_identical_and_resume_from_a_checkpoint_continues_exactly(a
 def test_the_callback_refuses_a_bad_keyword_at_once(ap):
     with pytest.raises(TypeError, match="unknown setting.s. windw"):
         ap.AdaptivePerturbationCallback(windw=3)
+
+
+def test_the_readme_program_runs(tmp_path, monkeypatch):
+    (tmp_path / "main.py").write_text(readme_snippets("In your own training loop")[1])
+    (tmp_path / "adaptive_perturbation.py").write_bytes(MODULE.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "adaptive_perturbation", raising=False)
+    ns = runpy.run_path(str(tmp_path / "main.py"), run_name="__main__")
+    assert ns["trainer"].global_step == 12
+    assert "adaptive_perturbation/eps" in ns["trainer"].callback_metrics
