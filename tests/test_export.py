@@ -5,6 +5,7 @@ test_export_hf.py)."""
 from __future__ import annotations
 
 import ast
+import json
 import importlib.util
 import subprocess
 import sys
@@ -310,3 +311,23 @@ def test_bad_use_is_a_clear_error(ap, tmp_path):
         perturb.step(1.0)
     perturb.remove()
     fixed.remove()
+
+
+def test_under_ddp_every_rank_draws_the_same_noise_and_takes_rank_0s_phase(tmp_path):
+    (tmp_path / "adaptive_perturbation.py").write_bytes(
+        (GENERATED / "mnist1d_cnn" / "adaptive_perturbation.py").read_bytes()
+    )
+    out = tmp_path / "replicas.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node=2", REPO / "tests" / "export_ddp.py", tmp_path, out]
+    result = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONUNBUFFERED": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rank0, rank1 = json.loads(out.read_text())
+    assert rank0 == rank1  # the same parameters, phase and phase start on both
+    assert rank0["phase_start"] > 0  # rank 0's detector changed the phase, rank 1 followed
