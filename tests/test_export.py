@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ast
 import json
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -14,19 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import GENERATED, REPO, cli, readme_snippets
+from conftest import GENERATED, REPO, cli, load_module, readme_snippets
 
 SPEC = REPO / "specs" / "synthetic_mlp.yaml"
 MODULES = sorted(GENERATED.glob("*/adaptive_perturbation.py"))
 # the detector samples every step over a window of 4: phase changes within a few dozen steps
 FAST_DETECTOR = ("phase_detector.every=1", "phase_detector.window=4", "phase_detector.patience=1")
-
-
-def load(path: Path, name: str = "adaptive_perturbation"):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def export(tmp_path: Path, arm: str, *overrides: str, spec: Path = SPEC) -> Path:
@@ -211,7 +203,7 @@ def test_plain_loop_trains_bit_for_bit_what_the_script_trains(tmp_path, arm):
 @pytest.fixture(scope="module")
 def ap(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ap")
-    return load(export(folder, "full", *FAST_DETECTOR), "ap_full_api")
+    return load_module(export(folder, "full", *FAST_DETECTOR), "ap_full_api")
 
 
 def test_noise_has_the_spec_std_and_two_runs_are_identical(ap):
@@ -299,7 +291,7 @@ def test_bad_use_is_a_clear_error(ap, tmp_path):
         ValueError, match="another AdaptivePerturbation in this process runs " "with other decay"
     ):
         ap.AdaptivePerturbation(*tiny(), decay=0.5)
-    fixed = load(export(tmp_path, "fixed"), "ap_fixed_api").AdaptivePerturbation(*tiny())
+    fixed = load_module(export(tmp_path, "fixed"), "ap_fixed_api").AdaptivePerturbation(*tiny())
     with pytest.raises(
         ValueError, match="from arm 'fixed' of spec 'synthetic_mlp'; this " "module is arm 'full'"
     ):

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import runpy
 import sys
 import math
@@ -11,7 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import GENERATED, readme_snippets
+from conftest import GENERATED, load_module, readme_snippets
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -22,10 +21,7 @@ FAST = {"every": 1, "window": 4, "patience": 1}  # the detector acts within a fe
 
 @pytest.fixture(scope="module")
 def ap():
-    spec = importlib.util.spec_from_file_location("ap_hf", MODULE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(MODULE, "ap_hf")
 
 
 class Tiny(torch.nn.Module):

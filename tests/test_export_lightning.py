@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import runpy
 import sys
 import logging
@@ -10,7 +9,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import GENERATED, readme_snippets
+from conftest import GENERATED, load_module, readme_snippets
 
 L = pytest.importorskip("lightning.pytorch")
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -21,10 +20,7 @@ FAST = {"every": 1, "window": 4, "patience": 1}  # the detector acts within a fe
 
 @pytest.fixture(scope="module")
 def ap():
-    spec = importlib.util.spec_from_file_location("ap_lightning", MODULE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(MODULE, "ap_lightning")
 
 
 class Tiny(L.LightningModule):

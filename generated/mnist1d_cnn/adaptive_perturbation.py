@@ -126,17 +126,22 @@ def checked_setting(name, value, default):
     return value
 
 
-def configure(overrides, live):
-    """The spec's settings with `overrides` applied, made the module's constants, which the
-    Perturbation section reads: one set at a time, shared by every AdaptivePerturbation that
-    is alive (`live`); a second one with other settings is an error, not a silent change."""
+def resolved(overrides):
+    """The spec's settings with `overrides` (constructor keywords) applied and checked."""
     unknown = sorted(set(overrides) - set(SPEC_SETTINGS))
     if unknown:
         raise TypeError(
             f"unknown setting(s) {', '.join(unknown)}; this module takes seed and "
             f"{', '.join(SPEC_SETTINGS)}"
         )
-    settings = {k: checked_setting(k, overrides.get(k, v), v) for k, v in SPEC_SETTINGS.items()}
+    return {k: checked_setting(k, overrides.get(k, v), v) for k, v in SPEC_SETTINGS.items()}
+
+
+def configure(overrides, live):
+    """resolved(overrides), made the module's constants, which the Perturbation section
+    reads: one set at a time, shared by every AdaptivePerturbation that is alive (`live`);
+    a second one with other settings is an error, not a silent change."""
+    settings = resolved(overrides)
     for other in live:
         if other.settings != settings:
             changed = sorted(k for k in settings if other.settings[k] != settings[k])
@@ -712,7 +717,7 @@ def lightning_callback():
         checkpoints; eps and the phase are logged with LightningModule.log."""
 
         def __init__(self, seed=SEED, **overrides):
-            configure(overrides, ())  # a bad keyword fails here, not at train start
+            resolved(overrides)  # a bad keyword fails here, not at train start
             self.seed, self.overrides = seed, overrides
             self.perturb, self.restored, self.losses = None, None, []
 
@@ -780,7 +785,7 @@ def trainer_callback():
         STATE = "adaptive_perturbation.pt"
 
         def __init__(self, seed=SEED, **overrides):
-            configure(overrides, ())  # a bad keyword fails here, not at train begin
+            resolved(overrides)  # a bad keyword fails here, not at train begin
             self.seed, self.overrides = seed, overrides
             self.perturb, self.hook, self.losses = None, None, []
 
