@@ -516,8 +516,9 @@ class AdaptivePerturbation(Perturbation):
     eps(t) = eps_phase[p] * exp(-lambda * t_p)
     The optimizer's step hooks do what must happen around its step: before it, the step's
     learning rate and, on a detector sample step, the gradient norm and a snapshot of the
-    parameters; after it, the step counts. A step that an AMP GradScaler skipped never runs
-    optimizer.step(), so it is no step here either: no noise, no count.
+    parameters; after it, that the step happened.
+    A step that an AMP GradScaler skipped never runs optimizer.step(), so it is no step here
+    either: no noise, no count.
     The model is left as it is. Its parameters are copied into one flat fp32 buffer in the
     scripts' layout (tensors with ndim >= 2 first), the noise is added there by the scripts'
     code and copied back: the noise is the scripts' own, bit for bit, at the cost of two
@@ -525,8 +526,8 @@ class AdaptivePerturbation(Perturbation):
     perturb.eps is the eps of the last step (None before the first), perturb.phase the
     phase's name (None in arms without a detector); state_dict() and load_state_dict() hold
     the noise generators, the detector, the step count and the settings, for an exact resume.
-    Under DDP every rank draws the same noise and rank 0's phase is broadcast: build it on
-    every rank, with the same seed.
+    Under DDP build it on every rank, with the same seed: every rank draws the same noise.
+    Rank 0's detector decides, and its phase is broadcast to the other ranks.
     """
 
     def __init__(self, model, optimizer, seed=SEED, **overrides):
