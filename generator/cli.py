@@ -1,4 +1,4 @@
-"""The perturbgen command line: generate, validate, schema, variants.
+"""The perturbgen command line: generate, validate, schema, variants, export, ...
 
 Exit codes: 0 ok; 1 `generate --check` found drift; 2 invalid spec or usage, or an output
 folder that cannot be written; 3 the generator itself failed (a bug: please report it).
@@ -167,6 +167,34 @@ def diff(
         b,
     )
     sys.stdout.write("".join(lines))
+
+
+@app.command()
+def export(
+    spec: Annotated[Path, typer.Argument(help="The spec file.", show_default=False)],
+    arm: Annotated[
+        str, typer.Argument(help="A perturbing arm: fixed, phase_only, schedule_only or full.")
+    ],
+    out: Annotated[
+        Path, typer.Option("-o", "--out", help="The module to write (its name is imported).")
+    ] = Path("adaptive_perturbation.py"),
+    set_: SetOpt = None,
+) -> None:
+    """Write ARM of SPEC as one standalone module for your own training loop:
+    AdaptivePerturbation, and callbacks for Lightning and Hugging Face."""
+    from generator.export import export as export_module
+
+    if out.suffix != ".py" or not out.stem.isidentifier():
+        typer.echo(
+            f"{out}: the module is imported, so name it NAME.py with NAME an identifier", err=True
+        )
+        raise typer.Exit(2)
+    with _exits(out):
+        source = export_module(spec, arm, set_ or [], module=out.name)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(source)
+        os.replace(tmp, out)
+    typer.echo(f"wrote {out} (arm {arm} of {spec})")
 
 
 @app.command()

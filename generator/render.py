@@ -233,11 +233,15 @@ def render_all(
     to what OUT/<spec>/manifest.json recorded under the same formatter, and whose file there
     is intact, is taken from there instead of being formatted again.
     """
+    from generator.export import golden_sources  # it renders with this module's environment
+
     drafts = []
     for spec, doc, path in loaded:
         check_arms(spec, path, arms)
         models = [m for m in plan(spec, doc) if not arms or m.arm in arms]
-        drafts.append((spec, models, {m.script: _render("train.py.jinja", m) for m in models}))
+        sources = {m.script: _render("train.py.jinja", m) for m in models}
+        sources.update(golden_sources(models))  # the drop-in module (perturbgen export)
+        drafts.append((spec, models, sources))
     scripts, todo = {}, {}
     for spec, _, sources in drafts:
         recorded = _formatted_on_disk(previous / spec.name) if previous else {}
@@ -252,7 +256,7 @@ def render_all(
 
 
 def _folder(spec: Spec, models: list[RenderModel], sources: dict[str, str], scripts) -> Rendered:
-    files = {m.script: scripts[f"{spec.name}/{m.script}"] for m in models}
+    files = {name: scripts[f"{spec.name}/{name}"] for name in sources}
     readme = ReadmeModel(spec.name, spec.description, __version__, tuple(models))
     files["README.md"] = render_readme(readme).encode()
     manifest = {

@@ -253,3 +253,19 @@ def pytest_sessionfinish(session, exitstatus):
     if path:
         command = f"python -m pytest tests --robustness-tally {path}"
         Path(path).write_text(TALLY.markdown(command))
+
+
+def readme_snippets(section: str) -> list[str]:
+    """The ```python blocks of one README.md section (## SECTION), in order."""
+    text = (REPO / "README.md").read_text().split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return [block.split("```", 1)[0] for block in text.split("```python\n")[1:]]
+
+
+def load_module(path: Path, name: str):
+    """Import the Python file at `path` as a module called `name` (an exported module)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

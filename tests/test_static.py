@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import GENERATED, MINIMAL, SCRIPTS, cli, generate
+from conftest import GENERATED, MINIMAL, REPO, SCRIPTS, cli, generate
 
 ids = [p.relative_to(GENERATED).as_posix() for p in SCRIPTS]
 
@@ -303,3 +303,24 @@ def test_the_guard_fails_on_a_lost_line_and_on_other_settings():
     assert arm_differences(base, lost) == ["-     model.train()"]
     other_lr = fixed.replace("\nLR = 0.1  #", "\nLR = 0.2  #")
     assert arm_differences(base, other_lr) == ["- LR = 0.1", "+ LR = 0.2"]
+
+
+def test_exported_modules_of_every_perturbing_arm_pass_ruff(tmp_path):
+    """`perturbgen export` of each perturbing arm, with the detector's absolute thresholds
+    and a loss_smooth threshold, checked like the scripts (the golden record carries `full`)."""
+    spec = REPO / "specs" / "synthetic_mlp.yaml"
+    sets = ["--set", "phase_detector.thresholds={mode: absolute, tau_smooth: 0.1}"]
+    for arm in ("fixed", "phase_only", "schedule_only", "full"):
+        out = tmp_path / f"ap_{arm}.py"
+        assert cli("export", spec, arm, "-o", out, *sets).exit_code == 0
+        source = out.read_text()
+        ast.parse(source)
+        assert max(len(line) for line in source.splitlines()) < 100
+    ruff = [sys.executable, "-m", "ruff"] if shutil.which("ruff") is None else ["ruff"]
+    result = subprocess.run(
+        [*ruff, "check", "--no-cache", "--isolated", "--select", "F821,F401,F811,F841,E9",
+         str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

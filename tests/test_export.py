@@ -1,0 +1,325 @@
+"""perturbgen export: the module, its API and its errors, and the proof that it is the method
+of the scripts (the Lightning and Hugging Face callbacks: test_export_lightning.py,
+test_export_hf.py)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import GENERATED, REPO, cli, load_module, readme_snippets
+
+SPEC = REPO / "specs" / "synthetic_mlp.yaml"
+MODULES = sorted(GENERATED.glob("*/adaptive_perturbation.py"))
+# the detector samples every step over a window of 4: phase changes within a few dozen steps
+FAST_DETECTOR = ("phase_detector.every=1", "phase_detector.window=4", "phase_detector.patience=1")
+
+
+def export(tmp_path: Path, arm: str, *overrides: str, spec: Path = SPEC) -> Path:
+    out = tmp_path / f"ap_{arm}.py"
+    args = [a for o in overrides for a in ("--set", o)]
+    result = cli("export", spec, arm, "-o", out, *args)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def tiny(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    return model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+
+def train(model, optimizer, perturb, steps, first=0):
+    """The issue's loop on fixed synthetic batches (batch i is the same in every run)."""
+    for i in range(first, first + steps):
+        g = torch.Generator().manual_seed(i)
+        x, y = torch.randn(16, 6, generator=g), torch.randint(3, (16,), generator=g)
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        perturb.step(loss)
+
+
+def flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+# -- the command --------------------------------------------------------------------------
+
+
+def test_every_example_spec_carries_its_full_module():
+    assert len(MODULES) == len(list((REPO / "specs").glob("*.yaml")))
+
+
+def test_export_writes_the_golden_module(tmp_path):
+    out = tmp_path / "adaptive_perturbation.py"
+    result = cli("export", REPO / "specs" / "mnist1d_cnn.yaml", "full", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert (
+        out.read_bytes() == (GENERATED / "mnist1d_cnn" / "adaptive_perturbation.py").read_bytes()
+    )
+
+
+def test_export_refuses_a_baseline_an_unknown_arm_and_a_bad_name(tmp_path):
+    result = cli("export", SPEC, "baseline", "-o", tmp_path / "ap.py")
+    assert result.exit_code == 2
+    assert "arm 'baseline' adds no noise; export one of: fixed, phase_only" in result.output
+    result = cli("export", SPEC, "nope", "-o", tmp_path / "ap.py")
+    assert result.exit_code == 2 and "'nope' is not an arm of this spec" in result.output
+    result = cli("export", SPEC, "full", "-o", tmp_path / "my-module.py")
+    assert result.exit_code == 2 and "NAME an identifier" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("arm", ["fixed", "phase_only", "schedule_only", "full"])
+def test_module_needs_only_torch_and_the_standard_library(tmp_path, arm):
+    tree = ast.parse(export(tmp_path, arm).read_text())
+    top = {a.name.split(".")[0] for n in tree.body if isinstance(n, ast.Import) for a in n.names}
+    top |= {n.module.split(".")[0] for n in tree.body if isinstance(n, ast.ImportFrom)}
+    assert top - set(sys.stdlib_module_names) == {"torch"}
+    optional = [n for n in tree.body if isinstance(n, ast.Try)]
+    assert [a.name for n in optional for a in n.body[0].names] == ["triton"]  # in try/except
+
+
+def test_module_runs_with_the_frameworks_blocked(tmp_path):
+    """Imported and stepped while lightning, transformers and triton cannot be imported."""
+    module = export(tmp_path, "full")
+    program = f"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("lightning", "pytorch_lightning", "transformers", "triton"):
+            raise ImportError("blocked: " + name)
+sys.meta_path.insert(0, Block())
+sys.path.insert(0, {str(tmp_path)!r})
+import torch
+from ap_full import AdaptivePerturbation
+model = torch.nn.Linear(4, 2)
+optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)  # the spec's: eps is lr-scaled
+perturb = AdaptivePerturbation(model, optimizer, seed=0)
+model(torch.randn(3, 4)).sum().backward()
+optimizer.step()
+print(perturb.step(1.0), perturb.phase)
+try:
+    import ap_full; ap_full.AdaptivePerturbationCallback
+except ImportError as exc:
+    print(exc)
+"""
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "0.002 exploration",
+        "AdaptivePerturbationCallback needs Lightning: pip install lightning",
+    ]
+    assert module.is_file()
+
+
+def test_the_readme_plain_loop_runs(tmp_path):
+    plain = readme_snippets("In your own training loop")[0]
+    (tmp_path / "main.py").write_text(plain)
+    (tmp_path / "adaptive_perturbation.py").write_bytes(
+        (GENERATED / "mnist1d_cnn" / "adaptive_perturbation.py").read_bytes()
+    )
+    result = subprocess.run(
+        [sys.executable, "main.py"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert [line.split(":")[0] for line in result.stdout.splitlines()] == [
+        "epoch 0",
+        "epoch 1",
+        "epoch 2",
+    ]
+    saved = torch.load(tmp_path / "checkpoint.pt")
+    assert saved["perturb"]["steps"] == 12 and set(saved) == {"model", "optimizer", "perturb"}
+
+
+# -- the proof: the same method as the scripts ---------------------------------------------
+
+
+@pytest.mark.parametrize("arm", ["full", "fixed"])
+def test_plain_loop_trains_bit_for_bit_what_the_script_trains(tmp_path, arm):
+    """synthetic_mlp (Adam, apply_to weights, scale lr, an LR warm-up) for 50 steps across
+    an epoch boundary: train_<arm>.py against the issue's loop on the unflattened model."""
+    overrides = (*FAST_DETECTOR, f"variants=[{arm}]")
+    assert (
+        cli(
+            "generate", SPEC, "-o", tmp_path / "gen", *[a for o in overrides for a in ("--set", o)]
+        ).exit_code
+        == 0
+    )
+    script = tmp_path / "gen" / "synthetic_mlp" / f"train_{arm}.py"
+    module = export(tmp_path, arm, *overrides)
+    steps, run = 50, tmp_path / "run"
+    subprocess.run(
+        [
+            sys.executable,
+            script,
+            "--epochs",
+            "2",
+            "--max-steps",
+            str(steps),
+            "--out",
+            run,
+            "--kernel",
+            "torch",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    loop = tmp_path / "loop.pt"
+    subprocess.run(
+        [
+            sys.executable,
+            REPO / "tests" / "export_same_method.py",
+            script,
+            module,
+            str(steps),
+            "2",
+            "0",
+            loop,
+        ],
+        check=True,
+    )
+    ckpt = torch.load(run / "last.pt", weights_only=False)
+    mine = torch.load(loop)
+    assert ckpt["state"]["step"] == mine["steps"] == steps
+    for name, value in ckpt["model"].items():
+        assert torch.equal(value, mine["model"][name]), name
+    if arm == "full":  # the detector decided too, at the same steps
+        script_changes = [c["step"] for c in ckpt["state"]["phases"]]
+        assert script_changes == mine["changes"] and len(script_changes) >= 1
+
+
+# -- the API ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ap(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ap")
+    return load_module(export(folder, "full", *FAST_DETECTOR), "ap_full_api")
+
+
+def test_noise_has_the_spec_std_and_two_runs_are_identical(ap):
+    runs = []
+    for _ in range(2):
+        model, optimizer = tiny()
+        optimizer.param_groups[0]["lr"] = 0.0  # so the step changes nothing but the noise
+        optimizer.param_groups[0]["momentum"] = 0.0
+        before = flat(model)
+        # the spec's noise is lr-scaled, on weights only: here absolute, on all parameters
+        perturb = ap.AdaptivePerturbation(
+            model, optimizer, seed=3, noise_scale="absolute", apply_to="all"
+        )
+        train(model, optimizer, perturb, 1)
+        runs.append(flat(model) - before)
+        assert perturb.eps == ap.EPS_PHASE[0] and perturb.phase == "exploration"
+        perturb.remove()
+    assert torch.equal(runs[0], runs[1])
+    # 163 values: the sample std is within 20 % of eps with probability > 0.99
+    assert abs(runs[0].std().item() / ap.EPS_PHASE[0] - 1) < 0.2
+
+
+def test_state_dict_resumes_exactly(ap):
+    model, optimizer = tiny()
+    perturb = ap.AdaptivePerturbation(model, optimizer, seed=1)
+    train(model, optimizer, perturb, 40)
+    straight, phases = flat(model), perturb.state_dict()["detector"]
+    perturb.remove()
+
+    model, optimizer = tiny()
+    perturb = ap.AdaptivePerturbation(model, optimizer, seed=1)
+    train(model, optimizer, perturb, 17)
+    saved = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "perturb": perturb.state_dict(),
+    }
+    perturb.remove()
+    model, optimizer = tiny(seed=5)  # another init: everything must come from the checkpoint
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    perturb = ap.AdaptivePerturbation(model, optimizer, seed=1)
+    perturb.load_state_dict(saved["perturb"])
+    train(model, optimizer, perturb, 23, first=17)
+    assert torch.equal(flat(model), straight)
+    assert perturb.state_dict()["detector"] == phases
+    assert perturb.steps == 40
+    perturb.remove()
+
+
+def test_a_step_the_grad_scaler_skipped_is_no_step(ap):
+    model, optimizer = tiny()
+    scaler = torch.amp.GradScaler("cpu")
+    perturb = ap.AdaptivePerturbation(model, optimizer, seed=0)
+    for poisoned in (False, True, False):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(torch.randn(4, 6)), torch.tensor([0, 1, 2, 0]))
+        scaler.scale(loss).backward()
+        if poisoned:
+            next(model.parameters()).grad[0, 0] = float("inf")
+        before = flat(model)
+        scaler.step(optimizer)
+        scaler.update()
+        eps = perturb.step(loss)
+        assert (eps is None) == poisoned
+        assert torch.equal(flat(model), before) == poisoned
+    assert perturb.steps == 2
+    perturb.remove()
+
+
+def test_bad_use_is_a_clear_error(ap, tmp_path):
+    model, optimizer = tiny()
+    with pytest.raises(ValueError, match=r"parameter\(s\) of the model are not the optimizer's"):
+        ap.AdaptivePerturbation(model, torch.optim.SGD(model[0].parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="optimizer trains 2 parameter"):
+        ap.AdaptivePerturbation(model[0], optimizer)
+    with pytest.raises(TypeError, match="unknown setting.s. eps_fixd"):
+        ap.AdaptivePerturbation(model, optimizer, eps_fixd=1e-3)
+    with pytest.raises(ValueError, match=r"window=2: not a valid value \(the spec's is 4\)"):
+        ap.AdaptivePerturbation(model, optimizer, window=2)
+    perturb = ap.AdaptivePerturbation(model, optimizer)
+    with pytest.raises(RuntimeError, match=r"perturb.step\(loss\) before any optimizer.step"):
+        perturb.step(1.0)
+    with pytest.raises(
+        ValueError, match="another AdaptivePerturbation in this process runs " "with other decay"
+    ):
+        ap.AdaptivePerturbation(*tiny(), decay=0.5)
+    fixed = load_module(export(tmp_path, "fixed"), "ap_fixed_api").AdaptivePerturbation(*tiny())
+    with pytest.raises(
+        ValueError, match="from arm 'fixed' of spec 'synthetic_mlp'; this " "module is arm 'full'"
+    ):
+        perturb.load_state_dict(fixed.state_dict())
+    with pytest.raises(ValueError, match="not an AdaptivePerturbation state dict"):
+        perturb.load_state_dict({"generators": []})
+    train(model, optimizer, perturb, 1)
+    with pytest.raises(RuntimeError, match="again without an optimizer.step"):
+        perturb.step(1.0)
+    perturb.remove()
+    fixed.remove()
+
+
+def test_under_ddp_every_rank_draws_the_same_noise_and_takes_rank_0s_phase(tmp_path):
+    (tmp_path / "adaptive_perturbation.py").write_bytes(
+        (GENERATED / "mnist1d_cnn" / "adaptive_perturbation.py").read_bytes()
+    )
+    out = tmp_path / "replicas.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node=2", REPO / "tests" / "export_ddp.py", tmp_path, out]
+    result = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONUNBUFFERED": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rank0, rank1 = json.loads(out.read_text())
+    assert rank0 == rank1  # the same parameters, phase and phase start on both
+    assert rank0["phase_start"] > 0  # rank 0's detector changed the phase, rank 1 followed
