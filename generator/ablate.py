@@ -40,6 +40,7 @@ class Job:
     returncode: int | None = None
     process: subprocess.Popen | None = field(default=None, repr=False)
     started: float = 0.0
+    import_path: str | None = None  # the spec's folder, where its factories' modules may be
 
     @property
     def name(self) -> str:
@@ -90,9 +91,19 @@ def prepare(
     return rendered, arms or arm_names(spec), record
 
 
-def make_jobs(out: Path, arms: list[str], seeds: list[int]) -> list[Job]:
+def make_jobs(
+    out: Path, arms: list[str], seeds: list[int], import_path: Path | None = None
+) -> list[Job]:
+    """One job per arm and seed; `import_path` goes first on each run's PYTHONPATH."""
+    path = None if import_path is None else str(import_path.resolve())
     return [
-        Job(arm, seed, out / "scripts" / f"train_{arm}.py", out / arm / f"seed{seed}")
+        Job(
+            arm,
+            seed,
+            out / "scripts" / f"train_{arm}.py",
+            out / arm / f"seed{seed}",
+            import_path=path,
+        )
         for arm in arms
         for seed in seeds
     ]
@@ -120,6 +131,10 @@ def start(job: Job, extra: list[str], threads: int, nproc: int = 1) -> None:
         "MKL_NUM_THREADS": str(threads),
         "PYTHONUNBUFFERED": "1",
     }
+    if job.import_path:  # a custom factory's module may sit next to the spec
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (job.import_path, os.environ.get("PYTHONPATH")) if p
+        )
     log = open(job.folder / "train.log", "a")
     log.write(f"$ {' '.join(command)}\n")
     log.flush()
