@@ -17,7 +17,9 @@ from typing import Any
 
 from generator.errors import SpecError
 from generator.loading import Located, dotted
-from generator.spec import CustomData, CustomModel, Spec, input_shape
+from generator.spec import CustomData, CustomModel, Spec, TimmModel, TorchvisionModel, input_shape
+
+EXTRAS = {"torchvision": "torchvision", "timm": "timm"}  # arch: the extra that provides it
 
 
 class FactoryProblem(Exception):
@@ -74,12 +76,49 @@ def call(factory: Any, *args: Any, **kwargs: Any) -> Any:
         raise FactoryProblem(f"factory({shown}) raised {one_line(exc)}") from None
 
 
+def library(name: str) -> Any:
+    """The torchvision or timm package, or the problem saying which extra installs it."""
+    try:
+        return importlib.import_module(name)
+    except Exception as exc:  # noqa: BLE001 - missing, or built for another torch
+        raise FactoryProblem(
+            f"needs the {name} package, which did not import ({one_line(exc)}): "
+            f"pip install {name} (perturbgen's extra: pip install 'perturbgen[{EXTRAS[name]}]')"
+        ) from None
+
+
+def build(spec: Spec) -> Any:
+    """The spec's model, made the way the emitted script makes it."""
+    shape, classes = input_shape(spec)
+    model = spec.model
+    if isinstance(model, CustomModel):
+        return call(resolve(model.factory), shape, classes, **model.args)
+    if isinstance(model, TorchvisionModel):
+        torchvision = library("torchvision")
+        try:
+            builder = torchvision.models.get_model_builder(model.name)
+        except ValueError:
+            raise FactoryProblem(f"torchvision has no model named {model.name!r}") from None
+        return call(builder, weights=None, num_classes=classes, **model.args)
+    timm = library("timm")
+    if not timm.is_model(model.name):
+        raise FactoryProblem(f"timm has no model named {model.name!r}")
+    return call(
+        timm.create_model,
+        model.name,
+        pretrained=False,
+        num_classes=classes,
+        in_chans=shape[0],
+        **model.args,
+    )
+
+
 def check_model(spec: Spec) -> None:
     """Build the model once and run a batch of two zero examples through it."""
     import torch
 
     shape, classes = input_shape(spec)
-    model = call(resolve(spec.model.factory), shape, classes, **spec.model.args)
+    model = build(spec)
     if not isinstance(model, torch.nn.Module):
         raise FactoryProblem(f"returned a {type(model).__name__}, not a torch.nn.Module")
     try:
@@ -145,23 +184,25 @@ def check_data(spec: Spec) -> None:
 
 
 def check(spec: Spec, doc: Located, file: str) -> list[SpecError]:
-    """Every factory problem of a spec, each at the line of its `factory` key."""
+    """Every factory problem of a spec, each at the line of its `factory` (or library
+    model's `name`) key."""
     errors = []
     checks = [
-        (section, checker)
-        for section, kind, checker in (
-            ("model", CustomModel, check_model),
-            ("data", CustomData, check_data),
+        (section, key, checker)
+        for section, kind, key, checker in (
+            ("model", CustomModel, "factory", check_model),
+            ("model", (TorchvisionModel, TimmModel), "name", check_model),
+            ("data", CustomData, "factory", check_data),
         )
         if isinstance(getattr(spec, section), kind)
     ]
     with _import_path(Path(file).resolve().parent):
-        for section, checker in checks:
-            path = (section, "factory")
+        for section, key, checker in checks:
+            path = (section, key)
             try:
                 checker(spec)
             except FactoryProblem as exc:
                 origin_file, line = doc.origin(path, file)
-                reference = getattr(spec, section).factory
+                reference = getattr(getattr(spec, section), key)
                 errors.append(SpecError(origin_file, line, dotted(path), f"{reference}: {exc}"))
     return errors

@@ -178,6 +178,11 @@ def constants(spec: Spec, arm: str, kind: str) -> tuple[Constant, ...]:
         c.append(Constant("HIDDEN", tuple(model.hidden), "hidden layer widths"))
     elif model.arch == "cnn1d":
         c.append(Constant("WIDTH", model.width, "channels of each convolution"))
+    elif model.arch in ("torchvision", "timm"):
+        c += [
+            Constant("LIBRARY_MODEL", model.name, f"the {model.arch} model, random init"),
+            Constant("MODEL_ARGS", model.args, "its further keyword arguments"),
+        ]
     elif model.arch == "custom":
         c += [
             Constant("MODEL_FACTORY", model.factory, "module:attribute of the model factory"),

@@ -225,8 +225,49 @@ class CustomModel(Section):
     args: FactoryArgs = {}
 
 
+LIBRARY_NAME = r"^[a-z][a-z0-9_.]*$"
+
+
+class TorchvisionModel(Section):
+    """A torchvision.models classification builder (extra `torchvision`), random init:
+    `get_model_builder(name)(weights=None, num_classes=..., **args)`, nothing downloaded."""
+
+    arch: Literal["torchvision"]
+    name: Annotated[str, Field(pattern=LIBRARY_NAME, max_length=64)] = Field(
+        description="A builder in torchvision.models, e.g. resnet18 or mobilenet_v3_small."
+    )
+    args: FactoryArgs = {}
+
+
+class TimmModel(Section):
+    """A timm model (extra `timm`): `timm.create_model(name, pretrained=False,
+    num_classes=..., in_chans=..., **args)`, nothing downloaded."""
+
+    arch: Literal["timm"]
+    name: Annotated[str, Field(pattern=LIBRARY_NAME, max_length=64)] = Field(
+        description="A timm model name, e.g. resnet10t or vit_tiny_patch16_224."
+    )
+    args: FactoryArgs = {}
+
+
+# The arguments perturbgen passes to each kind of model itself: not allowed in `args`.
+PASSED_ARGS = {
+    "custom": ("input_shape", "num_classes"),
+    "torchvision": ("weights", "num_classes"),
+    "timm": ("pretrained", "num_classes", "in_chans"),
+}
+
 Model = Annotated[
-    Union[MLPModel, CNN1dModel, ResNet18Model, VGG16Model, EfficientNetB0Model, CustomModel],
+    Union[
+        MLPModel,
+        CNN1dModel,
+        ResNet18Model,
+        VGG16Model,
+        EfficientNetB0Model,
+        CustomModel,
+        TorchvisionModel,
+        TimmModel,
+    ],
     Field(discriminator="arch"),
 ]
 
@@ -394,7 +435,7 @@ DATASET_SHAPES: dict[str, tuple[tuple[int, ...], int]] = {
     "cifar10": ((3, 32, 32), 10),
     "cifar100": ((3, 32, 32), 100),
 }
-IMAGE_MODELS = ("resnet18", "vgg16", "efficientnet_b0")
+IMAGE_MODELS = ("resnet18", "vgg16", "efficientnet_b0", "torchvision", "timm")
 
 
 def input_shape(spec: Spec) -> tuple[tuple[int, ...], int]:
@@ -439,7 +480,8 @@ def semantic_problems(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
         problems.append(
             (("data", "augment"), f"no augmentation is defined for {spec.data.dataset}")
         )
-    for section, taken in (("model", ("input_shape", "num_classes")), ("data", ("root",))):
+    passed = (("model", PASSED_ARGS.get(spec.model.arch, ())), ("data", ("root",)))
+    for section, taken in passed:
         args = getattr(getattr(spec, section), "args", {})
         for key in sorted(set(args) & set(taken)):
             problems.append(
