@@ -152,7 +152,9 @@ def check_data(spec: Spec) -> None:
         raise FactoryProblem("returns its own val split: drop data.val_size from the spec")
     names = ("train", "val", "test") if len(splits) == 3 else ("train", "test")
     for name, dataset in zip(names, splits):
-        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+        if isinstance(dataset, torch.utils.data.IterableDataset) or not (
+            hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")
+        ):
             raise FactoryProblem(
                 f"its {name} split is a {type(dataset).__name__}, not a "
                 "map-style Dataset (__getitem__, __len__)"

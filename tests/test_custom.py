@@ -44,6 +44,18 @@ def float_labels(root, **args):
     return [(torch.zeros(1, 12), 0.5)], [(torch.zeros(1, 12), 0)]
 
 
+class Stream(torch.utils.data.IterableDataset):
+    def __len__(self):
+        return 4
+
+    def __iter__(self):
+        return iter([])
+
+
+def iterable(root):
+    return Stream(), Stream()
+
+
 def three_splits(root):
     return Items(96, 1), Items(24, 3), Items(32, 2)
 
@@ -146,6 +158,7 @@ def test_validate_import_accepts_good_factories(user):
         ("model.args={depth: 2}", "got an unexpected keyword argument 'depth'"),
         ("data.factory=user_code:net", "cannot be called as factory('data')"),
         ("data.factory=user_code:three_splits", "drop data.val_size"),
+        ("data.factory=user_code:iterable", "its train split is a Stream, not a map-style"),
         ("data.input_shape=[1, 13]", "x has shape [1, 12]; data.input_shape is [1, 13]"),
         ("data.factory=user_code:float_labels", "y is 0.5; expected an int class in 0..2"),
         ("data.args={bad: 0}", "train example 0: x has shape [1, 11]"),

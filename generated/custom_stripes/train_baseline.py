@@ -262,7 +262,9 @@ def custom_splits(root):
         )
     names = ("train", "val", "test") if len(splits) == 3 else ("train", "test")
     for name, dataset in zip(names, splits):
-        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+        if isinstance(dataset, torch.utils.data.IterableDataset) or not (
+            hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")
+        ):
             fail(
                 f"data.factory {DATA_FACTORY!r}: its {name} split is a "
                 f"{type(dataset).__name__}, not a map-style Dataset (__getitem__, __len__)"
