@@ -308,3 +308,30 @@ def test_the_ablation_diff_shows_only_the_method():
     ]
     assert not any("FACTORY" in line or "build_model" in line for line in changed)
     assert any("Perturbation" in line for line in changed)
+
+
+# --- layer 2: the render model ----------------------------------------------------------
+
+
+def test_render_model_names_the_factories_and_the_loader(user):
+    from generator.plan import plan
+    from generator.render import load_spec
+
+    spec, doc = load_spec(user / "spec.yaml")
+    models = plan(spec, doc)
+    assert {m.arm for m in models} == {"baseline", "fixed", "full"}
+    for m in models:
+        assert m.factory_refs == (
+            "model.factory = user_code:net",
+            "data.factory = user_code:two_splits",
+        )
+        assert m.factories and m.loader_data
+        values = {c.name: c.value for c in m.constants}
+        assert values["MODEL_ARGS"] == {"hidden": 8} and values["DATA_ARGS"] == {}
+        assert values["INPUT_SHAPE"] == (1, 12) and values["VAL_SIZE"] == 16
+    custom_model_only = SPEC[: SPEC.index("data:")] + "data: {dataset: synthetic}\n"
+    custom_model_only += SPEC[SPEC.index("optimizer:") :]
+    (user / "spec.yaml").write_text(custom_model_only)
+    spec, doc = load_spec(user / "spec.yaml")
+    m, *_ = plan(spec, doc)
+    assert m.factory_refs == ("model.factory = user_code:net",) and not m.loader_data
