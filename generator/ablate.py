@@ -46,6 +46,7 @@ class Job:
     started: float = 0.0
     gpus: str | None = None  # CUDA_VISIBLE_DEVICES of the run, where GPUs are handed out
     reason: str = ""  # why it failed, where the exit code alone does not say
+    import_path: str | None = None  # the spec's folder, where its factories' modules may be
 
     @property
     def name(self) -> str:
@@ -111,9 +112,19 @@ def expected(out: Path, arms: list[str], seeds: list[int]) -> list[list]:
     return sorted([list(p) for p in pairs | {(arm, seed) for arm in arms for seed in seeds}])
 
 
-def make_jobs(out: Path, arms: list[str], seeds: list[int]) -> list[Job]:
+def make_jobs(
+    out: Path, arms: list[str], seeds: list[int], import_path: Path | None = None
+) -> list[Job]:
+    """One job per arm and seed; `import_path` goes first on each run's PYTHONPATH."""
+    path = None if import_path is None else str(import_path.resolve())
     return [
-        Job(arm, seed, out / "scripts" / f"train_{arm}.py", out / arm / f"seed{seed}")
+        Job(
+            arm,
+            seed,
+            out / "scripts" / f"train_{arm}.py",
+            out / arm / f"seed{seed}",
+            import_path=path,
+        )
         for arm in arms
         for seed in seeds
     ]
@@ -178,6 +189,10 @@ def start(job: Job, extra: list[str], threads: int, nproc: int = 1, server=None)
     command_line = command(job, extra, nproc)
     env = thread_env(threads)
     env.update({} if job.gpus is None else {"CUDA_VISIBLE_DEVICES": job.gpus})
+    if job.import_path:  # a custom factory's module may sit next to the spec
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (job.import_path, os.environ.get("PYTHONPATH")) if p
+        )
     log_path = job.folder / "train.log"
     with open(log_path, "a") as log:
         log.write(f"$ {' '.join(command_line)}\n")

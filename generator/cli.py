@@ -287,7 +287,7 @@ def ablate(
     record["expected"] = runner.expected(folder, chosen, seed_list)
     with _exits(folder):
         runner.write_scripts(rendered, folder, record)
-    all_jobs = runner.make_jobs(folder, chosen, seed_list)
+    all_jobs = runner.make_jobs(folder, chosen, seed_list, spec.parent)
     extra = (["--epochs", str(epochs)] if epochs else []) + (["--smoke"] if smoke else [])
     display = _Progress(len(all_jobs))
     if launcher == "slurm":
@@ -580,12 +580,29 @@ def report(
 
 
 @app.command()
-def validate(specs: SpecArgs, set_: SetOpt = None) -> None:
+def validate(
+    specs: SpecArgs,
+    set_: SetOpt = None,
+    import_: Annotated[
+        bool,
+        typer.Option(
+            "--import",
+            help="Also import the spec's own factories (arch/dataset: custom) and call them "
+            "once on the spec's shape, with the spec's folder on the import path.",
+        ),
+    ] = False,
+) -> None:
     """Check specs and print every problem as FILE:LINE: path: message."""
+    from generator import factories
+
     files, errors = _spec_files(specs)
     for path in files:
         try:
-            spec, _ = load_spec(path, set_ or [])
+            spec, doc = load_spec(path, set_ or [])
+            if import_:
+                problems = factories.check(spec, doc, str(path))
+                if problems:
+                    raise SpecErrors(problems)
             arms = arm_names(spec)
             typer.echo(f"{path}: ok ({spec.name}: {', '.join(arms)})")
         except SpecErrors as exc:

@@ -99,6 +99,9 @@ def _child(request: dict) -> int:
         script = request["script"]
         sys.argv = [script, *request["args"]]
         sys.path[0] = os.path.dirname(os.path.abspath(script))
+        # as a fresh python would: PYTHONPATH's folders right after the script's own
+        extra = [p for p in request["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
+        sys.path[1:1] = [p for p in extra if p not in sys.path]
     except BaseException:  # noqa: BLE001 - the run could not even start: say so in its log
         traceback.print_exc()
         return 1

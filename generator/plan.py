@@ -17,6 +17,8 @@ from generator import __version__
 from generator.loading import Located
 from generator.spec import (
     SGD,
+    CustomData,
+    CustomModel,
     ImageFolderData,
     Spec,
     SyntheticData,
@@ -69,11 +71,23 @@ class RenderModel:
     amp: str
     compile: bool
     constants: tuple[Constant, ...]
+    factory_refs: tuple[str, ...] = ()  # "model.factory = pkg.mod:attr" per user factory
 
     @property
     def perturbs(self) -> bool:
         """Whether the script holds perturbation code at all (never in a baseline)."""
         return self.kind != "baseline"
+
+    @property
+    def factories(self) -> bool:
+        """Whether the script imports a user's factory (custom model or custom data)."""
+        return bool(self.factory_refs)
+
+    @property
+    def loader_data(self) -> bool:
+        """Whether examples come through a DataLoader (image folders, custom datasets)
+        rather than as tensors held whole on the device."""
+        return self.dataset in ("imagefolder", "custom")
 
     @property
     def detector(self) -> bool:
@@ -134,6 +148,13 @@ def constants(spec: Spec, arm: str, kind: str) -> tuple[Constant, ...]:
             Constant("TEST_SIZE", spec.data.test_size, "synthetic test examples"),
             Constant("SYNTHETIC_NOISE", spec.data.noise, "std of the noise around prototypes"),
         ]
+    elif isinstance(spec.data, CustomData):
+        c += [
+            Constant("DATA_FACTORY", spec.data.factory, "module:attribute of the data factory"),
+            Constant("DATA_ARGS", spec.data.args, "keyword arguments of the data factory"),
+            Constant("WORKERS", spec.data.workers, "DataLoader processes loading examples"),
+            Constant("VAL_SIZE", spec.data.val_size, "carved from train if no val (None: 1/10)"),
+        ]
     else:
         c.append(Constant("VAL_SIZE", spec.data.val_size, "validation examples, from train"))
     if isinstance(spec.data, ImageFolderData):
@@ -155,6 +176,16 @@ def constants(spec: Spec, arm: str, kind: str) -> tuple[Constant, ...]:
         c.append(Constant("HIDDEN", tuple(model.hidden), "hidden layer widths"))
     elif model.arch == "cnn1d":
         c.append(Constant("WIDTH", model.width, "channels of each convolution"))
+    elif model.arch in ("torchvision", "timm"):
+        c += [
+            Constant("LIBRARY_MODEL", model.name, f"the {model.arch} model, random init"),
+            Constant("MODEL_ARGS", model.args, "its further keyword arguments"),
+        ]
+    elif model.arch == "custom":
+        c += [
+            Constant("MODEL_FACTORY", model.factory, "module:attribute of the model factory"),
+            Constant("MODEL_ARGS", model.args, "keyword arguments of the model factory"),
+        ]
     elif model.arch == "efficientnet_b0":
         c += [
             Constant("DROP_PATH", model.drop_path, "stochastic depth of the last block"),
@@ -228,6 +259,15 @@ def constants(spec: Spec, arm: str, kind: str) -> tuple[Constant, ...]:
     return tuple(c)
 
 
+def factory_refs(spec: Spec) -> tuple[str, ...]:
+    """The user's factories a script imports, as docstring lines."""
+    return tuple(
+        f"{section}.factory = {getattr(spec, section).factory}"
+        for section in ("model", "data")
+        if isinstance(getattr(spec, section), (CustomModel, CustomData))
+    )
+
+
 def arm_names(spec: Spec) -> list[str]:
     """The arms a spec emits, in order: its variants, then baseline_<name> per extra baseline."""
     return [*spec.variants, *(f"baseline_{name}" for name in sorted(spec.baselines))]
@@ -267,6 +307,7 @@ def plan(spec: Spec, doc: Located) -> list[RenderModel]:
                 amp=s.train.amp,
                 compile=s.train.compile,
                 constants=constants(s, arm, kind),
+                factory_refs=factory_refs(s),
             )
         )
     return models

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import difflib
+import keyword
+import math
+import re
 import types
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -92,8 +95,93 @@ class ImageFolderData(_Data):
     val_size: PosInt = Field(5000, description=VAL_SIZE_HELP)
 
 
+FACTORY_PATTERN = r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$"
+
+
+def _factory_text(text: str) -> str:
+    if not re.fullmatch(FACTORY_PATTERN, text) or not text.isascii():
+        raise ValueError("must look like package.module:attribute (ASCII identifiers)")
+    return text
+
+
+Factory = Annotated[
+    str,
+    AfterValidator(_factory_text),
+    Field(
+        json_schema_extra={"pattern": FACTORY_PATTERN},
+        max_length=200,
+        description="An import path 'package.module:attribute'; the module is imported by "
+        "name (installed, or on PYTHONPATH; perturbgen validate --import and ablate add the "
+        "spec file's folder).",
+    ),
+]
+
+
+def _plain_value(value: Any, where: str = "") -> None:
+    """YAML data that pyrepr can emit: None, bool, int, finite float, printable str, and
+    lists and string-keyed mappings of them."""
+    if value is None or isinstance(value, (bool, int)):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{where or 'value'} must be a finite number (got {value!r})")
+        return
+    if isinstance(value, str):
+        if not value.isprintable():
+            raise ValueError(f"{where or 'value'} must be printable text")
+        return
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            _plain_value(item, f"{where}[{i}]")
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError(f"{where or 'mapping'} keys must be strings (got {key!r})")
+            _plain_value(item, f"{where}.{key}" if where else key)
+        return
+    raise ValueError(f"{where or 'value'} must be plain YAML data (got {type(value).__name__})")
+
+
+def _keyword_args(args: dict[str, Any]) -> dict[str, Any]:
+    """A factory's keyword arguments: identifier keys, plain YAML values."""
+    for key in args:
+        if not key.isidentifier() or not key.isascii() or keyword.iskeyword(key):
+            raise ValueError(f"key {key!r} is not a Python identifier (it is a keyword argument)")
+    _plain_value(args)
+    return args
+
+
+FactoryArgs = Annotated[
+    dict[str, Any],
+    AfterValidator(_keyword_args),
+    Field(description="Keyword arguments of the factory: plain YAML data."),
+]
+
+
+class CustomData(_Data):
+    """Your own data: `factory(root, **args)` returns map-style Datasets (train, val, test)
+    or (train, test); each item is (x, y), x of input_shape, y an int class."""
+
+    dataset: Literal["custom"]
+    factory: Factory
+    args: FactoryArgs = {}
+    input_shape: list[PosInt] = Field(
+        min_length=1, max_length=3, description="Shape of one example x."
+    )
+    num_classes: Annotated[int, Field(ge=2, lt=INT_LIMIT)]
+    workers: Annotated[int, Field(ge=0, lt=INT_LIMIT)] = Field(
+        0, description="DataLoader processes (0: load in the training process)."
+    )
+    val_size: PosInt | None = Field(
+        None,
+        description="When the factory returns (train, test): validation examples carved "
+        "from train by the fixed split of the built-in datasets (default a tenth).",
+    )
+
+
 Data = Annotated[
-    Union[SyntheticData, MNIST1DData, CIFAR10Data, CIFAR100Data, ImageFolderData],
+    Union[SyntheticData, MNIST1DData, CIFAR10Data, CIFAR100Data, ImageFolderData, CustomData],
     Field(discriminator="dataset"),
 ]
 
@@ -130,8 +218,57 @@ class EfficientNetB0Model(Section):
     dropout: Annotated[float, Field(ge=0, lt=1)] = Field(0.2, description="Before the head.")
 
 
+class CustomModel(Section):
+    """Your own network: `factory(input_shape, num_classes, **args)` returns an nn.Module."""
+
+    arch: Literal["custom"]
+    factory: Factory
+    args: FactoryArgs = {}
+
+
+LIBRARY_NAME = r"^[a-z][a-z0-9_.]*$"
+
+
+class TorchvisionModel(Section):
+    """A torchvision.models classification builder (extra `torchvision`), random init:
+    `get_model_builder(name)(weights=None, num_classes=..., **args)`, nothing downloaded."""
+
+    arch: Literal["torchvision"]
+    name: Annotated[str, Field(pattern=LIBRARY_NAME, max_length=64)] = Field(
+        description="A builder in torchvision.models, e.g. resnet18 or mobilenet_v3_small."
+    )
+    args: FactoryArgs = {}
+
+
+class TimmModel(Section):
+    """A timm model (extra `timm`): `timm.create_model(name, pretrained=False,
+    num_classes=..., in_chans=..., **args)`, nothing downloaded."""
+
+    arch: Literal["timm"]
+    name: Annotated[str, Field(pattern=LIBRARY_NAME, max_length=64)] = Field(
+        description="A timm model name, e.g. resnet10t or vit_tiny_patch16_224."
+    )
+    args: FactoryArgs = {}
+
+
+# The arguments perturbgen passes to each kind of model itself: not allowed in `args`.
+PASSED_ARGS = {
+    "custom": ("input_shape", "num_classes"),
+    "torchvision": ("weights", "num_classes"),
+    "timm": ("pretrained", "num_classes", "in_chans"),
+}
+
 Model = Annotated[
-    Union[MLPModel, CNN1dModel, ResNet18Model, VGG16Model, EfficientNetB0Model],
+    Union[
+        MLPModel,
+        CNN1dModel,
+        ResNet18Model,
+        VGG16Model,
+        EfficientNetB0Model,
+        CustomModel,
+        TorchvisionModel,
+        TimmModel,
+    ],
     Field(discriminator="arch"),
 ]
 
@@ -355,7 +492,7 @@ DATASET_SHAPES: dict[str, tuple[tuple[int, ...], int]] = {
     "cifar10": ((3, 32, 32), 10),
     "cifar100": ((3, 32, 32), 100),
 }
-IMAGE_MODELS = ("resnet18", "vgg16", "efficientnet_b0")
+IMAGE_MODELS = ("resnet18", "vgg16", "efficientnet_b0", "torchvision", "timm")
 
 
 def input_shape(spec: Spec) -> tuple[tuple[int, ...], int]:
@@ -365,6 +502,8 @@ def input_shape(spec: Spec) -> tuple[tuple[int, ...], int]:
     if isinstance(spec.data, ImageFolderData):
         size = spec.data.image_size
         return (3, size, size), spec.data.num_classes
+    if isinstance(spec.data, CustomData):
+        return tuple(spec.data.input_shape), spec.data.num_classes
     return DATASET_SHAPES[spec.data.dataset]
 
 
@@ -402,12 +541,20 @@ def semantic_problems(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
         if arm in seen:
             problems.append((("variants", i), f"{arm!r} is listed twice"))
         seen.add(arm)
-    if spec.data.augment and spec.data.dataset in ("synthetic", "mnist1d"):
+    if spec.data.augment and spec.data.dataset in ("synthetic", "mnist1d", "custom"):
         problems.append(
             (("data", "augment"), f"no augmentation is defined for {spec.data.dataset}")
         )
+    passed = (("model", PASSED_ARGS.get(spec.model.arch, ())), ("data", ("root",)))
+    for section, taken in passed:
+        args = getattr(getattr(spec, section), "args", {})
+        for key in sorted(set(args) & set(taken)):
+            problems.append(
+                ((section, "args", key), f"is passed by perturbgen itself: {', '.join(taken)}")
+            )
     shape, _ = input_shape(spec)
-    shape_path = ("data", "shape" if spec.data.dataset == "synthetic" else "dataset")
+    shape_key = {"synthetic": "shape", "custom": "input_shape"}.get(spec.data.dataset, "dataset")
+    shape_path = ("data", shape_key)
     if spec.model.arch in IMAGE_MODELS and (len(shape) != 3 or min(shape[1:]) < 32):
         problems.append(
             (

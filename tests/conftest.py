@@ -38,6 +38,13 @@ settings.load_profile("perturbgen")
 # tests/interpret runs only with TRITON_INTERPRET=1, through tests/test_kernels.py
 collect_ignore = [] if os.environ.get("TRITON_INTERPRET") == "1" else ["interpret"]
 SPECS = sorted((REPO / "specs").glob("*.yaml"))
+# specs/custom_stripes.yaml's factories (specs/custom/) are found as a user's would be: their
+# folder on the import path, in this process and in the scripts' processes
+EXAMPLES = str(REPO / "specs")
+sys.path.insert(0, EXAMPLES)
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (EXAMPLES, os.environ.get("PYTHONPATH")) if p
+)
 GENERATED = REPO / "generated"
 SCRIPTS = sorted(GENERATED.glob("*/train_*.py"))
 

@@ -290,27 +290,36 @@ def random_resized_crop(img, g):
     return img
 
 
+def folder_splits(root, seed):
+    """(split record, train set, {"val", "test"} sets): root/train/ less the VAL_SIZE images
+    set aside for validation trains, root/val/ is the test split."""
+    samples, test = list_images(root, "train"), list_images(root, "val")
+    train, val = split_off_val(len(samples), VAL_SIZE)
+    return (
+        split_record(len(train), val, len(test)),
+        ImageFolder([samples[i] for i in train], True, seed),
+        {
+            "val": ImageFolder([samples[i] for i in val], False, seed),
+            "test": ImageFolder(test, False, seed),
+        },
+    )
+
+
 def collate(samples):
-    """A batch, or (None, message) when an image could not be read."""
+    """A batch, or (None, message) when an example could not be read or is malformed."""
     unreadable = [label for x, label in samples if x is None]
     if unreadable:
         return None, unreadable[0]
     return torch.utils.data.default_collate(samples)
 
 
-class FolderData:
-    """Images decoded from disk by DataLoader workers, batch by batch: root/train/ less the
-    VAL_SIZE images set aside for validation trains, root/val/ is the test split."""
+class LoaderData:
+    """Examples loaded by DataLoader workers, batch by batch: the training batches in the
+    order of (seed, epoch), so a resume mid-epoch and DDP's split of each global batch are
+    those of the tensor datasets."""
 
-    def __init__(self, root, seed, device, rank, world):
-        samples, test = list_images(root, "train"), list_images(root, "val")
-        train, val = split_off_val(len(samples), VAL_SIZE)
-        self.splits = split_record(len(train), val, len(test))
-        self.train_set = ImageFolder([samples[i] for i in train], True, seed)
-        self.eval_sets = {
-            "val": ImageFolder([samples[i] for i in val], False, seed),
-            "test": ImageFolder(test, False, seed),
-        }
+    def __init__(self, splits, train_set, eval_sets, device, rank, world):
+        self.splits, self.train_set, self.eval_sets = splits, train_set, eval_sets
         self.train_size, self.device = len(self.train_set), device
         self.rank, self.world = rank, world
 
@@ -344,7 +353,7 @@ def load_data(root, smoke, seed, device, rank=0, world=1):
     if smoke:  # 16 examples each
         train, test = synthetic_split(32, 1, 1.0), synthetic_split(16, 3, 1.0)
         return TensorData(*train, *test, 16, device, rank, world)
-    return FolderData(root, seed, device, rank, world)
+    return LoaderData(*folder_splits(root, seed), device, rank, world)
 
 
 # ----------------------------------------------------------------------------------------
