@@ -4,7 +4,6 @@ refuse one made with other settings; and the GPU assignment of the local launche
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -12,7 +11,14 @@ import sys
 
 import pytest
 import torch
-from conftest import MINIMAL, generate, run_inprocess, run_script, wait_inside_epoch_2
+from conftest import (
+    MINIMAL,
+    generate,
+    run_inprocess,
+    run_script,
+    wait_inside_epoch_2,
+    without_timing,
+)
 
 from generator.ablate import Job, free_slot, gpu_slots, thread_env, visible_gpus
 
@@ -24,10 +30,7 @@ def model_of(run):
 
 
 def metrics_of(run):
-    return [
-        {k: v for k, v in json.loads(line).items() if k != "elapsed_s"}
-        for line in (run / "metrics.jsonl").read_text().splitlines()
-    ]
+    return without_timing(run / "metrics.jsonl")
 
 
 def test_sigusr1_checkpoints_and_resume_auto_continues_exactly(tmp_path):

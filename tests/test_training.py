@@ -427,10 +427,7 @@ def test_checkpoint_cadence_and_resume_from_an_older_checkpoint(tmp_path):
     )
 
     def lines(folder):
-        return [
-            {k: v for k, v in json.loads(line).items() if k != "elapsed_s"}
-            for line in (folder / "metrics.jsonl").read_text().splitlines()
-        ]
+        return without_timing(folder / "metrics.jsonl")
 
     assert lines(run) == lines(tmp_path / "straight") and len(lines(run)) == 4
     best = torch.load(run / "best.pt", weights_only=True)
