@@ -140,18 +140,25 @@ class Server:
             [sys.executable, "-m", "generator.forkserver"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
+            bufsize=0,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
             start_new_session=True,  # Ctrl-C reaches the client, which stops the runs itself
         )
         self.codes: dict[int, int] = {}
+        self.pending = b""  # reply bytes read from the pipe but not yet handled
         reply = self._read()
         if not reply.get("ready"):
             raise RuntimeError(f"the fork server did not start: {reply}")
 
     def _read(self) -> dict:
-        line = self.process.stdout.readline()
-        if not line:
-            raise RuntimeError("the fork server exited")
+        """The next reply, waiting for it. Replies are read with os.read into our own
+        buffer: a buffered readline could hold a second reply where select cannot see it."""
+        while b"\n" not in self.pending:
+            chunk = os.read(self.process.stdout.fileno(), 65536)
+            if not chunk:
+                raise RuntimeError("the fork server exited")
+            self.pending += chunk
+        line, self.pending = self.pending.split(b"\n", 1)
         return json.loads(line)
 
     def wait(self, timeout: float) -> None:
@@ -160,7 +167,7 @@ class Server:
 
     def _drain(self, timeout: float = 0.0) -> None:
         """Record the exits the server has reported (waiting up to `timeout` for one)."""
-        while select.select([self.process.stdout], [], [], timeout)[0]:
+        while b"\n" in self.pending or select.select([self.process.stdout], [], [], timeout)[0]:
             reply = self._read()
             if "exited" in reply:
                 self.codes[reply["exited"]] = reply["code"]
