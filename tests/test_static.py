@@ -125,7 +125,7 @@ def test_each_arm_holds_only_the_code_it_needs(script):
 IMPORTS = {"triton", "tl", "ThreadPoolExecutor"}
 RETURNED = {"perturbation", "eps", "change"}
 KEYS = {"eps", "kernel", "perturbation", "phase_steps"}
-HANDED_OVER = {"optimizer.step()", "if not scaler_step(scaler, optimizer):\n    continue"}
+HANDED_OVER = {"optimizer.step()", "stepped = scaler_step(scaler, optimizer)"}
 MESSAGES = {"log", "fail", "help", "description"}  # calls and keywords that take messages
 BODIES = ("body", "handlers", "orelse", "finalbody")
 

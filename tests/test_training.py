@@ -437,7 +437,7 @@ def test_checkpoint_cadence_and_resume_from_an_older_checkpoint(tmp_path):
 def test_a_cached_mnist1d_imports_neither_mnist1d_nor_scipy(tmp_path):
     """Start-up: with data/mnist1d.pt in place the script needs only torch (the mnist1d
     package pulls in scipy, matplotlib and requests, seconds of imports)."""
-    x, y = torch.randn(6, 1, 40), torch.arange(6) % 10
+    x, y = torch.randn(600, 1, 40), torch.arange(600) % 10  # 500 of them become val
     torch.save({"x": x, "y": y, "x_test": x, "y_test": y}, tmp_path / "mnist1d.pt")
     script = GENERATED / "mnist1d_cnn" / "train_baseline.py"
     probe = (
