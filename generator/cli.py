@@ -46,6 +46,17 @@ SpecArgs = Annotated[
         help="Spec files, or folders whose *.yaml files are specs.", show_default=False
     ),
 ]
+# the slurm launcher's resources, shared by ablate and tune (see _slurm_resources)
+CpusOpt = Annotated[int, typer.Option(min=1, help="slurm: CPUs per run.")]
+PartitionOpt = Annotated[Optional[str], typer.Option(help="slurm: partition.")]
+TimeOpt = Annotated[int, typer.Option(min=1, help="slurm: time limit per attempt, minutes.")]
+MemOpt = Annotated[Optional[str], typer.Option(help="slurm: memory per run, e.g. 16G.")]
+AccountOpt = Annotated[Optional[str], typer.Option(help="slurm: account.")]
+QosOpt = Annotated[Optional[str], typer.Option(help="slurm: quality of service.")]
+SbatchOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(metavar="KEY=VALUE", help="slurm: any other sbatch option, repeatable."),
+]
 SetOpt = Annotated[
     Optional[list[str]],
     typer.Option(
@@ -242,18 +253,13 @@ def ablate(
             "concurrent run gets its own via CUDA_VISIBLE_DEVICES; on slurm >1 starts torchrun.",
         ),
     ] = None,
-    cpus_per_run: Annotated[int, typer.Option(min=1, help="slurm: CPUs per run.")] = 1,
-    partition: Annotated[Optional[str], typer.Option(help="slurm: partition.")] = None,
-    time_min: Annotated[
-        int, typer.Option(min=1, help="slurm: time limit per attempt, minutes.")
-    ] = 60,
-    mem: Annotated[Optional[str], typer.Option(help="slurm: memory per run, e.g. 16G.")] = None,
-    account: Annotated[Optional[str], typer.Option(help="slurm: account.")] = None,
-    qos: Annotated[Optional[str], typer.Option(help="slurm: quality of service.")] = None,
-    sbatch: Annotated[
-        Optional[list[str]],
-        typer.Option(metavar="KEY=VALUE", help="slurm: any other sbatch option, repeatable."),
-    ] = None,
+    cpus_per_run: CpusOpt = 1,
+    partition: PartitionOpt = None,
+    time_min: TimeOpt = 60,
+    mem: MemOpt = None,
+    account: AccountOpt = None,
+    qos: QosOpt = None,
+    sbatch: SbatchOpt = None,
     no_wait: Annotated[
         bool, typer.Option("--no-wait", help="slurm: submit and return; rerun to collect.")
     ] = False,
@@ -270,9 +276,7 @@ def ablate(
     from generator import ablate as runner
     from generator import report as reporting
 
-    if launcher not in ("local", "slurm"):
-        typer.echo(f"error: --launcher {launcher!r}: choose local or slurm", err=True)
-        raise typer.Exit(2)
+    _check_launcher(launcher)
     # everything that changes a run; a rerun into the same folder must repeat it
     settings = {"epochs": epochs, "smoke": smoke, "nproc": nproc, "overrides": sorted(set_ or [])}
     with _exits(spec):
@@ -366,6 +370,12 @@ def _refuse_runs_on_slurm(folder: Path) -> None:
             "--launcher slurm to follow them, or add --cancel there first",
             err=True,
         )
+        raise typer.Exit(2)
+
+
+def _check_launcher(launcher: str) -> None:
+    if launcher not in ("local", "slurm"):
+        typer.echo(f"error: --launcher {launcher!r}: choose local or slurm", err=True)
         raise typer.Exit(2)
 
 
@@ -518,18 +528,41 @@ def tune(
         Optional[Path], typer.Option("-o", "--out", help="Tune folder (default tune/NAME_ARM).")
     ] = None,
     set_: SetOpt = None,
+    launcher: Annotated[
+        str,
+        typer.Option(help="local: processes on this machine; slurm: a job array per trial."),
+    ] = "local",
+    gpus_per_run: Annotated[
+        int, typer.Option(min=0, max=1, help="slurm: GPUs per run (a run is one process).")
+    ] = 0,
+    cpus_per_run: CpusOpt = 1,
+    partition: PartitionOpt = None,
+    time_min: TimeOpt = 60,
+    mem: MemOpt = None,
+    account: AccountOpt = None,
+    qos: QosOpt = None,
+    sbatch: SbatchOpt = None,
 ) -> None:
     """Tune one arm's settings with Optuna on the validation split (the spec's tune: section).
 
     Writes DIR/tuned.yaml (the spec with the best values), DIR/tune_report.md and
-    DIR/tune.json. Rerunning the same command continues the study.
+    DIR/tune.json. Rerunning the same command continues the study. With --launcher slurm
+    each trial's runs are Slurm tasks: a pruned trial's are cancelled, and so are the
+    running ones on Ctrl-C.
     """
+    from generator import slurm
     from generator import tune as tuning
 
+    _check_launcher(launcher)
+    resources = None
+    if launcher == "slurm":
+        resources = _slurm_resources(
+            gpus_per_run, cpus_per_run, partition, time_min, mem, account, qos, sbatch
+        )
     with _exits(spec):
         loaded, doc = load_spec(spec, set_ or [])
         chosen = tuning.settings(
-            loaded, doc, spec, set_ or [], trials, workers, storage, study, out
+            loaded, doc, spec, set_ or [], trials, workers, storage, study, out, resources
         )
     signal.signal(signal.SIGTERM, _interrupt)  # stops the trials like Ctrl-C does
     try:
@@ -538,10 +571,15 @@ def tune(
     except KeyboardInterrupt:
         typer.echo(
             "interrupted: finished trials are kept, running ones are marked failed and do not "
-            "count; rerun the same command to continue",
+            "count"
+            + ("; their Slurm tasks are cancelled" if resources else "")
+            + "; rerun the same command to continue",
             err=True,
         )
         raise typer.Exit(130) from None
+    except slurm.SlurmError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
     best = info["best"]
     if best is not None:
         typer.echo(

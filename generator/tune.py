@@ -2,8 +2,10 @@
 
 A trial is the spec with the sampled values applied as `--set` overrides and validated like
 any spec (an invalid sample is pruned, never run); its arm is generated into the trial's
-folder and run as a process per seed. The tuner follows each run's metrics.jsonl, reports
-every epoch's validation value to Optuna, and stops (SIGTERM) a trial the pruner rejects.
+folder and run as a process per seed, or (`--launcher slurm`) as one Slurm job array with a
+task per seed. The tuner follows each run's metrics.jsonl (on a cluster, through the shared
+filesystem), reports every epoch's validation value to Optuna, and stops a trial the pruner
+rejects (SIGTERM locally, scancel on Slurm).
 
 Only validation values are read: every JSON object is read without its test keys, and of
 metrics.jsonl only `epoch` and the `val_*` fields are kept, so no test value can reach the
@@ -11,7 +13,8 @@ objective, the pruner or the report.
 
 Layout of a tune folder:
     DIR/study.db                   the default storage (SQLite)
-    DIR/trials/STUDY/NNNN/         one trial: scripts/ (its arm) and seed<S>/ (its runs)
+    DIR/trials/STUDY/NNNN/         one trial: scripts/ (its arm) and seed<S>/ (its runs);
+                                   on Slurm also slurm.json (its task ids) and slurm/ (logs)
     DIR/tuned.yaml                 the spec that extends the original with the best values
     DIR/tune_report.md, tune.json  the study, for people and for machines
     DIR/plots/*.png                Optuna's plots
@@ -40,6 +43,8 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
+from generator import slurm
+from generator.ablate import thread_env
 from generator.cli import _Progress
 from generator.errors import SpecError, SpecErrors
 from generator.loading import Located, merge, parse_override
@@ -112,6 +117,7 @@ class Settings:
     study_name: str
     storage: str | None  # None: DIR/study.db
     workers: int
+    resources: slurm.Resources | None = None  # None: local processes; else Slurm tasks
 
     @property
     def epochs(self) -> int:
@@ -142,6 +148,7 @@ def settings(
     storage: str | None,
     study: str | None,
     out: Path | None,
+    resources: slurm.Resources | None = None,
 ) -> Settings:
     if spec.tune is None:
         raise SpecErrors(
@@ -150,7 +157,9 @@ def settings(
     tune = spec.tune if trials is None else spec.tune.model_copy(update={"trials": trials})
     name = study or f"{spec.name}-{tune.arm}"
     folder = out or Path("tune") / f"{spec.name}_{tune.arm}"
-    return Settings(spec_path, spec, doc, list(overrides), tune, folder, name, storage, workers)
+    return Settings(
+        spec_path, spec, doc, list(overrides), tune, folder, name, storage, workers, resources
+    )
 
 
 def distributions(s: Settings) -> dict[str, optuna.distributions.BaseDistribution]:
@@ -275,18 +284,17 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def run_command(script: Path, run: Path, seed: int, epochs: int) -> list[str]:
+    command = [sys.executable, str(script), "--seed", str(seed), "--out", str(run)]
+    return command + ["--epochs", str(epochs)]
+
+
 def launch(script: Path, run: Path, seed: int, epochs: int, threads: int) -> subprocess.Popen:
     """One run of a generated script, as its own process (and session: Ctrl-C reaches the
     tuner, which stops its runs itself)."""
     run.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, str(script), "--seed", str(seed), "--out", str(run)]
-    command += ["--epochs", str(epochs)]
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": str(threads),
-        "MKL_NUM_THREADS": str(threads),
-        "PYTHONUNBUFFERED": "1",
-    }
+    command = run_command(script, run, seed, epochs)
+    env = {**os.environ, **thread_env(threads)}
     with open(run / "train.log", "a") as log:
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
@@ -314,6 +322,53 @@ def stop(procs: list[subprocess.Popen], grace_s: float = 30.0) -> None:
             proc.wait()
 
 
+class SlurmRun:
+    """One run of a trial as a Slurm task, with the part of Popen's interface that a trial
+    uses (poll, send_signal, wait, kill, returncode): it is followed and stopped like a local
+    process. The exit code is the script's, as the task wrote it in train.log; a task
+    cancelled before its script ended has -SIGTERM."""
+
+    def __init__(self, launcher: slurm.Launcher, key: str, run: Path):
+        self.launcher, self.key, self.run = launcher, key, run
+        self.returncode: int | None = None
+        self.checked = 0.0
+        self.note = ""  # why it failed, for the trial's reason
+
+    def poll(self) -> int | None:
+        if self.returncode is not None or time.time() - self.checked < slurm.POLL_S:
+            return self.returncode
+        self.checked = time.time()
+        try:
+            state = self.launcher.states().get(self.key, "")
+        except slurm.SlurmError:  # squeue did not answer this time: ask again later
+            return None
+        if state not in slurm.ACTIVE:
+            code = slurm._exit_code(self.run / "train.log")
+            self.returncode = -signal.SIGTERM if code is None else code
+            task = self.launcher.task_id(self.key)
+            log = self.launcher.folder / "slurm" / f"{task}_0_log.err"
+            self.note = f"slurm task {task} ended {state or 'gone from squeue'} ({log})"
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:  # scancel: SIGTERM, then SIGKILL after KillWait
+        with contextlib.suppress(slurm.SlurmError):
+            self.launcher.cancel([self.key])
+        self.checked = 0.0
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = time.time() + (timeout or 0)
+        while self.poll() is None:
+            if time.time() > deadline:
+                raise subprocess.TimeoutExpired(self.key, timeout or 0)
+            time.sleep(0.2)
+        return self.returncode
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+        if self.returncode is None:  # cancelled twice: the scheduler ends it
+            self.returncode = -signal.SIGKILL
+
+
 @dataclass
 class Running:
     """A trial this process runs: its runs (one per seed) and what was reported of them."""
@@ -321,7 +376,7 @@ class Running:
     trial: optuna.Trial
     folder: Path
     runs: list[Path]
-    procs: list[subprocess.Popen]
+    procs: list[subprocess.Popen | SlurmRun]
     started: float = field(default_factory=time.time)
     epoch: int = 0  # epochs reported to Optuna
     value: float | None = None  # the latest reported value
@@ -330,6 +385,14 @@ class Running:
     @property
     def number(self) -> int:
         return self.trial.number
+
+
+def cancel_tasks(folder: Path) -> None:
+    """scancel the Slurm tasks a lost trial left behind (a tuner killed without Ctrl-C)."""
+    if (folder / slurm.RECORD).exists():
+        with contextlib.suppress(slurm.SlurmError):
+            launcher = slurm.Launcher(folder, slurm.Resources())
+            launcher.cancel(list(launcher.record["tasks"]))
 
 
 # --- the study -----------------------------------------------------------------------------
@@ -399,6 +462,7 @@ class Tuner:
                 continue
             if owner.startswith(me) or not _alive(owner):  # mine but not running: a crash
                 self.finish(optuna.Trial(self.study, t._trial_id), TrialState.FAIL, "lost")
+                cancel_tasks(Path(t.user_attrs.get("folder", "")))
 
     def finish(self, trial, state, outcome: str, value=None, reason: str = "") -> None:
         trial.set_user_attr("outcome", outcome)
@@ -441,16 +505,37 @@ class Tuner:
         rendered = render(spec, doc, self.s.spec_path, [self.s.tune.arm])
         write_folder(Rendered("scripts", rendered.files), folder)
         script = folder / "scripts" / f"train_{self.s.tune.arm}.py"
-        share = len(self.s.seeds) * self.s.workers
-        threads = max(1, (os.cpu_count() or 1) // share)
         runs = [folder / f"seed{seed}" for seed in self.s.seeds]
-        procs = [
-            launch(script, run, seed, self.s.epochs, threads)
-            for run, seed in zip(runs, self.s.seeds, strict=True)
-        ]
+        try:
+            procs = self.start(trial.number, folder, script, runs)
+        except slurm.SlurmError as exc:
+            self.finish(trial, TrialState.FAIL, "failed", reason=str(exc))
+            raise
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(trial.params.items()))
         self.show(f"trial {trial.number}: start ({params})")
         return Running(trial, folder, runs, procs)
+
+    def start(self, number: int, folder: Path, script: Path, runs: list[Path]) -> list:
+        """A trial's runs: local processes, or one Slurm job array (a task per seed, with
+        --resume auto so that a requeued task continues) whose record is folder/slurm.json."""
+        seeds, epochs, resources = self.s.seeds, self.s.epochs, self.s.resources
+        if resources is None:
+            threads = max(1, (os.cpu_count() or 1) // (len(seeds) * self.s.workers))
+            return [launch(script, run, seed, epochs, threads) for run, seed in zip(runs, seeds)]
+        name = f"pgen-tune-{self.s.study_name}-{number}"
+        launcher = slurm.Launcher(folder, resources, name=name)
+        env = thread_env(resources.cpus_per_run)
+        tasks = [
+            slurm.Task(
+                f"trial{number}/seed{seed}",
+                run_command(script, run, seed, epochs) + ["--resume", "auto"],
+                run,
+                env,
+            )
+            for run, seed in zip(runs, seeds)
+        ]
+        launcher.submit(tasks)
+        return [SlurmRun(launcher, task.key, task.folder) for task in tasks]
 
     def follow(self, r: Running) -> bool:
         """Report the new epochs of a trial; stop it if pruned; True once it has ended."""
@@ -490,6 +575,7 @@ class Tuner:
             self.failures_in_row += 1
             logs = ", ".join(str(run / "train.log") for run in r.runs)
             reason = f"exit codes {[p.returncode for p in r.procs]}; logs: {logs}"
+            reason += "".join(f"; {p.note}" for p in r.procs if getattr(p, "note", ""))
             self.finish(r.trial, TrialState.FAIL, "failed", reason=reason)
             self.show(f"trial {r.number}: failed ({reason}); it does not count")
         return self.ended(r)
