@@ -5,6 +5,7 @@
 Rank 0 writes OUT (JSON): each rank's parameters (as a hash), phase and phase start, so
 tests/test_export.py can check that the replicas stayed identical and shared the phase."""
 
+import gc
 import hashlib
 import json
 import sys
@@ -42,4 +43,9 @@ dist.all_gather_object(replicas, mine)
 if rank == 0:
     with open(sys.argv[2], "w") as f:
         json.dump(replicas, f)
+# as the scripts do: free DDP's reducer (a reference cycle) while the group still exists,
+# and let no rank leave while the other still talks to it
+del ddp, perturb
+gc.collect()
+dist.barrier()
 dist.destroy_process_group()

@@ -319,7 +319,7 @@ def test_under_ddp_every_rank_draws_the_same_noise_and_takes_rank_0s_phase(tmp_p
         timeout=120,
         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONUNBUFFERED": "1"},
     )
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 0, result.stderr[:6000]
     rank0, rank1 = json.loads(out.read_text())
     assert rank0 == rank1  # the same parameters, phase and phase start on both
     assert rank0["phase_start"] > 0  # rank 0's detector changed the phase, rank 1 followed
