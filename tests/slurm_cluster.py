@@ -8,6 +8,7 @@ prints the SLURM_CONF to export.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -87,7 +88,8 @@ class Cluster:
     env: dict
 
     def stop(self) -> None:
-        """Stop the daemons by their pid files (slurmd first), and wait for them."""
+        """Stop the daemons by their pid files (slurmd first), and wait for them; then kill
+        what their jobs left running (slurmstepd outlives slurmd), found by its SLURM_CONF."""
         for name in ("slurmd", "slurmctld", "munged"):
             pid_file = self.root / f"{name}.pid"
             try:
@@ -104,6 +106,23 @@ class Cluster:
                 except ProcessLookupError:
                     break
                 time.sleep(0.1)
+        for pid in self._job_processes():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def _job_processes(self) -> list[int]:
+        mine = f"SLURM_CONF={self.conf}".encode()
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                environ = (entry / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if mine in environ:
+                found.append(int(entry.name))
+        return found
 
 
 def start(root: Path, timeout_s: float = 60.0) -> Cluster:

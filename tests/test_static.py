@@ -318,8 +318,15 @@ def test_exported_modules_of_every_perturbing_arm_pass_ruff(tmp_path):
         assert max(len(line) for line in source.splitlines()) < 100
     ruff = [sys.executable, "-m", "ruff"] if shutil.which("ruff") is None else ["ruff"]
     result = subprocess.run(
-        [*ruff, "check", "--no-cache", "--isolated", "--select", "F821,F401,F811,F841,E9",
-         str(tmp_path)],
+        [
+            *ruff,
+            "check",
+            "--no-cache",
+            "--isolated",
+            "--select",
+            "F821,F401,F811,F841,E9",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
     )

@@ -143,7 +143,7 @@ def test_two_processes_on_one_storage_share_the_budget(tmp_path):
 
 
 def test_pruning_stops_a_trial_whose_validation_value_is_bad(tmp_path):
-    spec = write(tmp_path, BASELINE.replace("PRUNER", "median"), epochs=30, train=512)
+    spec = write(tmp_path, BASELINE.replace("PRUNER", "median"), epochs=30, train=4096)
     out = tmp_path / "t"
     out.mkdir()
     study = optuna.create_study(
