@@ -24,6 +24,12 @@ from generator.cli import app
 
 REPO = Path(__file__).resolve().parent.parent
 
+# The tests' models are tiny: one thread per process is the fastest, and the suite's two
+# workers (pyproject.toml: -n 2) on two cores would only contend for more. The scripts the
+# tests start inherit it; `ablate` sets its runs' threads itself.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
+
 # Fuzz tests draw the same examples every run (no flaky CI, nothing stored between runs)
 settings.register_profile(
     "perturbgen",
@@ -255,10 +261,15 @@ def pytest_addoption(parser):
     )
 
 
+def pytest_configure(config):
+    if config.getoption("--robustness-tally") and config.getoption("numprocesses", None):
+        raise pytest.UsageError("--robustness-tally counts in one process: add -n 0")
+
+
 def pytest_sessionfinish(session, exitstatus):
     path = session.config.getoption("--robustness-tally")
     if path:
-        command = f"python -m pytest tests --robustness-tally {path}"
+        command = f"python -m pytest tests -n 0 --robustness-tally {path}"
         Path(path).write_text(TALLY.markdown(command))
 
 

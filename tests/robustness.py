@@ -1,7 +1,7 @@
 """The robustness tally: every class of hostile input the suite tries, and what came of it.
 
 Hardening tests record each case they try with `TALLY.record(cls, outcome)` before they
-assert on it; `python -m pytest tests --robustness-tally docs/robustness.md` writes the tally
+assert on it; `python -m pytest tests -n 0 --robustness-tally docs/robustness.md` writes the tally
 there at the end of the session (see conftest.py), so the document is made by the suite,
 not by hand. tests/test_robustness_doc.py keeps the document and CLASSES in step.
 """

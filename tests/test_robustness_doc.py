@@ -5,7 +5,7 @@ from __future__ import annotations
 from conftest import REPO
 from robustness import CLASSES
 
-COMMAND = "python -m pytest tests --robustness-tally docs/robustness.md"
+COMMAND = "python -m pytest tests -n 0 --robustness-tally docs/robustness.md"
 
 
 def test_robustness_doc_names_every_class_with_no_traceback_and_nothing_lost():

@@ -17,6 +17,9 @@ from conftest import MINIMAL, REPO, cli
 from generator import slurm
 from generator.ablate import thread_env
 
+# one worker runs every test of the one test Slurm (the session fixture)
+pytestmark = pytest.mark.xdist_group("slurm")
+
 TWO_BY_TWO = MINIMAL  # 2 arms (baseline, fixed), 2 epochs; with --seeds 2, four runs
 TIMES = ("seconds", "seconds_to_target")  # wall-clock numbers: the only ones that may differ
 

@@ -143,7 +143,7 @@ def test_two_processes_on_one_storage_share_the_budget(tmp_path):
 
 
 def test_pruning_stops_a_trial_whose_validation_value_is_bad(tmp_path):
-    spec = write(tmp_path, BASELINE.replace("PRUNER", "median"), epochs=30, train=4096)
+    spec = write(tmp_path, BASELINE.replace("PRUNER", "median"), epochs=10, train=4096)
     out = tmp_path / "t"
     out.mkdir()
     study = optuna.create_study(
@@ -160,8 +160,8 @@ def test_pruning_stops_a_trial_whose_validation_value_is_bad(tmp_path):
     # the pruned trial's process was stopped early (SIGTERM), not run to the end
     run = out / "trials" / "tiny-baseline" / "0001" / "seed0"
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["status"] == "stopped" and summary["epochs"] < 30
-    assert max(bad.intermediate_values) < 30
+    assert summary["status"] == "stopped" and summary["epochs"] < 10
+    assert max(bad.intermediate_values) < 10
     assert f"trial 1: pruned at epoch {max(bad.intermediate_values)}" in result.output
 
 

@@ -8,10 +8,14 @@ import json
 import signal
 
 import optuna
+import pytest
 from conftest import cli
 from test_tune_run import BASELINE, trials, tune_process, wait_for_epoch, write
 
 from generator import slurm
+
+# one worker runs every test of the one test Slurm (the session fixture)
+pytestmark = pytest.mark.xdist_group("slurm")
 
 
 def test_trials_run_as_slurm_tasks_and_a_pruned_one_is_cancelled(slurm_cluster, tmp_path):
