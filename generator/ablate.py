@@ -28,6 +28,8 @@ from generator.render import Rendered, check_arms, render, write_folder
 from generator.spec import Spec
 
 POLL_S = 0.5
+# What a loaded NVIDIA, ROCm or WSL GPU driver puts in the file system (Linux).
+GPU_DRIVERS = ("/proc/driver/nvidia/gpus", "/dev/kfd", "/dev/dxg")
 
 
 @dataclass
@@ -163,6 +165,8 @@ def visible_gpus(environ: dict | None = None, count: int | None = None) -> list[
     environ = os.environ if environ is None else environ
     if "CUDA_VISIBLE_DEVICES" in environ:
         return [d.strip() for d in environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
+    if count is None and sys.platform == "linux" and not any(map(os.path.exists, GPU_DRIVERS)):
+        count = 0  # no GPU driver loaded: no need to import torch (seconds) to learn it
     if count is None:
         import torch
 
@@ -245,32 +249,35 @@ def run_all(
     nproc: int = 1,
     fork: bool = True,
     slots: list[str] = (),
+    server: forkserver.Server | None = None,
 ) -> None:
     """Run the pending jobs, `parallel` at a time (each in a GPU slot of its own when there
     are `slots`); Ctrl-C stops them and re-raises.
 
     With `fork` (and one process per run) the runs are forked by a fork server that has
-    imported torch once, which saves each run seconds of start-up (generator/forkserver.py).
+    imported torch once, which saves each run seconds of start-up (generator/forkserver.py);
+    a `server` started earlier (it imports torch while the caller renders) is used and closed.
     """
     for job in jobs:
         if job.recorded_status() in ("completed", "diverged"):
             job.outcome = "skipped"
     queue = [j for j in jobs if j.outcome == "pending"]
-    server = None
-    if queue and fork and nproc == 1 and hasattr(os, "fork"):
+    if server is None and queue and fork and nproc == 1 and hasattr(os, "fork"):
         server = forkserver.Server()
     try:
         while queue or any(j.outcome == "running" for j in jobs):
             while queue and sum(j.outcome == "running" for j in jobs) < parallel:
                 job = queue.pop(0)
                 job.gpus = free_slot(slots, jobs)
-                start(job, extra, threads, nproc, server)
+                start(job, extra, threads, nproc, server if nproc == 1 else None)
                 on_change(jobs, job)
-            for job in jobs:
-                if job.outcome == "running" and job.process.poll() is not None:
-                    finish(job)
-                    on_change(jobs, job)
+            ended = [j for j in jobs if j.outcome == "running" and j.process.poll() is not None]
+            for job in ended:
+                finish(job)
+                on_change(jobs, job)
             on_change(jobs, None)
+            if ended:
+                continue  # their slots are free now
             if server is not None:
                 server.wait(POLL_S)  # returns as soon as a run ends
             else:

@@ -12,11 +12,11 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
 
 from generator.errors import SpecError, SpecErrors
@@ -210,6 +210,7 @@ def export(
 
 @app.command()
 def ablate(
+    ctx: typer.Context,
     spec: Annotated[Path, typer.Argument(help="The spec file.", show_default=False)],
     seeds: Annotated[
         int, typer.Option(min=1, help="Runs per arm, at seeds spec.seed, spec.seed + 1, ...")
@@ -274,6 +275,7 @@ def ablate(
     attaches to the submitted tasks and resubmits only failed or missing runs.
     """
     from generator import ablate as runner
+    from generator import forkserver
     from generator import report as reporting
 
     _check_launcher(launcher)
@@ -283,6 +285,12 @@ def ablate(
         loaded, doc = load_spec(spec, set_ or [])
         folder = out or Path("runs") / loaded.name
         chosen_arms = [a for a in (arms or "").split(",") if a]
+        if launcher == "local" and fork and nproc == 1 and hasattr(os, "fork"):
+            # it imports torch while we render; run_all uses it, this context closes it
+            server = forkserver.Server()
+            ctx.call_on_close(server.close)
+        else:
+            server = None
         rendered, chosen, record = runner.prepare(loaded, doc, spec, folder, chosen_arms, settings)
     seed_list = [loaded.seed + k for k in range(seeds)]
     threads = max(1, (os.cpu_count() or 1) // (jobs * nproc))
@@ -306,7 +314,7 @@ def ablate(
         _refuse_runs_on_slurm(folder)
         per_run = nproc if gpus_per_run is None else gpus_per_run
         slots = runner.gpu_slots(runner.visible_gpus(), per_run) if per_run else []
-        if slots and "jobs" not in _given_options():
+        if slots and "jobs" not in _given_options(ctx):
             jobs = len(slots)  # default --jobs on a GPU machine: one run per GPU slot
         jobs = min(jobs, len(slots)) if slots else jobs
         threads = max(1, (os.cpu_count() or 1) // (jobs * nproc))
@@ -317,10 +325,11 @@ def ablate(
         )
         # SIGTERM stops the children like Ctrl-C does, instead of orphaning them
         signal.signal(signal.SIGTERM, _interrupt)
+        threading.Thread(target=reporting.preload, daemon=True).start()  # while they train
         try:
             with display:
                 runner.run_all(
-                    all_jobs, jobs, extra, threads, display.update, nproc, fork, slots
+                    all_jobs, jobs, extra, threads, display.update, nproc, fork, slots, server
                 )
         except KeyboardInterrupt:
             typer.echo(
@@ -349,13 +358,10 @@ def ablate(
         raise typer.Exit(1)
 
 
-def _given_options() -> set[str]:
+def _given_options(context: typer.Context) -> set[str]:
     """The ablate options given on the command line (not defaulted)."""
-    context = click.get_current_context()
     return {
-        name
-        for name in context.params
-        if context.get_parameter_source(name) != click.core.ParameterSource.DEFAULT
+        name for name in context.params if context.get_parameter_source(name).name != "DEFAULT"
     }
 
 

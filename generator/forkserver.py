@@ -51,8 +51,9 @@ def serve() -> None:
         readable, _, _ = select.select([requests], [], [], 0.05)
         if readable:
             chunk = requests.read(65536)
-            if not chunk:  # the client went away: leave the runs to finish on their own
-                return
+            if not chunk:  # the client went away: leave the runs to finish on their own,
+                replies.flush()  # and skip the interpreter's teardown of torch (a second)
+                os._exit(0)
             buffer += chunk
             while b"\n" in buffer:
                 line, buffer = buffer.split(b"\n", 1)
@@ -146,9 +147,14 @@ class Server:
         )
         self.codes: dict[int, int] = {}
         self.pending = b""  # reply bytes read from the pipe but not yet handled
-        reply = self._read()
-        if not reply.get("ready"):
-            raise RuntimeError(f"the fork server did not start: {reply}")
+        self.ready = False  # it imports torch meanwhile: the first start() waits for it
+
+    def _wait_ready(self) -> None:
+        if not self.ready:
+            reply = self._read()
+            if not reply.get("ready"):
+                raise RuntimeError(f"the fork server did not start: {reply}")
+            self.ready = True
 
     def _read(self) -> dict:
         """The next reply, waiting for it. Replies are read with os.read into our own
@@ -171,9 +177,11 @@ class Server:
             reply = self._read()
             if "exited" in reply:
                 self.codes[reply["exited"]] = reply["code"]
+            self.ready = self.ready or reply.get("ready", False)
             timeout = 0.0
 
     def start(self, script: str, args: list[str], log: str, env: dict, threads: int) -> Run:
+        self._wait_ready()
         request = {
             "script": script,
             "args": args,
@@ -192,6 +200,7 @@ class Server:
                 return Run(self, reply["pid"])
 
     def close(self) -> None:
+        """End the server (runs it forked keep running); it exits as soon as it reads EOF."""
         if self.process.poll() is None:
             self.process.stdin.close()
             try:

@@ -895,6 +895,16 @@ def headline(report: dict[str, Any], spec: str) -> list[str]:
 # --- plots ---------------------------------------------------------------------------------
 
 
+def preload() -> None:
+    """Import what build() needs (scipy.stats, matplotlib: seconds of start-up) ahead of
+    time, e.g. in a thread while the runs train, so that the report follows their end."""
+    import matplotlib
+    from scipy import stats  # noqa: F401
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
+
+
 def plots(runs: list[Run], out: Path) -> list[Path]:
     import matplotlib
 

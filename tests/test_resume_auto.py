@@ -4,6 +4,7 @@ refuse one made with other settings; and the GPU assignment of the local launche
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 import torch
 from conftest import (
     MINIMAL,
+    cli,
     generate,
     run_inprocess,
     run_script,
@@ -104,6 +106,21 @@ def test_visible_gpus_follow_cuda_visible_devices():
     assert visible_gpus({"CUDA_VISIBLE_DEVICES": ""}, count=8) == []
     assert visible_gpus({}, count=2) == ["0", "1"]
     assert visible_gpus({}, count=0) == []
+
+
+def test_ablate_runs_one_run_per_visible_gpu_unless_told_jobs(tmp_path, monkeypatch):
+    """With GPUs visible the default --jobs is one run per GPU slot, an explicit --jobs is
+    kept, and each run sees only its slot's GPU (the scripts fall back to the CPU here)."""
+    (tmp_path / "spec.yaml").write_text(MINIMAL)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,7")
+    args = ("ablate", tmp_path / "spec.yaml", "--smoke", "--seeds", "1")
+    default = cli(*args, "-o", tmp_path / "default")
+    assert default.exit_code == 0, default.output
+    assert "2 at a time" in default.output and "GPUs 4 | 7" in default.output
+    logs = [tmp_path / "default" / arm / "seed0" / "config.json" for arm in ("baseline", "fixed")]
+    assert all(json.loads(log.read_text())["device"] == "cpu" for log in logs)
+    told = cli(*args, "--jobs", "1", "-o", tmp_path / "told")
+    assert told.exit_code == 0 and "1 at a time" in told.output and "GPUs 4" in told.output
 
 
 def test_each_concurrent_run_gets_a_slot_no_other_running_run_holds(tmp_path):
