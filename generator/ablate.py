@@ -151,6 +151,16 @@ def command(job: Job, extra: list[str], nproc: int = 1) -> list[str]:
     ]
 
 
+def log_flags(spec: Spec, out: Path) -> list[str]:
+    """The scripts' experiment-logging flags (where the spec logs): the runs of one
+    ablation form one group (W&B group, MLflow experiment), named after its folder, and
+    share one MLflow store, OUT/mlflow.db; TensorBoard's event files sit in each run folder,
+    so `tensorboard --logdir OUT` shows every arm."""
+    loggers = spec.train.loggers
+    group = ["--log-group", out.resolve().name] if {"wandb", "mlflow"} & set(loggers) else []
+    return group + (["--log-root", str(out.resolve())] if "mlflow" in loggers else [])
+
+
 def thread_env(threads: int) -> dict[str, str]:
     return {
         "OMP_NUM_THREADS": str(threads),

@@ -301,6 +301,7 @@ def ablate(
         runner.write_scripts(rendered, folder, record)
     all_jobs = runner.make_jobs(folder, chosen, seed_list, spec.parent)
     extra = (["--epochs", str(epochs)] if epochs else []) + (["--smoke"] if smoke else [])
+    extra += runner.log_flags(loaded, folder)
     display = _Progress(len(all_jobs))
     if launcher == "slurm":
         resources = _slurm_resources(

@@ -64,6 +64,7 @@ class ExportModel:
     module: str
     constants: tuple[Constant, ...]  # the EXPORTED ones the arm defines, in that order
     overridable: tuple[str, ...]  # their constructor keywords, without `seed`
+    logs: bool = False  # the module holds no experiment logging (the scripts' ExperimentLog)
 
     @property
     def detector(self) -> bool:

@@ -34,6 +34,9 @@ NORMALIZATION = {
 }
 
 
+# train.loggers: the PyPI package each tracker comes from (the extra of the same name).
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow-skinny"}
+
 SEED_COMMENT = ("seeds init, data order and dropout", "seeds init, data order, dropout and noise")
 
 
@@ -72,6 +75,7 @@ class RenderModel:
     compile: bool
     constants: tuple[Constant, ...]
     factory_refs: tuple[str, ...] = ()  # "model.factory = pkg.mod:attr" per user factory
+    loggers: tuple[str, ...] = ()  # train.loggers: experiment trackers, in the spec's order
 
     @property
     def perturbs(self) -> bool:
@@ -88,6 +92,21 @@ class RenderModel:
         """Whether examples come through a DataLoader (image folders, custom datasets)
         rather than as tensors held whole on the device."""
         return self.dataset in ("imagefolder", "custom")
+
+    @property
+    def logs(self) -> bool:
+        """Whether the script logs to experiment trackers (train.loggers is not empty)."""
+        return bool(self.loggers)
+
+    @property
+    def grouped(self) -> bool:
+        """Whether a tracker groups runs (W&B group, MLflow experiment): --log-group."""
+        return "wandb" in self.loggers or "mlflow" in self.loggers
+
+    @property
+    def tracker_packages(self) -> dict[str, str]:
+        """The PyPI package of each tracker, for the error a missing one gets."""
+        return {name: TRACKER_PACKAGES[name] for name in self.loggers}
 
     @property
     def detector(self) -> bool:
@@ -226,6 +245,11 @@ def constants(spec: Spec, arm: str, kind: str) -> tuple[Constant, ...]:
         Constant("STABILITY_WINDOW", spec.train.stability_window, "epochs, for the val-loss CV"),
         Constant("DETERMINISTIC", spec.train.deterministic, "deterministic GPU kernels only"),
     ]
+    if spec.train.loggers:
+        c += [
+            Constant("LOGGERS", tuple(spec.train.loggers), "experiment trackers logged to"),
+            Constant("LOG_EVERY", spec.train.log_every, "optimizer steps between step scalars"),
+        ]
     p = spec.perturbation
     if kind != "baseline":
         c += [
@@ -308,6 +332,7 @@ def plan(spec: Spec, doc: Located) -> list[RenderModel]:
                 compile=s.train.compile,
                 constants=constants(s, arm, kind),
                 factory_refs=factory_refs(s),
+                loggers=tuple(s.train.loggers),
             )
         )
     return models

@@ -9,7 +9,14 @@ import re
 import types
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_serializer,
+)
 
 from generator.errors import SpecError, SpecErrors
 from generator.loading import KIND_KEYS, Located, dotted, merge
@@ -352,6 +359,20 @@ class Train(Section):
         False,
         description="Deterministic kernels only (torch, cuDNN, cuBLAS): bit-exact GPU runs.",
     )
+    loggers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        [], description="Experiment trackers the run logs to (each an optional extra)."
+    )
+    log_every: PosInt = Field(10, description="Optimizer steps between per-step scalars.")
+
+    @model_serializer(mode="wrap")
+    def _without_logging_off(self, handler: Any) -> dict[str, Any]:
+        """Logging off leaves no trace in dumps, so the spec hash (and the golden record) of
+        a spec without loggers is what it was before they existed."""
+        data = handler(self)
+        if not self.loggers:
+            data.pop("loggers", None)
+            data.pop("log_every", None)
+        return data
 
 
 class PhaseEps(Section):
@@ -536,6 +557,9 @@ def semantic_problems(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
                 f"must be <= tau2 ({th.tau2}) (got {th.tau4})",
             )
         )
+    for i, name in enumerate(spec.train.loggers):
+        if name in spec.train.loggers[:i]:
+            problems.append((("train", "loggers", i), f"{name!r} is listed twice"))
     seen: set[str] = set()
     for i, arm in enumerate(spec.variants):
         if arm in seen:
@@ -854,6 +878,18 @@ def data_differences(spec: Spec, child: Spec) -> list[tuple[str, str]]:
     ]
 
 
+def logging_differences(spec: Spec, child: Spec) -> list[tuple[str, str]]:
+    """(key, message) for each logging setting an extra baseline changes: every arm of an
+    ablation logs the same scalars to the same trackers, so that they compare."""
+    differences = []
+    for key in ("loggers", "log_every"):
+        mine, theirs = getattr(spec.train, key), getattr(child.train, key)
+        if mine != theirs:
+            message = f"the spec's {key} is {mine!r}, this baseline's {theirs!r}"
+            differences.append((key, f"every arm logs the same way: {message}"))
+    return differences
+
+
 def validate(doc: Located, file: str) -> Spec:
     """Validate a loaded spec; raise SpecErrors listing every problem with file:line.
 
@@ -868,8 +904,10 @@ def validate(doc: Located, file: str) -> Spec:
         except SpecErrors as exc:
             errors.extend(exc.errors)
             continue
-        for key, message in data_differences(spec, child):
-            path = ("baselines", name, "data", key)
+        problems = [(("data", key), m) for key, m in data_differences(spec, child)]
+        problems += [(("train", key), m) for key, m in logging_differences(spec, child)]
+        for where, message in problems:
+            path = ("baselines", name, *where)
             origin_file, line = doc.origin(path, file)
             errors.append(SpecError(origin_file, line, dotted(path), message))
     if errors:
