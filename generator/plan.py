@@ -72,6 +72,9 @@ class RenderModel:
     compile: bool
     constants: tuple[Constant, ...]
     factory_refs: tuple[str, ...] = ()  # "model.factory = pkg.mod:attr" per user factory
+    ema: bool = False  # train.ema: an EMA of the weights, validated and tested beside them
+    early_stop: bool = False  # train.early_stop: stop when val accuracy stalls
+    no_decay: bool = False  # optimizer.no_decay: two parameter groups, one without decay
 
     @property
     def perturbs(self) -> bool:
@@ -205,6 +208,8 @@ def constants(spec: Spec, arm: str, kind: str) -> tuple[Constant, ...]:
             Constant("ADAM_EPS", opt.eps, "Adam denominator epsilon"),
         ]
     c.append(Constant("WEIGHT_DECAY", opt.weight_decay, "L2 penalty (decoupled for adamw)"))
+    if opt.no_decay:
+        c.append(Constant("NO_DECAY", tuple(sorted(opt.no_decay)), "parameters without decay"))
     c.append(Constant("WARMUP_EPOCHS", spec.schedule.warmup_epochs, "linear LR warm-up, epochs"))
     sched = spec.schedule
     if sched.name == "cosine":
@@ -226,6 +231,17 @@ def constants(spec: Spec, arm: str, kind: str) -> tuple[Constant, ...]:
         Constant("STABILITY_WINDOW", spec.train.stability_window, "epochs, for the val-loss CV"),
         Constant("DETERMINISTIC", spec.train.deterministic, "deterministic GPU kernels only"),
     ]
+    ema, stop = spec.train.ema, spec.train.early_stop
+    if ema:
+        c += [
+            Constant("EMA_DECAY", ema.decay, "weight of the old average at each EMA update"),
+            Constant("EMA_EVERY", ema.every, "optimizer steps between EMA updates"),
+        ]
+    if stop:
+        c += [
+            Constant("EARLY_STOP_PATIENCE", stop.patience, "epochs without val-acc improvement"),
+            Constant("EARLY_STOP_MIN_DELTA", stop.min_delta, "val acc gain that counts"),
+        ]
     p = spec.perturbation
     if kind != "baseline":
         c += [
@@ -308,6 +324,9 @@ def plan(spec: Spec, doc: Located) -> list[RenderModel]:
                 compile=s.train.compile,
                 constants=constants(s, arm, kind),
                 factory_refs=factory_refs(s),
+                ema=s.train.ema is not None,
+                early_stop=s.train.early_stop is not None,
+                no_decay=bool(s.optimizer.no_decay),
             )
         )
     return models

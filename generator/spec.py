@@ -275,6 +275,13 @@ Model = Annotated[
 # --- optimizer -------------------------------------------------------------------------
 
 
+NoDecay = Literal["norm", "bias"]
+NO_DECAY_HELP = (
+    "Parameters without weight decay: 'norm' (every parameter of a normalisation layer), "
+    "'bias' (every module's bias)."
+)
+
+
 class SGD(Section):
     name: Literal["sgd"]
     lr: PosFloat
@@ -282,6 +289,7 @@ class SGD(Section):
     dampening: Fraction = 0.0
     nesterov: bool = False
     weight_decay: NonNegFloat = 0.0
+    no_decay: list[NoDecay] = Field([], description=NO_DECAY_HELP)
 
 
 class Adam(Section):
@@ -290,6 +298,7 @@ class Adam(Section):
     betas: list[Fraction] = Field([0.9, 0.999], min_length=2, max_length=2)
     eps: PosFloat = 1e-8
     weight_decay: NonNegFloat = 0.0
+    no_decay: list[NoDecay] = Field([], description=NO_DECAY_HELP)
 
 
 class AdamW(Adam):
@@ -338,6 +347,22 @@ Schedule = Annotated[
 # --- training, perturbation, detector --------------------------------------------------
 
 
+class EMA(Section):
+    decay: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.999, description="ema <- decay * ema + (1 - decay) * weights."
+    )
+    every: PosInt = Field(1, description="Optimizer steps between two EMA updates.")
+
+
+class EarlyStop(Section):
+    patience: PosInt = Field(
+        10, description="Epochs without a val-accuracy improvement before training stops."
+    )
+    min_delta: NonNegFloat = Field(
+        0.0, description="An improvement must raise the best val accuracy by more than this."
+    )
+
+
 class Train(Section):
     epochs: PosInt = 60
     target_accuracy: Annotated[float, Field(gt=0, le=1)] = Field(
@@ -352,6 +377,8 @@ class Train(Section):
         False,
         description="Deterministic kernels only (torch, cuDNN, cuBLAS): bit-exact GPU runs.",
     )
+    ema: EMA | None = Field(None, description="An exponential moving average of the weights.")
+    early_stop: EarlyStop | None = Field(None, description="Stop when val accuracy stalls.")
 
 
 class PhaseEps(Section):
@@ -521,6 +548,9 @@ def semantic_problems(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
                 f"of training spent rising to lr (got {spec.schedule.warmup_epochs:g})",
             )
         )
+    for i, kind in enumerate(opt.no_decay):
+        if kind in opt.no_decay[:i]:
+            problems.append((("optimizer", "no_decay", i), f"{kind!r} is listed twice"))
     th = spec.phase_detector.thresholds
     if th.tau3 > th.tau1:
         problems.append(
