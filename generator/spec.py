@@ -623,6 +623,14 @@ def tune_problems(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
     if tune is None:
         return []
     problems: list[tuple[tuple[str | int, ...], str]] = []
+    if spec.train.early_stop is not None:  # a trial is complete when it ran every epoch
+        problems.append(
+            (
+                ("train", "early_stop"),
+                "must be left out of a spec that perturbgen tune searches (its pruner stops "
+                "poor trials; a trial's runs must all run train.epochs)",
+            )
+        )
     if tune.arm not in spec.variants:
         problems.append(
             (("tune", "arm"), f"{tune.arm!r} is not one of variants ({', '.join(spec.variants)})")

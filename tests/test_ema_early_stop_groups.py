@@ -22,14 +22,14 @@ from generator.render import load_spec
 from generator.report import load_run
 
 # a model with batch norm (buffers, norm parameters) and biases, as a user's factory
-BN_NET = '''\
+BN_NET = """\
 import torch.nn as nn
 
 
 def make(input_shape, num_classes):
     return nn.Sequential(nn.Linear(input_shape[0], 16), nn.BatchNorm1d(16), nn.ReLU(),
                          nn.Linear(16, num_classes))
-'''
+"""
 FEATURES = """\
 name: tiny
 data: {dataset: synthetic, shape: [8], num_classes: 3, train_size: 64, val_size: 32,
@@ -46,7 +46,6 @@ variants: [baseline, fixed, full]
 def bn_net(tmp_path, monkeypatch):
     (tmp_path / "bn_net.py").write_text(BN_NET)
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{__import__('os').environ['PYTHONPATH']}")
     yield
     sys.modules.pop("bn_net", None)
 
@@ -72,21 +71,52 @@ def errors_of(path):
 @pytest.mark.parametrize(
     ("old", "new", "line", "message"),
     [
-        ("epochs: 2,", "epochs: 2, ema: {decay: 1.0},", 5, "train.ema.decay: must be < 1 (got 1.0)"),
+        (
+            "epochs: 2,",
+            "epochs: 2, ema: {decay: 1.0},",
+            5,
+            "train.ema.decay: must be < 1 (got 1.0)",
+        ),
         ("epochs: 2,", "epochs: 2, ema: {every: 0},", 5, "train.ema.every: must be > 0 (got 0)"),
-        ("epochs: 2,", "epochs: 2, early_stop: {patience: 0},", 5,
-         "train.early_stop.patience: must be > 0 (got 0)"),
-        ("epochs: 2,", "epochs: 2, early_stop: {min_delta: -0.1},", 5,
-         "train.early_stop.min_delta: must be >= 0 (got -0.1)"),
-        ("momentum: 0.9", "momentum: 0.9, no_decay: [norm, weights]", 4,
-         "optimizer.no_decay[1]: must be one of 'norm' or 'bias' (got 'weights')"),
-        ("momentum: 0.9", "momentum: 0.9, no_decay: [bias, bias]", 4,
-         "optimizer.no_decay[1]: 'bias' is listed twice"),
+        (
+            "epochs: 2,",
+            "epochs: 2, early_stop: {patience: 0},",
+            5,
+            "train.early_stop.patience: must be > 0 (got 0)",
+        ),
+        (
+            "epochs: 2,",
+            "epochs: 2, early_stop: {min_delta: -0.1},",
+            5,
+            "train.early_stop.min_delta: must be >= 0 (got -0.1)",
+        ),
+        (
+            "momentum: 0.9",
+            "momentum: 0.9, no_decay: [norm, weights]",
+            4,
+            "optimizer.no_decay[1]: must be one of 'norm' or 'bias' (got 'weights')",
+        ),
+        (
+            "momentum: 0.9",
+            "momentum: 0.9, no_decay: [bias, bias]",
+            4,
+            "optimizer.no_decay[1]: 'bias' is listed twice",
+        ),
     ],
 )
 def test_bad_fields_are_one_line_errors(write_spec, old, new, line, message):
     path = write_spec(MINIMAL.replace(old, new))
     assert errors_of(path) == [f"{path}:{line}: {message}"]
+
+
+def test_early_stop_is_refused_in_a_spec_to_tune(write_spec):
+    text = MINIMAL.replace("epochs: 2,", "epochs: 2, early_stop: {patience: 3},")
+    path = write_spec(text + "tune: {arm: fixed, space: {optimizer.lr: {low: 0.01, high: 1}}}\n")
+    message = (
+        "train.early_stop: must be left out of a spec that perturbgen tune searches (its "
+        "pruner stops poor trials; a trial's runs must all run train.epochs)"
+    )
+    assert errors_of(path) == [f"{path}:5: {message}"]
 
 
 def test_render_model_fields_are_off_by_default_and_on_when_asked(write_spec, bn_net):
@@ -114,9 +144,18 @@ def test_every_arm_applies_the_features_alike(tmp_path, bn_net, amp):
         assert not problems, arm + "\n" + "\n".join(problems)
     ruff = [sys.executable, "-m", "ruff"] if shutil.which("ruff") is None else ["ruff"]
     checked = subprocess.run(
-        [*ruff, "check", "--no-cache", "--isolated", "--select", "F821,F401,F811,F841,E9",
-         str(folder)],
-        capture_output=True, text=True,
+        [
+            *ruff,
+            "check",
+            "--no-cache",
+            "--isolated",
+            "--select",
+            "F821,F401,F811,F841,E9",
+            str(folder),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
@@ -129,19 +168,28 @@ def test_no_decay_groups_and_one_step_against_torch(tmp_path, bn_net, name):
     """Biases and batch-norm parameters get weight decay 0, the rest the spec's; one step
     of the script's optimizer moves each tensor exactly as torch's optimizer does with that
     tensor's decay (bias: as without decay)."""
-    opt = {"sgd": "{name: sgd, lr: 0.1, momentum: 0.9", "adam": "{name: adam, lr: 0.01",
-           "adamw": "{name: adamw, lr: 0.01"}[name]
-    text = FEATURES.replace(
-        "{name: sgd, lr: 0.1, momentum: 0.9", opt
-    ).replace("weight_decay: 0.01", "weight_decay: 0.5")
+    opt = {
+        "sgd": "{name: sgd, lr: 0.1, momentum: 0.9",
+        "adam": "{name: adam, lr: 0.01",
+        "adamw": "{name: adamw, lr: 0.01",
+    }[name]
+    text = FEATURES.replace("{name: sgd, lr: 0.1, momentum: 0.9", opt).replace(
+        "weight_decay: 0.01", "weight_decay: 0.5"
+    )
     module = load_module(generate(tmp_path, text) / "train_fixed.py", f"nd_{name}")
     torch.manual_seed(0)
     model = module.build_model()
     module.flatten_parameters(model)  # several groups over views into one flat buffer
     optimizer = module.build_optimizer(model)
     decays = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
-    expected = {"0.weight": 0.5, "0.bias": 0.0, "1.weight": 0.0, "1.bias": 0.0,
-                "3.weight": 0.5, "3.bias": 0.0}
+    expected = {
+        "0.weight": 0.5,
+        "0.bias": 0.0,
+        "1.weight": 0.0,
+        "1.bias": 0.0,
+        "3.weight": 0.5,
+        "3.bias": 0.0,
+    }
     assert {n: decays[id(p)] for n, p in model.named_parameters()} == expected
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     grads = {n: torch.randn_like(p) for n, p in model.named_parameters()}
@@ -149,8 +197,9 @@ def test_no_decay_groups_and_one_step_against_torch(tmp_path, bn_net, name):
         p.grad = grads[n].clone()
     optimizer.step()
     cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
-    kwargs = {"sgd": {"lr": 0.1, "momentum": 0.9}, "adam": {"lr": 0.01},
-              "adamw": {"lr": 0.01}}[name]
+    kwargs = {"sgd": {"lr": 0.1, "momentum": 0.9}, "adam": {"lr": 0.01}, "adamw": {"lr": 0.01}}[
+        name
+    ]
     for n, p in model.named_parameters():
         ref = before[n].clone().requires_grad_()
         ref.grad = grads[n].clone()
@@ -264,7 +313,9 @@ def test_a_run_stops_early_is_completed_and_resumes_as_stopped(tmp_path, bn_net)
     """min_delta 1: no epoch after the first improves, so patience 2 stops after epoch 3 of
     10; test is evaluated, the LR followed the 10-epoch cosine, the report counts it
     completed, and --resume leaves it as it is."""
-    text = FEATURES.replace("epochs: 3,", "epochs: 10,").replace("min_delta: 0.0", "min_delta: 1.0")
+    text = FEATURES.replace("epochs: 3,", "epochs: 10,").replace(
+        "min_delta: 0.0", "min_delta: 1.0"
+    )
     text = text.replace("variants: [baseline, fixed, full]", "schedule: {name: cosine}")
     module = load_module(generate(tmp_path, text) / "train_fixed.py", "stop_run")
     run = tmp_path / "runs" / "tiny" / "fixed-seed0"
