@@ -7,14 +7,12 @@ import contextlib
 import io
 import json
 import math
-import shutil
-import subprocess
 import sys
 
 import pytest
 import torch
 from conftest import MINIMAL, TIMING, cli, generate, load_module, without_timing
-from test_static import arm_differences
+from test_static import arm_differences, ruff_names
 
 from generator.errors import SpecErrors
 from generator.plan import plan
@@ -142,21 +140,7 @@ def test_every_arm_applies_the_features_alike(tmp_path, bn_net, amp):
     for arm in ("fixed", "full"):
         problems = arm_differences(base, (folder / f"train_{arm}.py").read_text())
         assert not problems, arm + "\n" + "\n".join(problems)
-    ruff = [sys.executable, "-m", "ruff"] if shutil.which("ruff") is None else ["ruff"]
-    checked = subprocess.run(
-        [
-            *ruff,
-            "check",
-            "--no-cache",
-            "--isolated",
-            "--select",
-            "F821,F401,F811,F841,E9",
-            str(folder),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    checked = ruff_names(folder)
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
