@@ -76,6 +76,9 @@ class RenderModel:
     constants: tuple[Constant, ...]
     factory_refs: tuple[str, ...] = ()  # "model.factory = pkg.mod:attr" per user factory
     loggers: tuple[str, ...] = ()  # train.loggers: experiment trackers, in the spec's order
+    ema: bool = False  # train.ema: an EMA of the weights, validated and tested beside them
+    early_stop: bool = False  # train.early_stop: stop when val accuracy stalls
+    no_decay: bool = False  # optimizer.no_decay: two parameter groups, one without decay
 
     @property
     def perturbs(self) -> bool:
@@ -124,8 +127,31 @@ class ReadmeModel:
     arms: tuple[RenderModel, ...]
 
 
+# Training features that came after specs were in use, with the value that turns each off.
+# While off they stay out of the spec hash, so that a spec which does not use them keeps the
+# hash its run folders (ablation.json, manifest.json) and the golden record carry.
+LATER_FEATURES = {
+    "train": {
+        "clip_grad_norm": None,
+        "accumulate": 1,
+        "label_smoothing": 0.0,
+        "ema": None,
+        "early_stop": None,
+        "loggers": [],
+    },
+    "optimizer": {"no_decay": []},
+}
+
+
 def spec_hash(spec: Spec) -> str:
-    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    data = spec.model_dump(mode="json")
+    for section, features in LATER_FEATURES.items():
+        for key, off in features.items():
+            if key in data[section] and data[section][key] == off:
+                del data[section][key]
+    if "loggers" not in data["train"]:
+        data["train"].pop("log_every", None)  # it means nothing without a logger
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -224,6 +250,8 @@ def constants(spec: Spec, arm: str, kind: str) -> tuple[Constant, ...]:
             Constant("ADAM_EPS", opt.eps, "Adam denominator epsilon"),
         ]
     c.append(Constant("WEIGHT_DECAY", opt.weight_decay, "L2 penalty (decoupled for adamw)"))
+    if opt.no_decay:
+        c.append(Constant("NO_DECAY", tuple(sorted(opt.no_decay)), "parameters without decay"))
     c.append(Constant("WARMUP_EPOCHS", spec.schedule.warmup_epochs, "linear LR warm-up, epochs"))
     sched = spec.schedule
     if sched.name == "cosine":
@@ -249,6 +277,17 @@ def constants(spec: Spec, arm: str, kind: str) -> tuple[Constant, ...]:
         c += [
             Constant("LOGGERS", tuple(spec.train.loggers), "experiment trackers logged to"),
             Constant("LOG_EVERY", spec.train.log_every, "optimizer steps between step scalars"),
+        ]
+    ema, stop = spec.train.ema, spec.train.early_stop
+    if ema:
+        c += [
+            Constant("EMA_DECAY", ema.decay, "weight of the old average at each EMA update"),
+            Constant("EMA_EVERY", ema.every, "optimizer steps between EMA updates"),
+        ]
+    if stop:
+        c += [
+            Constant("EARLY_STOP_PATIENCE", stop.patience, "epochs without val-acc improvement"),
+            Constant("EARLY_STOP_MIN_DELTA", stop.min_delta, "val acc gain that counts"),
         ]
     p = spec.perturbation
     if kind != "baseline":
@@ -333,6 +372,9 @@ def plan(spec: Spec, doc: Located) -> list[RenderModel]:
                 constants=constants(s, arm, kind),
                 factory_refs=factory_refs(s),
                 loggers=tuple(s.train.loggers),
+                ema=s.train.ema is not None,
+                early_stop=s.train.early_stop is not None,
+                no_decay=bool(s.optimizer.no_decay),
             )
         )
     return models

@@ -60,7 +60,7 @@ class Run:
         if self.summary is None:
             return "incomplete (no summary.json)"
         status = str(self.summary.get("status"))
-        return "incomplete (stopped early)" if status == "stopped" else status
+        return "incomplete (stopped)" if status == "stopped" else status
 
     @property
     def complete(self) -> bool:
@@ -540,6 +540,8 @@ def _arm(runs: list[Run], target: float, window: int) -> tuple[dict[str, Any], d
         "finished": sum(
             (r.summary or {}).get("status") in ("completed", "diverged") for r in runs
         ),
+        # completed runs that train.early_stop ended: completed like the others
+        "stopped_early": sum((r.summary or {}).get("stopped_early") is True for r in done),
         "seeds": [r.seed for r in done],
         "not_completed": [
             {"path": str(r.path), "status": r.status, "problems": r.problems}
@@ -660,7 +662,7 @@ measured on; "test, best-val checkpoint" is the test accuracy of that checkpoint
 
 - A cell is mean ± sample standard deviation (n) over the **completed** runs. Every table
   counts each arm's runs as done/div/stop/miss: completed, diverged (a non-finite loss),
-  stopped early, and missing (expected by the ablation's record, but without a run folder or
+  stopped (by a signal or `--max-steps`: resumable), and missing (expected by the ablation's record, but without a run folder or
   a summary.json). Diverged runs are in no mean; an arm with any says so in its verdict.
 - Divergence rates are compared with baseline's by Fisher's exact test (two-sided).
 - Time to target: epochs until validation accuracy first reached the spec's target. A run
@@ -747,7 +749,14 @@ def _runs_table(arms: dict[str, Any]) -> list[str]:
         )
     columns = ["arm", "runs", "completed", "diverged", "stopped", "missing"]
     columns += ["divergence vs baseline: Fisher p", "p (Holm)", "verdict", "not completed"]
-    return _table("Runs", [], columns, rows)
+    early = {label: a["stopped_early"] for label, a in arms.items() if a["stopped_early"]}
+    by_arm = ", ".join(f"{label} {n}" for label, n in early.items())
+    return _table("Runs", [], columns, rows) + _note(
+        sum(early.values()),
+        f"completed run(s) stopped early ({by_arm}): `train.early_stop` ended them when "
+        "validation accuracy stalled; they count as completed, and time to target censors "
+        "them at their planned epochs.",
+    )
 
 
 def _time_table(data: dict[str, Any]) -> list[str]:

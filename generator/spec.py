@@ -15,7 +15,6 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
-    model_serializer,
 )
 
 from generator.errors import SpecError, SpecErrors
@@ -282,6 +281,13 @@ Model = Annotated[
 # --- optimizer -------------------------------------------------------------------------
 
 
+NoDecay = Literal["norm", "bias"]
+NO_DECAY_HELP = (
+    "Parameters without weight decay: 'norm' (every parameter of a normalisation layer), "
+    "'bias' (every module's bias)."
+)
+
+
 class SGD(Section):
     name: Literal["sgd"]
     lr: PosFloat
@@ -289,6 +295,7 @@ class SGD(Section):
     dampening: Fraction = 0.0
     nesterov: bool = False
     weight_decay: NonNegFloat = 0.0
+    no_decay: list[NoDecay] = Field([], description=NO_DECAY_HELP)
 
 
 class Adam(Section):
@@ -297,6 +304,7 @@ class Adam(Section):
     betas: list[Fraction] = Field([0.9, 0.999], min_length=2, max_length=2)
     eps: PosFloat = 1e-8
     weight_decay: NonNegFloat = 0.0
+    no_decay: list[NoDecay] = Field([], description=NO_DECAY_HELP)
 
 
 class AdamW(Adam):
@@ -345,6 +353,22 @@ Schedule = Annotated[
 # --- training, perturbation, detector --------------------------------------------------
 
 
+class EMA(Section):
+    decay: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.999, description="ema <- decay * ema + (1 - decay) * weights."
+    )
+    every: PosInt = Field(1, description="Optimizer steps between two EMA updates.")
+
+
+class EarlyStop(Section):
+    patience: PosInt = Field(
+        10, description="Epochs without a val-accuracy improvement before training stops."
+    )
+    min_delta: NonNegFloat = Field(
+        0.0, description="An improvement must raise the best val accuracy by more than this."
+    )
+
+
 class Train(Section):
     epochs: PosInt = 60
     target_accuracy: Annotated[float, Field(gt=0, le=1)] = Field(
@@ -363,16 +387,8 @@ class Train(Section):
         [], description="Experiment trackers the run logs to (each an optional extra)."
     )
     log_every: PosInt = Field(10, description="Optimizer steps between per-step scalars.")
-
-    @model_serializer(mode="wrap")
-    def _without_logging_off(self, handler: Any) -> dict[str, Any]:
-        """Logging off leaves no trace in dumps, so the spec hash (and the golden record) of
-        a spec without loggers is what it was before they existed."""
-        data = handler(self)
-        if not self.loggers:
-            data.pop("loggers", None)
-            data.pop("log_every", None)
-        return data
+    ema: EMA | None = Field(None, description="An exponential moving average of the weights.")
+    early_stop: EarlyStop | None = Field(None, description="Stop when val accuracy stalls.")
 
 
 class PhaseEps(Section):
@@ -542,6 +558,9 @@ def semantic_problems(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
                 f"of training spent rising to lr (got {spec.schedule.warmup_epochs:g})",
             )
         )
+    for i, kind in enumerate(opt.no_decay):
+        if kind in opt.no_decay[:i]:
+            problems.append((("optimizer", "no_decay", i), f"{kind!r} is listed twice"))
     th = spec.phase_detector.thresholds
     if th.tau3 > th.tau1:
         problems.append(
@@ -617,6 +636,14 @@ def tune_problems(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
     if tune is None:
         return []
     problems: list[tuple[tuple[str | int, ...], str]] = []
+    if spec.train.early_stop is not None:  # a trial is complete when it ran every epoch
+        problems.append(
+            (
+                ("train", "early_stop"),
+                "must be left out of a spec that perturbgen tune searches (its pruner stops "
+                "poor trials; a trial's runs must all run train.epochs)",
+            )
+        )
     if tune.arm not in spec.variants:
         problems.append(
             (("tune", "arm"), f"{tune.arm!r} is not one of variants ({', '.join(spec.variants)})")

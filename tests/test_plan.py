@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 import pytest
-from conftest import REPO
+from conftest import MINIMAL, REPO
 
-from generator.plan import plan
+from generator.plan import LATER_FEATURES, plan, spec_hash
 from generator.render import load_spec, pyrepr
 
 
@@ -91,3 +91,31 @@ def test_split_sizes_reach_every_arm(spec, sizes):
         values = {c.name: c.value for c in model.constants}
         assert {k: values.get(k) for k in sizes} == sizes, model.arm
         assert ("TEST_SIZE" in values) is (spec == "synthetic_mlp")
+
+
+ON = {  # a value that turns each later feature on
+    "train.clip_grad_norm": "1.0",
+    "train.accumulate": "2",
+    "train.label_smoothing": "0.1",
+    "train.ema": "{decay: 0.9}",
+    "train.early_stop": "{patience: 2}",
+    "train.loggers": "[tensorboard]",
+    "optimizer.no_decay": "[bias]",
+}
+
+
+def test_features_that_are_off_are_out_of_the_spec_hash(write_spec):
+    """A spec that does not use issue 19's features keeps the hash it had before they
+    existed (golden record, run folders), whether it omits them or writes them off; turning
+    one on changes the hash."""
+    path = write_spec(MINIMAL)
+    plain = spec_hash(load_spec(path)[0])
+    off = [
+        f"{s}.{k}={'null' if v is None else v}"
+        for s, f in LATER_FEATURES.items()
+        for k, v in f.items()
+    ] + ["train.log_every=3"]
+    assert spec_hash(load_spec(path, off)[0]) == plain
+    assert sorted(ON) == sorted(f"{s}.{k}" for s, f in LATER_FEATURES.items() for k in f)
+    for key, value in ON.items():
+        assert spec_hash(load_spec(path, [f"{key}={value}"])[0]) != plain, key

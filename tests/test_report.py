@@ -190,7 +190,7 @@ def test_outcomes_are_counted_and_missing_runs_come_from_the_ablation_record(run
     assert listed["seed5"]["problems"] == ["metrics.jsonl line 4 is truncated"]
     assert [x["status"] for x in base["not_completed"]] == [
         "missing (no run folder)",
-        "incomplete (stopped early)",
+        "incomplete (stopped)",
     ]
     assert (base["diverged"], base["finished"]) == (0, 3)  # a stopped run has not finished
     assert full["seeds"] == [0, 1, 2]
@@ -271,7 +271,7 @@ def test_markdown_shows_each_case(runs):
     assert "better; 1 of 5 runs diverged |" in text
     assert (
         "| baseline | 5 | 3 | 0/3 | 1 | 1 | — | — | — | seed3: missing (no run folder); "
-        "seed4: incomplete (stopped early) |"
+        "seed4: incomplete (stopped) |"
     ) in text
     assert "seed3: incomplete (no summary.json)" in text and "seed4: diverged" in text
     assert "| full | 3/1/0/1 | 92.00 ± 2.00 (n=3) | +10.00 | [+5.47, +14.53] |" in text

@@ -19,25 +19,22 @@ def test_there_are_scripts_to_check():
     assert len(SCRIPTS) >= 6
 
 
+def ruff_names(*paths):
+    """ruff's undefined-name, unused-import and syntax rules over paths: the finished run."""
+    ruff = [sys.executable, "-m", "ruff"] if shutil.which("ruff") is None else ["ruff"]
+    return subprocess.run(
+        [*ruff, "check", "--no-cache", "--isolated", "--select", "F821,F401,F811,F841,E9"]
+        + [str(p) for p in paths],
+        capture_output=True,
+        text=True,
+    )
+
+
 def test_ruff_finds_no_undefined_or_unused_names(tmp_path, write_spec):
     # the golden record, plus every arm of a spec using the other options
     spec = write_spec()
     assert cli("generate", spec, "-o", tmp_path / "out").exit_code == 0
-    ruff = [sys.executable, "-m", "ruff"] if shutil.which("ruff") is None else ["ruff"]
-    result = subprocess.run(
-        [
-            *ruff,
-            "check",
-            "--no-cache",
-            "--isolated",
-            "--select",
-            "F821,F401,F811,F841,E9",
-            str(GENERATED),
-            str(tmp_path / "out"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    result = ruff_names(GENERATED, tmp_path / "out")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
