@@ -70,6 +70,9 @@ class ExportModel:
     def detector(self) -> bool:
         return self.kind in ("phase_only", "full")
 
+    # the module's detector measures the gradient norm itself, at optimizer.step()
+    detector_takes_norm = False
+
 
 def export_model(arm: RenderModel, module: str = MODULE) -> ExportModel:
     if not arm.perturbs:

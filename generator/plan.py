@@ -75,6 +75,9 @@ class RenderModel:
     compile: bool
     constants: tuple[Constant, ...]
     factory_refs: tuple[str, ...] = ()  # "model.factory = pkg.mod:attr" per user factory
+    clips: bool = False  # train.clip_grad_norm is set: clip, and log clip_frac
+    accumulates: bool = False  # train.accumulate > 1: micro-batches per optimizer step
+    smooths: bool = False  # train.label_smoothing > 0, in the training loss only
     loggers: tuple[str, ...] = ()  # train.loggers: experiment trackers, in the spec's order
     ema: bool = False  # train.ema: an EMA of the weights, validated and tested beside them
     early_stop: bool = False  # train.early_stop: stop when val accuracy stalls
@@ -115,6 +118,12 @@ class RenderModel:
     def detector(self) -> bool:
         """Whether the script holds the phase detector (phase_only and full only)."""
         return self.kind in ("phase_only", "full")
+
+    @property
+    def detector_takes_norm(self) -> bool:
+        """Whether the detector samples the pre-clip gradient norm that clipping measured,
+        handed to perturbation.step, instead of measuring it itself."""
+        return self.detector and self.clips
 
 
 @dataclass(frozen=True)
@@ -273,6 +282,13 @@ def constants(spec: Spec, arm: str, kind: str) -> tuple[Constant, ...]:
         Constant("STABILITY_WINDOW", spec.train.stability_window, "epochs, for the val-loss CV"),
         Constant("DETERMINISTIC", spec.train.deterministic, "deterministic GPU kernels only"),
     ]
+    t = spec.train
+    if t.clip_grad_norm is not None:
+        c.append(Constant("CLIP_GRAD_NORM", t.clip_grad_norm, "max global gradient L2 norm"))
+    if t.accumulate > 1:
+        c.append(Constant("ACCUMULATE", t.accumulate, "micro-batches per optimizer step"))
+    if t.label_smoothing > 0:
+        c.append(Constant("LABEL_SMOOTHING", t.label_smoothing, "of the training loss only"))
     if spec.train.loggers:
         c += [
             Constant("LOGGERS", tuple(spec.train.loggers), "experiment trackers logged to"),
@@ -371,6 +387,9 @@ def plan(spec: Spec, doc: Located) -> list[RenderModel]:
                 compile=s.train.compile,
                 constants=constants(s, arm, kind),
                 factory_refs=factory_refs(s),
+                clips=s.train.clip_grad_norm is not None,
+                accumulates=s.train.accumulate > 1,
+                smooths=s.train.label_smoothing > 0,
                 loggers=tuple(s.train.loggers),
                 ema=s.train.ema is not None,
                 early_stop=s.train.early_stop is not None,

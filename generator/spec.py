@@ -383,6 +383,19 @@ class Train(Section):
         False,
         description="Deterministic kernels only (torch, cuDNN, cuBLAS): bit-exact GPU runs.",
     )
+    clip_grad_norm: PosFloat | None = Field(
+        None,
+        description="Clip the global gradient L2 norm to this before each optimizer step "
+        "(null: no clipping).",
+    )
+    accumulate: PosInt = Field(
+        1,
+        description="Micro-batches per optimizer step; data.batch_size stays the step's "
+        "batch and must split into this many equal micro-batches.",
+    )
+    label_smoothing: Fraction = Field(
+        0.0, description="Label smoothing of the training loss only (val/test: plain CE)."
+    )
     loggers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         [], description="Experiment trackers the run logs to (each an optional extra)."
     )
@@ -556,6 +569,14 @@ def semantic_problems(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
                 ("schedule", "warmup_epochs"),
                 "must be 0 with onecycle, which warms up by itself: pct_start is the share "
                 f"of training spent rising to lr (got {spec.schedule.warmup_epochs:g})",
+            )
+        )
+    if spec.data.batch_size % spec.train.accumulate:
+        problems.append(
+            (
+                ("train", "accumulate"),
+                f"must divide data.batch_size ({spec.data.batch_size}) into equal "
+                f"micro-batches (got {spec.train.accumulate})",
             )
         )
     for i, kind in enumerate(opt.no_decay):
