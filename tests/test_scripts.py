@@ -38,6 +38,7 @@ def test_smoke_run(script, tmp_path):
     result = run_inprocess(script, "--smoke", "--out", tmp_path / "run")
     assert result.returncode == 0, result.stderr
     run = tmp_path / "run"
+    logged = {"loggers.json", "tensorboard"} if "LOGGERS = " in script.read_text() else set()
     assert {p.name for p in run.iterdir()} == {
         "config.json",
         "metrics.jsonl",
@@ -46,6 +47,7 @@ def test_smoke_run(script, tmp_path):
         "last.pt",
         "best.pt",
         script.name,
+        *logged,  # the example that logs writes to TensorBoard only
     }
     metrics = read_jsonl(run / "metrics.jsonl")
     assert [m["epoch"] for m in metrics] == [1, 2]
