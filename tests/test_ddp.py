@@ -22,7 +22,6 @@ from conftest import (
 )
 from robustness import TALLY
 
-ARMS = ["baseline", "fixed", "phase_only", "schedule_only", "full"]
 TIMEOUT_S = 120
 
 
@@ -49,7 +48,8 @@ def summary(folder):
     return json.loads((folder / "summary.json").read_text())
 
 
-@pytest.mark.parametrize("arm", ARMS)
+# phase_only and schedule_only run code the full arm holds too (the detector, the decay)
+@pytest.mark.parametrize("arm", ["baseline", "fixed", "full"])
 def test_replicas_stay_bit_identical(arm, tmp_path):
     run = tmp_path / "run"
     result = torchrun(
