@@ -10,11 +10,13 @@ Layout of an ablation folder:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,6 +198,27 @@ def free_slot(slots: list[str], jobs: list[Job]) -> str | None:
     return next((s for s in slots if s not in taken), None)
 
 
+@contextlib.contextmanager
+def deferred_interrupts():
+    """Ctrl-C or SIGTERM while a run starts takes effect once it is recorded as running, so
+    that stop() stops it: a run forked but not yet recorded would outlive ablate."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set in the main thread, which gets the signals
+        return
+    received = []
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {
+        s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in signals
+    }
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if received:
+        raise KeyboardInterrupt
+
+
 def start(job: Job, extra: list[str], threads: int, nproc: int = 1, server=None) -> None:
     """Launch one run: forked by the fork server where there is one (torch is imported
     there once), else as a process of its own (always for torchrun runs)."""
@@ -279,7 +302,8 @@ def run_all(
             while queue and sum(j.outcome == "running" for j in jobs) < parallel:
                 job = queue.pop(0)
                 job.gpus = free_slot(slots, jobs)
-                start(job, extra, threads, nproc, server if nproc == 1 else None)
+                with deferred_interrupts():
+                    start(job, extra, threads, nproc, server if nproc == 1 else None)
                 on_change(jobs, job)
             ended = [j for j in jobs if j.outcome == "running" and j.process.poll() is not None]
             for job in ended:

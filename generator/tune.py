@@ -724,18 +724,24 @@ def tuned_yaml(tuner: Tuner, info: dict[str, Any]) -> str:
 
 
 def write_outputs(tuner: Tuner) -> dict[str, Any]:
-    """DIR/tune.json, DIR/tune_report.md, DIR/plots/ and, once a trial completed, tuned.yaml."""
+    """DIR/tune.json, DIR/tune_report.md, DIR/plots/ and, once a trial completed, tuned.yaml.
+
+    Under a lock in DIR: processes that share the study write them one at a time, each from
+    the storage as it is then, so that the last writer leaves the latest state."""
     from generator.render import load_spec
 
     out = tuner.s.out
-    info = summarize(tuner)
-    if info["best"] is not None:
-        text = tuned_yaml(tuner, info)
-        _write(out / "tuned.yaml", text)
-        load_spec(out / "tuned.yaml")  # it must be a valid spec: a failure here is a bug
-    info["plots"] = _plots(tuner.study, out / "plots", info["counts"]["complete"])
-    _write(out / "tune.json", json.dumps(info, indent=2) + "\n")
-    _write(out / "tune_report.md", report_markdown(info))
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".outputs.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        info = summarize(tuner)
+        if info["best"] is not None:
+            text = tuned_yaml(tuner, info)
+            _write(out / "tuned.yaml", text)
+            load_spec(out / "tuned.yaml")  # it must be a valid spec: a failure here is a bug
+        info["plots"] = _plots(tuner.study, out / "plots", info["counts"]["complete"])
+        _write(out / "tune.json", json.dumps(info, indent=2) + "\n")
+        _write(out / "tune_report.md", report_markdown(info))
     return info
 
 

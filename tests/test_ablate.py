@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
 
+import pytest
 from conftest import REPO, cli, without_timing
+
+from generator.ablate import deferred_interrupts
 
 SPEC = REPO / "specs" / "mnist1d_cnn.yaml"
 ARMS = "baseline,fixed,full"
@@ -215,3 +219,16 @@ def test_forked_runs_are_bit_identical_to_the_scripts_run_alone(tmp_path):
         ours = without_timing(run / "metrics.jsonl")
         assert ours == without_timing(alone / "metrics.jsonl") and ours
         assert (run / "phases.jsonl").read_text() == (alone / "phases.jsonl").read_text()
+
+
+def test_ctrl_c_while_a_run_starts_acts_once_it_is_recorded():
+    """A Ctrl-C that lands inside a run's start is held until the start has returned, so
+    that the run is recorded as running and stop() stops it instead of leaving it orphaned."""
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_interrupts():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the handler has run by now: it only recorded the signal
+            reached.append("end of start")
+    assert reached == ["end of start"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
