@@ -280,30 +280,27 @@ def run_all(
     threads: int,
     on_change: Callable[[list[Job], Job | None], None],
     nproc: int = 1,
-    fork: bool = True,
     slots: list[str] = (),
     server: forkserver.Server | None = None,
 ) -> None:
     """Run the pending jobs, `parallel` at a time (each in a GPU slot of its own when there
     are `slots`); Ctrl-C stops them and re-raises.
 
-    With `fork` (and one process per run) the runs are forked by a fork server that has
-    imported torch once, which saves each run seconds of start-up (generator/forkserver.py);
-    a `server` started earlier (it imports torch while the caller renders) is used and closed.
+    With a `server` (one process per run only) the runs are forked by it: it imported torch
+    once, which saves each run seconds of start-up (generator/forkserver.py). It is closed
+    at the end; without one each run is a process of its own.
     """
     for job in jobs:
         if job.recorded_status() in ("completed", "diverged"):
             job.outcome = "skipped"
     queue = [j for j in jobs if j.outcome == "pending"]
-    if server is None and queue and fork and nproc == 1 and hasattr(os, "fork"):
-        server = forkserver.Server()
     try:
         while queue or any(j.outcome == "running" for j in jobs):
             while queue and sum(j.outcome == "running" for j in jobs) < parallel:
                 job = queue.pop(0)
                 job.gpus = free_slot(slots, jobs)
                 with deferred_interrupts():
-                    start(job, extra, threads, nproc, server if nproc == 1 else None)
+                    start(job, extra, threads, nproc, server)
                 on_change(jobs, job)
             ended = [j for j in jobs if j.outcome == "running" and j.process.poll() is not None]
             for job in ended:

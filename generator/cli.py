@@ -286,7 +286,7 @@ def ablate(
         folder = out or Path("runs") / loaded.name
         chosen_arms = [a for a in (arms or "").split(",") if a]
         if launcher == "local" and fork and nproc == 1 and hasattr(os, "fork"):
-            # it imports torch while we render; run_all uses it, this context closes it
+            # it imports torch while we render; run_all forks the runs from it and closes it
             server = forkserver.Server()
             ctx.call_on_close(server.close)
         else:
@@ -330,7 +330,7 @@ def ablate(
         try:
             with display:
                 runner.run_all(
-                    all_jobs, jobs, extra, threads, display.update, nproc, fork, slots, server
+                    all_jobs, jobs, extra, threads, display.update, nproc, slots, server
                 )
         except KeyboardInterrupt:
             typer.echo(

@@ -219,7 +219,14 @@ def file_lock(storage_file: Path | None):
     if storage_file is None:
         yield
         return
-    with open(f"{storage_file}.claims", "a") as f:  # not .lock: a journal uses that one
+    with exclusive(Path(f"{storage_file}.claims")):  # not .lock: a journal uses that one
+        yield
+
+
+@contextlib.contextmanager
+def exclusive(path: Path):
+    """An exclusive flock on `path` (created if missing), held for the block."""
+    with open(path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         yield
 
@@ -732,8 +739,7 @@ def write_outputs(tuner: Tuner) -> dict[str, Any]:
 
     out = tuner.s.out
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".outputs.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with exclusive(out / ".outputs.lock"):
         info = summarize(tuner)
         if info["best"] is not None:
             text = tuned_yaml(tuner, info)

@@ -117,8 +117,8 @@ def test_ablate_runs_one_run_per_visible_gpu_unless_told_jobs(tmp_path, monkeypa
     default = cli(*args, "-o", tmp_path / "default")
     assert default.exit_code == 0, default.output
     assert "2 at a time" in default.output and "GPUs 4 | 7" in default.output
-    logs = [tmp_path / "default" / arm / "seed0" / "config.json" for arm in ("baseline", "fixed")]
-    assert all(json.loads(log.read_text())["device"] == "cpu" for log in logs)
+    configs = [tmp_path / "default" / a / "seed0" / "config.json" for a in ("baseline", "fixed")]
+    assert all(json.loads(c.read_text())["device"] == "cpu" for c in configs)
     told = cli(*args, "--jobs", "1", "-o", tmp_path / "told")
     assert told.exit_code == 0 and "1 at a time" in told.output and "GPUs 4" in told.output
 
