@@ -24,6 +24,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 
@@ -58,6 +59,7 @@ def serve() -> None:
             while b"\n" in buffer:
                 line, buffer = buffer.split(b"\n", 1)
                 request = json.loads(line)
+                _check_single_threaded()
                 pid = os.fork()
                 if pid == 0:
                     requests.close()
@@ -71,6 +73,17 @@ def serve() -> None:
                 children.discard(pid)
                 code = os.waitstatus_to_exitcode(status)
                 replies.write(json.dumps({"exited": pid, "code": code}) + "\n")
+
+
+def _check_single_threaded() -> None:
+    """fork() copies only the calling thread: a lock that another thread held at that moment
+    (an import lock, a logger's, a tracker's) stays locked in the child forever, and the run
+    hangs. So this process must never start a Python thread, nor import a module that does.
+    (The BLAS pool that numpy starts is native, holds no lock between calls and re-creates
+    itself in the child through pthread_atfork.)"""
+    if threading.active_count() != 1:
+        names = ", ".join(t.name for t in threading.enumerate())
+        raise RuntimeError(f"the fork server must stay single-threaded; it runs: {names}")
 
 
 def _child(request: dict) -> int:

@@ -143,9 +143,8 @@ def format_sources(sources: dict[str, str]) -> dict[str, str]:
     todo = sorted({b for parts in cut.values() for b in parts} - _FORMATTED.keys())
     workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1, 8)
     lines = sum(b.count("\n") for b in todo)
-    if workers > 1 and lines >= POOL_MIN_LINES and "fork" in mp.get_all_start_methods():
-        # a Pool forks all its workers before it starts its own threads
-        with mp.get_context("fork").Pool(workers) as pool:
+    if workers > 1 and lines >= POOL_MIN_LINES and "forkserver" in mp.get_all_start_methods():
+        with _pool(workers) as pool:
             results = pool.map(_guarded_format, todo, chunksize=max(1, len(todo) // (4 * workers)))
         done = dict(zip(todo, results))
     else:
@@ -159,6 +158,20 @@ def format_sources(sources: dict[str, str]) -> dict[str, str]:
     _FORMATTED.update((b, text) for b, (_, text) in done.items())
     formatted = {**_FORMATTED, **{b: text for b, (_, text) in done.items()}}
     return {name: "\n\n".join(formatted[b] for b in parts) for name, parts in cut.items()}
+
+
+def _pool(workers: int) -> mp.pool.Pool:
+    """Formatting workers that never inherit a thread.
+
+    Forking the calling process would copy whatever threads hold at that moment (a tracker's
+    lock, a logging lock) into children that can never release them, and a child blocked on
+    one hangs the pool forever. So the workers are forked by multiprocessing's fork server: a
+    fresh, single-threaded interpreter, started once per process, that has imported this
+    module (black included) and forks each worker from there.
+    """
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context.Pool(workers)
 
 
 def _guarded_format(block: str) -> tuple[str, str]:

@@ -232,3 +232,18 @@ def test_ctrl_c_while_a_run_starts_acts_once_it_is_recorded():
             reached.append("end of start")
     assert reached == ["end of start"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_the_fork_server_refuses_to_fork_beside_a_thread():
+    """fork() copies only the calling thread, so a lock another thread holds stays locked in
+    the run forever: the server checks it has no other thread before every fork."""
+    code = (
+        "import threading, time\n"
+        "from generator import forkserver\n"
+        "forkserver._check_single_threaded()\n"  # a fresh server passes
+        "threading.Thread(target=time.sleep, args=(5,), name='tracker', daemon=True).start()\n"
+        "forkserver._check_single_threaded()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "must stay single-threaded; it runs: MainThread, tracker" in result.stderr

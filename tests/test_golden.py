@@ -221,3 +221,12 @@ def test_reuse_never_hides_drift(tmp_path, tamper):
     result = cli("generate", "specs/synthetic_mlp.yaml", "-o", tmp_path, cwd=REPO)
     assert result.exit_code == 0, result.output
     assert tree(folder) == tree(GENERATED / "synthetic_mlp")  # repaired from the templates
+
+
+def test_formatting_workers_are_not_forked_from_the_caller():
+    """The formatter's pool must not fork the calling process: a pytest worker or a CLI run
+    may hold threads (a tracker's, a logger's), and a child that inherits a lock one of them
+    held waits forever. The workers' parent is a fresh single-threaded server instead."""
+    with render._pool(2) as pool:
+        parents = {pool.apply(os.getppid) for _ in range(4)}
+    assert os.getpid() not in parents
