@@ -273,9 +273,9 @@ def pytest_sessionfinish(session, exitstatus):
         Path(path).write_text(TALLY.markdown(command))
 
 
-def readme_snippets(section: str) -> list[str]:
-    """The ```python blocks of one README.md section (## SECTION), in order."""
-    text = (REPO / "README.md").read_text().split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+def readme_snippets(section: str, doc: str = "README.md") -> list[str]:
+    """The ```python blocks of one section (## SECTION) of README.md or another doc, in order."""
+    text = (REPO / doc).read_text().split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
     return [block.split("```", 1)[0] for block in text.split("```python\n")[1:]]
 
 

@@ -123,7 +123,7 @@ def test_two_runs_are_identical_and_resume_from_a_checkpoint_continues_exactly(a
 
 
 def test_the_readme_program_runs(tmp_path, monkeypatch):
-    (tmp_path / "main.py").write_text(readme_snippets("In your own training loop")[2])
+    (tmp_path / "main.py").write_text(readme_snippets("Hugging Face", "docs/export.md")[0])
     (tmp_path / "adaptive_perturbation.py").write_bytes(MODULE.read_bytes())
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))

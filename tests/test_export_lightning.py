@@ -107,7 +107,7 @@ def test_the_callback_refuses_a_bad_keyword_at_once(ap):
 
 
 def test_the_readme_program_runs(tmp_path, monkeypatch):
-    (tmp_path / "main.py").write_text(readme_snippets("In your own training loop")[1])
+    (tmp_path / "main.py").write_text(readme_snippets("Lightning", "docs/export.md")[0])
     (tmp_path / "adaptive_perturbation.py").write_bytes(MODULE.read_bytes())
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
