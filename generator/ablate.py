@@ -11,6 +11,7 @@ Layout of an ablation folder:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -30,6 +31,8 @@ from generator.render import Rendered, check_arms, render, write_folder
 from generator.spec import Spec
 
 POLL_S = 0.5
+LOCK = "run.lock"  # a run folder's lock, held by the process that writes it (the scripts)
+FINISHED = ("completed", "diverged")  # a run folder's status that no rerun changes
 # What a loaded NVIDIA, ROCm or WSL GPU driver puts in the file system (Linux).
 GPU_DRIVERS = ("/proc/driver/nvidia/gpus", "/dev/kfd", "/dev/dxg")
 
@@ -42,14 +45,14 @@ class Job:
     seed: int
     script: Path
     folder: Path
-    outcome: str = (
-        "pending"  # pending, queued (slurm), running, completed, diverged, failed, skipped
-    )
+    # pending, queued (slurm), running, elsewhere (another process writes its folder: waited
+    # for), completed, diverged, failed, skipped
+    outcome: str = "pending"
     returncode: int | None = None
     process: subprocess.Popen | None = field(default=None, repr=False)
     started: float = 0.0
     gpus: str | None = None  # CUDA_VISIBLE_DEVICES of the run, where GPUs are handed out
-    reason: str = ""  # why it failed, where the exit code alone does not say
+    reason: str = ""  # why it failed (or who runs it elsewhere), where the code does not say
     import_path: str | None = None  # the spec's folder, where its factories' modules may be
 
     @property
@@ -62,6 +65,15 @@ class Job:
         except (OSError, ValueError):
             return None
 
+    def holder(self) -> str | None:
+        return lock_holder(self.folder)
+
+    def settle(self) -> None:
+        """Its folder has just been freed by another process: take the outcome it left
+        (skipped: finished there), or run it here (pending: a rerun resumes it)."""
+        self.outcome = "skipped" if self.recorded_status() in FINISHED else "pending"
+        self.reason = ""
+
     def progress(self) -> tuple[int, float | None]:
         """(epochs done, last validation accuracy) from the run's metrics.jsonl."""
         try:
@@ -70,6 +82,31 @@ class Job:
         except (OSError, ValueError, IndexError):
             return 0, None
         return int(last.get("epoch", 0)), last.get("val_acc")
+
+
+def lock_holder(folder: Path) -> str | None:
+    """Who writes a run folder now ("pid N on HOST since T"), or None when no process holds
+    its lock (the one place launchers ask). It takes a shared lock and drops it at once; a
+    script that starts at that instant tries its own lock again, so it never sees it."""
+    try:
+        fd = os.open(folder / LOCK, os.O_RDONLY)
+    except OSError:
+        return None  # never locked: no run has started there
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return None  # closing the file drops it
+        except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: held
+            pass
+        except OSError:
+            return None  # a file system without locks: nothing can be told
+        try:
+            holder = json.loads(os.pread(fd, 4096, 0))
+            return f"pid {holder['pid']} on {holder['host']} since {holder['since']}"
+        except (OSError, ValueError, TypeError, KeyError):  # locked, not yet written
+            return "another process"
+    finally:
+        os.close(fd)
 
 
 def prepare(
@@ -206,7 +243,7 @@ def deferred_interrupts():
         yield  # signal handlers can only be set in the main thread, which gets the signals
         return
     received = []
-    signals = (signal.SIGINT, signal.SIGTERM)
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {
         s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in signals
     }
@@ -237,9 +274,10 @@ def start(job: Job, extra: list[str], threads: int, nproc: int = 1, server=None)
         job.process = server.start(str(job.script), command_line[2:], str(log_path), env, threads)
     else:
         with open(log_path, "a") as log:
-            # a session of its own: Ctrl-C reaches perturbgen, which then stops the children
+            # a session of its own: Ctrl-C reaches perturbgen, which then stops the children;
+            # and SIGTERM when perturbgen dies (forkserver.guarded)
             job.process = subprocess.Popen(
-                command_line,
+                forkserver.guarded(command_line),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **env},
@@ -251,7 +289,9 @@ def start(job: Job, extra: list[str], threads: int, nproc: int = 1, server=None)
 def finish(job: Job) -> None:
     job.returncode = job.process.returncode
     status = job.recorded_status()
-    if job.returncode == 0 and status == "completed":
+    if job.returncode == 2 and (holder := job.holder()):
+        job.outcome, job.reason = "elsewhere", holder  # another process took the folder first
+    elif job.returncode == 0 and status == "completed":
         job.outcome = "completed"
     elif job.returncode == 3 and status == "diverged":
         job.outcome = "diverged"  # a result, not a failure: the arm diverged at this seed
@@ -291,13 +331,23 @@ def run_all(
     at the end; without one each run is a process of its own.
     """
     for job in jobs:
-        if job.recorded_status() in ("completed", "diverged"):
+        if job.recorded_status() in FINISHED:
             job.outcome = "skipped"
     queue = [j for j in jobs if j.outcome == "pending"]
     try:
-        while queue or any(j.outcome == "running" for j in jobs):
+        while queue or any(j.outcome in ("running", "elsewhere") for j in jobs):
+            for job in jobs:  # runs another process wrote: finished there, or ours to resume
+                if job.outcome == "elsewhere" and job.holder() is None:
+                    job.settle()
+                    queue += [job] if job.outcome == "pending" else []
+                    on_change(jobs, job)
             while queue and sum(j.outcome == "running" for j in jobs) < parallel:
                 job = queue.pop(0)
+                holder = job.holder()
+                if holder:  # never a second writer: wait for that process to let it go
+                    job.outcome, job.reason = "elsewhere", holder
+                    on_change(jobs, job)
+                    continue
                 job.gpus = free_slot(slots, jobs)
                 with deferred_interrupts():
                     start(job, extra, threads, nproc, server)
@@ -322,6 +372,13 @@ def run_all(
 
 
 def write_scripts(rendered: Rendered, out: Path, record: dict) -> None:
+    """OUT/scripts, unless it holds these very files (another ablate on OUT may be starting
+    runs from them), and ablation.json, replaced whole (another ablate may be reading it)."""
     out.mkdir(parents=True, exist_ok=True)
-    write_folder(Rendered("scripts", rendered.files), out)
-    (out / "ablation.json").write_text(json.dumps(record, indent=2) + "\n")
+    scripts = out / "scripts"
+    same = scripts.is_dir() and {p.name for p in scripts.iterdir()} == set(rendered.files)
+    if not (same and all((scripts / n).read_bytes() == b for n, b in rendered.files.items())):
+        write_folder(Rendered("scripts", rendered.files), out)
+    tmp = out / f".ablation.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, out / "ablation.json")

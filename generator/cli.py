@@ -324,8 +324,9 @@ def ablate(
             f"{jobs} at a time, {threads} thread(s) each"
             + (f", GPUs {' | '.join(slots[:jobs])}" if slots else "")
         )
-        # SIGTERM stops the children like Ctrl-C does, instead of orphaning them
+        # SIGTERM or a terminal's hang-up stops the children like Ctrl-C does, with checkpoints
         signal.signal(signal.SIGTERM, _interrupt)
+        signal.signal(signal.SIGHUP, _interrupt)
         threading.Thread(target=reporting.preload, daemon=True).start()  # while they train
         try:
             with display:
@@ -443,11 +444,11 @@ def _ablate_slurm(jobs, folder, name, resources, extra, nproc, display, no_wait,
             err=True,
         )
         raise typer.Exit(130) from None
-    waiting = [j for j in jobs if j.outcome in ("queued", "running")]
+    waiting = [j for j in jobs if j.outcome in ("queued", "running", "elsewhere")]
     if waiting:
         typer.echo(
-            f"{len(waiting)} run(s) queued or running on the cluster; rerun the same "
-            "command to follow and collect them, or add --cancel"
+            f"{len(waiting)} run(s) queued or running on the cluster or elsewhere; rerun the "
+            "same command to follow and collect them, or add --cancel"
         )
         return False
     return True
@@ -496,18 +497,27 @@ class _Progress:
             for column in ("run", "epoch", "val acc", "time"):
                 table.add_column(column)
             for job in jobs:
-                if job.outcome == "running":
+                if job.outcome in ("running", "elsewhere"):
                     epoch, acc = job.progress()
                     table.add_row(
                         job.name,
                         str(epoch),
                         "-" if acc is None else f"{acc:.4f}",
-                        f"{time.time() - job.started:.0f}s",
+                        (
+                            f"{time.time() - job.started:.0f}s"
+                            if job.outcome == "running"
+                            else f"elsewhere: {job.reason}"
+                        ),
                     )
             self.live.update(table)
         elif changed is not None:
             if changed.outcome == "running":
                 typer.echo(f"[{done}/{self.total}] start {changed.name}")
+            elif changed.outcome == "elsewhere":
+                typer.echo(
+                    f"[{done}/{self.total}] waiting for {changed.name}: running elsewhere "
+                    f"({changed.reason})"
+                )
             else:
                 epoch, acc = changed.progress()
                 result = "" if acc is None else f", epoch {epoch}, val acc {acc:.4f}"
@@ -572,6 +582,7 @@ def tune(
             loaded, doc, spec, set_ or [], trials, workers, storage, study, out, resources
         )
     signal.signal(signal.SIGTERM, _interrupt)  # stops the trials like Ctrl-C does
+    signal.signal(signal.SIGHUP, _interrupt)
     try:
         with _exits(chosen.out):
             why, info = tuning.tune(chosen)

@@ -10,6 +10,12 @@ script with runpy under run_name "__main__"; its exit status is the script's. No
 server touches torch's RNG or thread pools, so a run is bit-identical to the script run alone
 with the same flags and threads (tests/test_ablate.py checks it).
 
+A run dies with its launcher: a forked child asks the kernel for SIGTERM when the server
+ends, and the server ends when its client does (its request pipe closes), so a killed
+`ablate` leaves no run training behind; the run stops as on any SIGTERM, with a checkpoint
+that a rerun resumes. A run that `ablate` or `tune` starts as a process of its own gets the
+same through `guarded` (python -m generator.forkserver --guard PID COMMAND...).
+
 Protocol (JSON lines): the client writes {"script", "args", "cwd", "log", "env", "threads"}
 to the server's stdin; the server answers {"pid": N} on its stdout, and later
 {"exited": N, "code": C} when that child ends (C < 0: killed by signal -C, as Popen says).
@@ -17,6 +23,7 @@ to the server's stdin; the server answers {"pid": N} on its stdout, and later
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import runpy
@@ -28,6 +35,7 @@ import threading
 import time
 import traceback
 
+PR_SET_PDEATHSIG = 1  # prctl(2)
 PRELOAD = ("torch", "torch._dynamo", "torch.nn.functional", "torch.distributed")
 OPTIONAL = ("triton", "triton.language")  # the scripts import them where installed
 
@@ -52,19 +60,20 @@ def serve() -> None:
         readable, _, _ = select.select([requests], [], [], 0.05)
         if readable:
             chunk = requests.read(65536)
-            if not chunk:  # the client went away: leave the runs to finish on their own,
-                replies.flush()  # and skip the interpreter's teardown of torch (a second)
+            if not chunk:  # the client went away: so do we, and the runs stop (die_with_parent);
+                replies.flush()  # skip the interpreter's teardown of torch (a second)
                 os._exit(0)
             buffer += chunk
             while b"\n" in buffer:
                 line, buffer = buffer.split(b"\n", 1)
                 request = json.loads(line)
                 _check_single_threaded()
+                server = os.getpid()
                 pid = os.fork()
                 if pid == 0:
                     requests.close()
                     replies.close()
-                    os._exit(_child(request))
+                    os._exit(_child(request) if die_with_parent(server) else 128 + 15)
                 children.add(pid)
                 replies.write(json.dumps({"pid": pid}) + "\n")
         for pid in list(children):
@@ -135,6 +144,25 @@ def _child(request: dict) -> int:
         except Exception:  # noqa: BLE001
             pass
     return code
+
+
+def die_with_parent(parent: int) -> bool:
+    """Ask the kernel for SIGTERM when this process's parent ends (Linux's parent-death
+    signal: it fires when the thread that forked us exits, and the server and `guarded`'s
+    callers fork from their main thread). False when `parent` has already gone: the signal
+    was asked for too late to come."""
+    with contextlib.suppress(OSError, AttributeError):  # no prctl (not Linux): no signal
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    return os.getppid() == parent
+
+
+def guarded(command: list[str]) -> list[str]:
+    """`command` to Popen so that it gets SIGTERM when this process dies: a small python
+    arms the signal in the child, then execs `command` (the signal survives exec). Safe in
+    a multi-threaded parent, unlike Popen's preexec_fn."""
+    return [sys.executable, "-m", "generator.forkserver", "--guard", str(os.getpid()), *command]
 
 
 def _exit_code(code) -> int:
@@ -213,7 +241,8 @@ class Server:
                 return Run(self, reply["pid"])
 
     def close(self) -> None:
-        """End the server (runs it forked keep running); it exits as soon as it reads EOF."""
+        """End the server; it exits as soon as it reads EOF (runs it forked still running,
+        if any, get SIGTERM)."""
         if self.process.poll() is None:
             self.process.stdin.close()
             try:
@@ -256,4 +285,8 @@ class Run:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--guard"]:  # guarded(): arm the signal, then become the command
+        if not die_with_parent(int(sys.argv[2])):
+            sys.exit(128 + signal.SIGTERM)  # the launcher is gone already: nothing to run for
+        os.execvp(sys.argv[3], sys.argv[3:])
     serve()

@@ -5,7 +5,9 @@ metrics.jsonl and summary.json say how far it got. An ablation folder's ablation
 the runs it expected, so a run that never wrote anything is counted as missing. Runs are
 grouped by a fingerprint of their resolved settings and never pooled across fingerprints.
 Only completed runs enter the averages; diverged, stopped and missing ones are counted in
-every table, and time to target treats runs that never reached it as censored.
+every table, and time to target treats runs that never reached it as censored. A run whose
+metrics.jsonl is not one history (epochs 1, 2, ... each once: two processes wrote it) is
+corrupt: it is listed, and counted in no statistic.
 """
 
 from __future__ import annotations
@@ -52,11 +54,14 @@ class Run:
     config: dict[str, Any] = field(default_factory=dict)
     ablation: dict[str, Any] | None = None  # the record of the ablation folder holding it
     absent: bool = False
+    corrupt: bool = False  # metrics.jsonl is not one history: no statistic may use the run
 
     @property
     def status(self) -> str:
         if self.absent:
             return "missing (no run folder)"
+        if self.corrupt:
+            return "corrupt (metrics.jsonl is not one history)"
         if self.summary is None:
             return "incomplete (no summary.json)"
         status = str(self.summary.get("status"))
@@ -68,7 +73,10 @@ class Run:
 
     @property
     def outcome(self) -> str:
-        """completed, diverged, stopped, missing (no folder or no summary) or damaged."""
+        """completed, diverged, stopped, missing (no folder or no summary) or damaged (which
+        a corrupt run is, whatever its summary says)."""
+        if self.corrupt:
+            return "damaged"
         if self.absent or self.summary is None:
             return "missing"
         if self.summary.get("status") in ("diverged", "stopped"):
@@ -198,7 +206,7 @@ def load_run(folder: Path) -> Run:
         lines = (folder / "metrics.jsonl").read_text().splitlines()
     except (OSError, UnicodeDecodeError):
         lines = []
-    phases = None
+    phases, epochs = None, []  # epochs: of every record that names one, usable or not
     for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line, parse_constant=lambda name: name)  # NaN: a string
@@ -207,11 +215,20 @@ def load_run(folder: Path) -> Run:
             continue
         if phases is None and isinstance(record, dict):
             phases = all(k in record for k in PHASE_KEYS)
+        if isinstance(record, dict) and type(record.get("epoch")) is int:
+            epochs.append(record["epoch"])
         why = _record_problem(record, bool(phases))
         if why:
             problems.append(f"metrics.jsonl line {number} {why}")
         else:
             metrics.append(record)
+    corrupt = epochs != list(range(1, len(epochs) + 1))
+    if corrupt:
+        at = next(i for i, epoch in enumerate(epochs) if epoch != i + 1)
+        problems.append(
+            f"metrics.jsonl is not one history: epoch {epochs[at]} where {at + 1} belongs "
+            f"({len(epochs)} records)"
+        )
     summary, problem = _read_json(folder / "summary.json")
     if problem:
         problems.append(problem)
@@ -237,6 +254,7 @@ def load_run(folder: Path) -> Run:
         constants,
         config,
         _ablation(folder.parent.parent),
+        corrupt=corrupt,
     )
 
 
@@ -529,7 +547,7 @@ def _arm(runs: list[Run], target: float, window: int) -> tuple[dict[str, Any], d
         k: sum(r.outcome == k for r in runs)
         for k in ("completed", "diverged", "stopped", "missing", "damaged")
     }
-    timed = [reach(r, target) for r in runs if r.complete or r.outcome == "diverged"]
+    timed = [reach(r, target) for r in runs if r.outcome in ("completed", "diverged")]
     reached = [t for t in timed if t[1]]
     row = {
         "runs": len(runs),
@@ -538,7 +556,8 @@ def _arm(runs: list[Run], target: float, window: int) -> tuple[dict[str, Any], d
         "diverged": counts["diverged"],
         # finished training (completed or diverged): the denominator of the divergence rate
         "finished": sum(
-            (r.summary or {}).get("status") in ("completed", "diverged") for r in runs
+            (r.summary or {}).get("status") in ("completed", "diverged") and not r.corrupt
+            for r in runs
         ),
         # completed runs that train.early_stop ended: completed like the others
         "stopped_early": sum((r.summary or {}).get("stopped_early") is True for r in done),
@@ -664,6 +683,8 @@ measured on; "test, best-val checkpoint" is the test accuracy of that checkpoint
   counts each arm's runs as done/div/stop/miss: completed, diverged (a non-finite loss),
   stopped (by a signal or `--max-steps`: resumable), and missing (expected by the ablation's record, but without a run folder or
   a summary.json). Diverged runs are in no mean; an arm with any says so in its verdict.
+  A run whose metrics.jsonl is not one history (each epoch once, in order: two processes
+  wrote its folder) is corrupt: listed under "not completed", counted in no statistic.
 - Divergence rates are compared with baseline's by Fisher's exact test (two-sided).
 - Time to target: epochs until validation accuracy first reached the spec's target. A run
   that diverged or never reached it is censored at its planned epochs, not dropped; arms are

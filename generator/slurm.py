@@ -281,7 +281,9 @@ def run_ablation(
 ) -> str | None:
     """Attach to the runs' recorded tasks, submit one array for the runs that are neither
     done nor queued/running, and (if `wait`) follow them until every run has ended.
-    Returns the new array's job id, or None when nothing needed submitting.
+    A run whose folder another process writes (a local run: see ablate.lock_holder) is
+    waited for, and submitted in an array of its own if that process leaves it unfinished.
+    Returns the first new array's job id, or None when nothing needed submitting.
     Ctrl-C while waiting raises KeyboardInterrupt and leaves the cluster jobs alone."""
     from generator import ablate
 
@@ -290,13 +292,15 @@ def run_ablation(
     for job in jobs:
         if states.get(job.name, "") in ACTIVE:
             _follow(job, states[job.name])
-        elif job.recorded_status() in ("completed", "diverged"):
+        elif job.recorded_status() in ablate.FINISHED:
             job.outcome = "skipped"
+        elif holder := job.holder():
+            job.outcome, job.reason = "elsewhere", holder
         else:
             todo.append(job)
     threads = max(1, launcher.resources.cpus_per_run // processes)
-    array = None
-    if todo:
+
+    def submit(todo: list) -> str:
         tasks = [
             Task(
                 job.name,
@@ -310,11 +314,19 @@ def run_ablation(
         on_submit(array)
         for job in todo:
             job.outcome = "queued"
+        return array
+
+    array = submit(todo) if todo else None
     on_change(jobs, None)
-    while wait and any(j.outcome in ("queued", "running") for j in jobs):
+    while wait and any(j.outcome in ("queued", "running", "elsewhere") for j in jobs):
         time.sleep(POLL_S)
         states = launcher.states()
+        freed = []
         for job in jobs:
+            if job.outcome == "elsewhere" and job.holder() is None:
+                job.settle()
+                freed += [job] if job.outcome == "pending" else []
+                on_change(jobs, job)
             if job.outcome not in ("queued", "running"):
                 continue
             before = job.outcome
@@ -325,6 +337,8 @@ def run_ablation(
                 _collect(job, launcher.task_id(job.name), state or "gone from squeue")
             if job.outcome != before:
                 on_change(jobs, job)
+        if freed:
+            submit(freed)
         on_change(jobs, None)
     return array
 

@@ -43,8 +43,8 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
-from generator import slurm
-from generator.ablate import thread_env
+from generator import forkserver, slurm
+from generator.ablate import lock_holder, thread_env
 from generator.cli import _Progress
 from generator.errors import SpecError, SpecErrors
 from generator.loading import Located, merge, parse_override
@@ -283,14 +283,6 @@ def _alive(owner: str) -> bool:
     return started in ("?", _start_time(int(pid)))
 
 
-def _die_with_parent() -> None:
-    """In the child: SIGTERM when perturbgen dies (Linux), so no run outlives a killed tune."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def run_command(script: Path, run: Path, seed: int, epochs: int) -> list[str]:
     command = [sys.executable, str(script), "--seed", str(seed), "--out", str(run)]
     return command + ["--epochs", str(epochs)]
@@ -298,7 +290,8 @@ def run_command(script: Path, run: Path, seed: int, epochs: int) -> list[str]:
 
 def launch(script: Path, run: Path, seed: int, epochs: int, threads: int) -> subprocess.Popen:
     """One run of a generated script, as its own process (and session: Ctrl-C reaches the
-    tuner, which stops its runs itself)."""
+    tuner, which stops its runs itself); it gets SIGTERM if the tuner dies, so no run
+    outlives a killed tune."""
     run.mkdir(parents=True, exist_ok=True)
     command = run_command(script, run, seed, epochs)
     env = {**os.environ, **thread_env(threads)}
@@ -306,12 +299,11 @@ def launch(script: Path, run: Path, seed: int, epochs: int, threads: int) -> sub
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
         return subprocess.Popen(
-            command,
+            forkserver.guarded(command),
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
         )
 
 
@@ -478,7 +470,8 @@ class Tuner:
         self.study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
 
     def claim(self) -> Running | None | bool:
-        """Start a trial: a Running, None if the sample was invalid (pruned at once), False
+        """Start a trial: a Running, None if the sample was invalid (pruned at once) or its
+        folder is another process's (failed at once), False
         if the budget is claimed (finished and running trials reach it)."""
         with self.lock():
             trials = self.trials()
@@ -499,6 +492,12 @@ class Tuner:
                 return False
         folder = self.s.out / "trials" / self.s.study_name / f"{trial.number:04d}"
         trial.set_user_attr("folder", str(folder))
+        runs = [folder / f"seed{seed}" for seed in self.s.seeds]
+        held = [f"{run} is in use by {who}" for run in runs if (who := lock_holder(run))]
+        if held:  # another study's trial in the same folder: its process owns it, we touch none
+            self.finish(trial, TrialState.FAIL, "failed", reason=held[0])
+            self.show(f"trial {trial.number}: not started: {held[0]}")
+            return None
         doc = self.s.doc
         for key, value in sorted(trial.params.items()):
             doc = merge(doc, parse_override(f"{key}={json.dumps(value)}"))
@@ -512,7 +511,6 @@ class Tuner:
         rendered = render(spec, doc, self.s.spec_path, [self.s.tune.arm])
         write_folder(Rendered("scripts", rendered.files), folder)
         script = folder / "scripts" / f"train_{self.s.tune.arm}.py"
-        runs = [folder / f"seed{seed}" for seed in self.s.seeds]
         try:
             procs = self.start(trial.number, folder, script, runs)
         except slurm.SlurmError as exc:

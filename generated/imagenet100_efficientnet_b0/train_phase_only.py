@@ -24,9 +24,9 @@ DDP, one process per GPU (gloo on the CPU): --batch-size is the global batch, an
 replicas stay bit-identical (every rank draws the same noise).
 
 The run folder receives config.json, metrics.jsonl (one line per epoch), phases.jsonl,
-summary.json, last.pt and best.pt, and a copy of this script. SIGTERM, SIGUSR1 or Ctrl-C
-stops the run after the current step with a checkpoint (exit 143, 138 or 130; --resume
-continues).
+summary.json, last.pt and best.pt, and a copy of this script; run.lock names the process
+that writes it, and a second one refuses (exit 2). SIGTERM, SIGUSR1 or Ctrl-C stops the run
+after the current step with a checkpoint (exit 143, 138 or 130; --resume continues).
 Exit codes: 0 done, 2 bad arguments, data or run folder, 3 the training loss became
 non-finite.
 
@@ -35,6 +35,7 @@ Regenerate rather than edit.
 """
 
 import argparse
+import fcntl
 import gc
 import hashlib
 import json
@@ -42,6 +43,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 import warnings
@@ -758,6 +760,69 @@ class Perturbation:
 # this many seconds after the previous one, and always at the end, on --max-steps and on a
 # signal; a crash resumes from it, that many seconds back at most, with the same results.
 CHECKPOINT_EVERY_S = 60.0
+RUN_LOCK = "run.lock"  # in the run folder: who writes it (see lock_run_folder)
+
+
+def lock_run_folder(out, rank):
+    """Make the run folder and lock it for this process's life: one writer per run folder.
+
+    Rank 0, which alone writes the folder, takes a POSIX record lock (lockf) on out/run.lock
+    and writes its pid, host and start time into it. The kernel drops the lock when the
+    process ends, however it ends (no stale lock after a kill); processes forked from this
+    one (DataLoader workers) do not inherit it; NFS shares it between machines. A folder
+    that cannot be made, or is locked by another process, stops every rank at once (exit 2)
+    before anything is written. The lock's file descriptor, to close at the end (or None)."""
+    fd, problem = None, None
+    if rank == 0:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            fd = os.open(out / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            problem = f"cannot make the run folder {out}: {one_line(exc)}"
+        else:
+            problem = take_lock(fd, out)
+    (refused,) = all_sum([float(problem is not None)])  # every rank stops, or none
+    if refused:
+        if fd is not None:
+            os.close(fd)
+        fail(problem or f"rank 0 cannot use the run folder {out}")
+    return fd
+
+
+def take_lock(fd, out):
+    """Lock the open run.lock and record the holder; why not, or None."""
+    for _ in range(40):  # a launcher checking the lock holds it for an instant: try again
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: another process has it
+            time.sleep(0.05)
+        except OSError as exc:  # a file system without locks: run, but say what is lost
+            print(
+                f"warning: cannot lock {out / RUN_LOCK} ({one_line(exc)}): nothing stops a "
+                "second process from writing this run folder",
+                file=sys.stderr,
+                flush=True,
+            )
+            return None
+    else:
+        try:
+            holder = json.loads(os.pread(fd, 4096, 0))
+            who = f"pid {holder['pid']} on {holder['host']} since {holder['since']}"
+        except (OSError, ValueError, TypeError, KeyError):
+            who = "another process"
+        return (
+            f"{out} is in use by {who}: one process writes a run folder; wait for it "
+            "to end, or stop it (it checkpoints on SIGTERM) and resume"
+        )
+    holder = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+    return None
 
 
 def write_atomic(path, write, durable=True):
@@ -829,7 +894,7 @@ class MetricsLog:
     """metrics.jsonl, one line appended per epoch (after that epoch's last.pt, if any),
     made durable with each last.pt and at the end.
 
-    It starts as the records the run continues from (those of last.pt when resuming, so
+    It only ever grows by the next epoch. It starts as the records the run continues from (those of last.pt when resuming, so
     lines of epochs after the checkpoint are dropped: they are trained again). A failed
     write cuts the file back to what it held before, so no torn line is ever left behind.
     """
@@ -837,8 +902,16 @@ class MetricsLog:
     def __init__(self, path, records):
         write_jsonl(path, records)
         self.path, self.size, self.durable = path, path.stat().st_size, path.stat().st_size
+        self.epoch = records[-1]["epoch"] if records else 0
 
     def append(self, record):
+        """Add the next epoch's line; any other epoch is refused: the file is one history."""
+        if record["epoch"] != self.epoch + 1:
+            fail(
+                f"{self.path} ends at epoch {self.epoch}: refusing to append epoch "
+                f"{record['epoch']} (only the next epoch may follow)"
+            )
+        self.epoch = record["epoch"]
         try:
             with open(self.path, "ab") as f:
                 f.write((dumps(record) + "\n").encode())
@@ -1151,9 +1224,10 @@ def evaluate_test(model, data, batch_size, best_path, device):
     return final, evaluate(best, data, batch_size, "test")
 
 
-def summarize(history, status, step, test=None):
+def summarize(history, status, step, elapsed_s, test=None):
     """summary.json: best and final accuracy, time to target, stability of the val loss,
-    and (completed runs only) the test split's numbers, measured once at the end."""
+    and (completed runs only) the test split's numbers, measured once at the end;
+    `elapsed_s` is the run's wall time so far, over all its sessions."""
     accs = [h["val_acc"] for h in history]
     best = max(history, key=lambda h: h["val_acc"], default=None)  # the first best: best.pt
     (test_loss, test_acc), (best_loss, best_acc) = test or ((None, None), (None, None))
@@ -1183,7 +1257,7 @@ def summarize(history, status, step, test=None):
         "seconds_to_target": reached["train_s"] if reached else None,  # training steps only
         "val_loss_cv_pct": cv,  # sample std / mean * 100 over the last epochs below
         "cv_epochs": len(losses),
-        "elapsed_s": history[-1]["elapsed_s"] if history else 0.0,
+        "elapsed_s": elapsed_s,
     }
 
 
@@ -1192,7 +1266,9 @@ def main(argv=None):
     if DETERMINISTIC:
         use_deterministic_algorithms()  # before CUDA starts
     rank, world, device = setup_distributed(args.device)
+    lock = None
     try:
+        lock = lock_run_folder(run_folder(args), rank)  # held until this process ends
         with StopSignals() as stop:
             code = train(args, rank, world, device, stop)
         if dist.is_initialized():
@@ -1200,13 +1276,22 @@ def main(argv=None):
             dist.barrier()  # and let no rank leave while another still talks to it
         return code
     finally:  # every exit path, errors included, leaves the process group
+        if lock is not None:
+            os.close(lock)  # releases the run folder
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
+def run_name(args):
+    return f"{ARM}-smoke" if args.smoke else f"{ARM}-seed{args.seed}"
+
+
+def run_folder(args):
+    return Path(args.out or f"runs/{SPEC_NAME}/{run_name(args)}")
+
+
 def train(args, rank, world, device, stop):
-    run_name = f"{ARM}-smoke" if args.smoke else f"{ARM}-seed{args.seed}"
-    out = Path(args.out or f"runs/{SPEC_NAME}/{run_name}")
+    out = run_folder(args)
     resume = (out / "last.pt").exists()
     if args.resume is True and not resume:
         fail(f"nothing to resume: {out / 'last.pt'} does not exist")
@@ -1301,6 +1386,7 @@ def train(args, rank, world, device, stop):
         "history": [],
         "phases": [],
         "train_s": 0.0,
+        "elapsed_s": 0.0,
     }
     if resume:
         ckpt = load_checkpoint(out / "last.pt")
@@ -1320,10 +1406,13 @@ def train(args, rank, world, device, stop):
                 k: ckpt["state"][k]
                 for k in ("epoch", "batch", "step", "sums", "history", "phases", "train_s")
             }
+            # wall time of the sessions before (a checkpoint from before it was kept: the
+            # last epoch's, at least the training time)
+            last = state["history"][-1]["elapsed_s"] if state["history"] else 0.0
+            state["elapsed_s"] = ckpt["state"].get("elapsed_s", max(last, state["train_s"]))
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             fail(f"cannot resume from {out / 'last.pt'}: {one_line(exc)}")
-    if rank == 0:  # under DDP, rank 0 alone writes
-        out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:  # under DDP, rank 0 alone writes (lock_run_folder made the folder)
         write_text_atomic(out / "config.json", json.dumps(config, indent=2) + "\n")
         if Path(__file__).resolve() != (out / Path(__file__).name).resolve():
             shutil.copyfile(__file__, out / Path(__file__).name)
@@ -1355,7 +1444,7 @@ def train(args, rank, world, device, stop):
         save(out / "last.pt")
 
     def finish(status, test=None):
-        summary = summarize(state["history"], status, state["step"], test)
+        summary = summarize(state["history"], status, state["step"], elapsed(), test)
         if world > 1:  # every rank's parameter hash, so that drift between replicas shows
             replicas = [None] * world
             fingerprint = replica_fingerprint(model, state["step"])
@@ -1370,7 +1459,12 @@ def train(args, rank, world, device, stop):
 
     history = state["history"]
     best_acc = max((h["val_acc"] for h in history), default=-1.0)
-    started = time.perf_counter() - (history[-1]["elapsed_s"] if history else 0.0)
+    session, before = time.perf_counter(), state["elapsed_s"]
+
+    def elapsed():
+        """The run's wall time: this session's so far and all earlier sessions'."""
+        return before + time.perf_counter() - session
+
     step, train_s = state["step"], state["train_s"]  # train_s: seconds inside training steps
     last_checkpoint = -math.inf  # so that epoch 1 (of this process) writes one
     stopping = False  # set, on every rank at once, when any rank received SIGTERM or SIGINT
@@ -1383,7 +1477,14 @@ def train(args, rank, world, device, stop):
         batches = data.train_batches(order, first, batch_size, args.seed, epoch)
         for batch, (xb, yb) in enumerate(batches, start=first):
             if stopping or (args.max_steps is not None and step >= args.max_steps):
-                state.update(epoch=epoch, batch=batch, step=step, sums=sums, train_s=train_s)
+                state.update(
+                    epoch=epoch,
+                    batch=batch,
+                    step=step,
+                    sums=sums,
+                    train_s=train_s,
+                    elapsed_s=elapsed(),
+                )
                 checkpoint()
                 finish("stopped")
                 why = "by a signal" if stopping else "(--max-steps)"
@@ -1445,10 +1546,17 @@ def train(args, rank, world, device, stop):
                 for name, count in zip(PHASES, sums["phase_steps"])
             },
             "train_s": train_s,
-            "elapsed_s": time.perf_counter() - started,
+            "elapsed_s": elapsed(),
         }
         history.append(record)
-        state.update(epoch=epoch + 1, batch=0, step=step, sums=epoch_sums(), train_s=train_s)
+        state.update(
+            epoch=epoch + 1,
+            batch=0,
+            step=step,
+            sums=epoch_sums(),
+            train_s=train_s,
+            elapsed_s=record["elapsed_s"],
+        )
         if val_acc > best_acc:
             best_acc = val_acc
             save(out / "best.pt", durable=False)  # made durable by the next checkpoint()
