@@ -379,7 +379,7 @@ def ablate(
             + (f"; capped at --max-seeds {total}" if total < stage["n"] else "")
         )
         if total > seeds:  # the second stage: the same runs, more seeds (finished ones skip)
-            ctx.invoke(ablate, **{**ctx.params, "seeds": total, "precision": None})
+            ctx.invoke(ablate, ctx, **{**ctx.params, "seeds": total, "precision": None})
             return
     typer.echo(f"report: {report_dir / 'report.md'}")
     for line in report_md.headline(report, loaded.name):
