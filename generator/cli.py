@@ -268,6 +268,16 @@ def ablate(
         bool,
         typer.Option("--cancel", help="slurm: cancel this ablation's queued and running tasks."),
     ] = False,
+    precision: Annotated[
+        Optional[float],
+        typer.Option(
+            help="Stein's two-stage design: --seeds is the pilot; then run as many more seeds "
+            "as make each 95 % CI of final test accuracy against baseline at most ±D points.",
+        ),
+    ] = None,
+    max_seeds: Annotated[
+        Optional[int], typer.Option(min=1, help="With --precision: at most this many seeds.")
+    ] = None,
 ) -> None:
     """Run every arm over seeds as separate processes (or Slurm array tasks), then report.
 
@@ -277,8 +287,12 @@ def ablate(
     from generator import ablate as runner
     from generator import forkserver
     from generator import report as reporting
+    from generator import report_md
 
     _check_launcher(launcher)
+    if precision is not None and (seeds < 3 or precision <= 0):
+        typer.echo("error: --precision D needs D > 0 and a pilot of --seeds 3 or more", err=True)
+        raise typer.Exit(2)
     # everything that changes a run; a rerun into the same folder must repeat it
     settings = {"epochs": epochs, "smoke": smoke, "nproc": nproc, "overrides": sorted(set_ or [])}
     with _exits(spec):
@@ -350,11 +364,26 @@ def ablate(
     try:
         with _exits(folder):
             report_dir, report = reporting.build(folder)
+            if precision is not None and not failed:
+                stage = reporting.stein_seeds(folder, loaded.name, seed_list, precision / 100)
     except reporting.NoRuns:
         typer.echo("no run wrote any output: no report", err=True)
         raise typer.Exit(1) from None
+    except reporting.Refused as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if precision is not None and not failed:
+        total = min(stage["n"], max_seeds or stage["n"])
+        typer.echo(
+            f"Stein: pilot of {seeds} seeds, sd of the differences {100 * stage['sd']:.2f} "
+            f"points: {stage['n']} seeds give ±{precision:g}"
+            + (f"; capped at --max-seeds {total}" if total < stage["n"] else "")
+        )
+        if total > seeds:  # the second stage: the same runs, more seeds (finished ones skip)
+            ctx.invoke(ablate, ctx, **{**ctx.params, "seeds": total, "precision": None})
+            return
     typer.echo(f"report: {report_dir / 'report.md'}")
-    for line in reporting.headline(report, loaded.name):
+    for line in report_md.headline(report, loaded.name):
         typer.echo(line)
     if failed:
         raise typer.Exit(1)
@@ -618,18 +647,43 @@ def tune(
 
 @app.command()
 def report(
-    runs: Annotated[Path, typer.Argument(help="A folder of run folders, e.g. runs/NAME.")],
+    runs: Annotated[
+        Optional[Path], typer.Argument(help="A folder of run folders, e.g. runs/NAME.")
+    ] = None,
     out: Annotated[
         Optional[Path], typer.Option("-o", "--out", help="Report folder (default RUNS/report).")
+    ] = None,
+    from_: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--from",
+            help="Re-render report.md and the plots from this report.json (default -o: its "
+            "folder) instead of reading run folders.",
+        ),
     ] = None,
 ) -> None:
     """Rebuild the ablation report (tables, statistics, plots) from run folders alone."""
     from generator import report as reporting
 
+    if (runs is None) == (from_ is None):
+        typer.echo("error: give either RUNS or --from REPORT_JSON", err=True)
+        raise typer.Exit(2)
+    if from_ is not None:
+        report_dir = out or from_.parent
+        try:
+            data = json.loads(from_.read_text())
+            with _exits(report_dir):
+                report_dir.mkdir(parents=True, exist_ok=True)
+                reporting.render(data, report_dir)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            typer.echo(f"error: {from_}: not a report.json ({exc.__class__.__name__})", err=True)
+            raise typer.Exit(2) from None
+        typer.echo(f"wrote {report_dir / 'report.md'}")
+        return
     try:
         with _exits(out or runs / "report"):
             report_dir, _ = reporting.build(runs, out)
-    except reporting.NoRuns as exc:
+    except reporting.Refused as exc:
         typer.echo(f"{runs}: {exc}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"wrote {report_dir / 'report.md'}")

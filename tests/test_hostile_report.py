@@ -54,7 +54,7 @@ def test_named_damage_is_listed_and_the_rest_reported(tmp_path):
     (other / "config.json").write_text(json.dumps({**config, "spec": "second"}))
     text = build(tmp_path, "damaged run folders")
     assert "## demo" in text and "## second" in text  # each spec on its own
-    assert "| baseline | 3 | 3 | 0/3 | 0 | 0 | — | — | — | — |" in text  # undamaged, whole
+    assert "| baseline | 3 | 3 | 0/3 | 0 | 0 | 0 | — | — | — | — |" in text  # undamaged, whole
     assert "seed1: completed (metrics.jsonl line 4 is truncated)" in text
     assert "seed2: incomplete (no summary.json)" in text
     assert "seed3: incomplete (no summary.json) (summary.json is unreadable" in text
@@ -63,7 +63,7 @@ def test_named_damage_is_listed_and_the_rest_reported(tmp_path):
     assert not any(p.name.startswith("..") for p in (tmp_path / "out").iterdir())
     demo = json.loads((tmp_path / "out" / "report.json").read_text())["specs"]["demo"]
     arms = demo["sections"][0]["arms"]
-    assert arms["full"]["completed"] == 1 and arms["baseline"]["completed"] == 3
+    assert arms["full"]["counts"]["completed"] == 1 and arms["baseline"]["counts"]["completed"] == 3
 
 
 JSON_VALUES = st.recursive(
@@ -140,7 +140,7 @@ def test_a_damaged_ablation_record_loses_nothing(tmp_path):
     (tmp_path / "ablation.json").write_text(json.dumps({"spec": "demo", "expected": expected}))
     text = build(tmp_path, "damaged run folders")
     assert "seed9: missing (no run folder)" in text  # the one well-formed expectation
-    assert "up" not in text.split("## demo")[1].split("### Table I")[0]
+    assert "../up" not in text.split("## demo")[1].split("### Primary endpoint")[0]
     (tmp_path / "ablation.json").write_bytes(b"\x00\xff not json")
     text = build(tmp_path, "damaged run folders")
     assert "| baseline | 3 | 3 | 0/3 | 0 | 0 |" in text
