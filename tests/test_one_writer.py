@@ -212,28 +212,6 @@ def test_metrics_only_grow_by_the_next_epoch(tmp_path):
     assert [json.loads(line)["epoch"] for line in path.read_text().splitlines()] == [1, 2, 3]
 
 
-def test_the_report_counts_a_run_with_two_histories_in_no_statistic(tmp_path):
-    from test_report import write_run
-
-    from generator import report
-
-    accs, losses = [0.5, 0.7, 0.9], [2.0, 1.0, 0.5]
-    for seed in range(2):
-        write_run(tmp_path, "baseline", seed, accs, losses)
-    doubled = write_run(tmp_path, "baseline", 2, accs, losses)
-    lines = (doubled / "metrics.jsonl").read_text().splitlines()
-    (doubled / "metrics.jsonl").write_text("\n".join([lines[0], *lines, lines[2]]) + "\n")
-    run = report.load_run(doubled)
-    assert run.corrupt and run.outcome == "damaged" and not run.complete
-    assert "metrics.jsonl is not one history: epoch 1 where 2 belongs" in run.problems[0]
-    _, data = report.build(tmp_path, tmp_path / "out")
-    row = data["specs"]["demo"]["sections"][0]["arms"]["baseline"]
-    assert row["completed"] == 2 and row["final_acc"]["n"] == 2 and row["timed"] == 2
-    assert row["finished"] == 2 and row["counts"]["damaged"] == 1
-    text = (tmp_path / "out" / "report.md").read_text()
-    assert "seed2: corrupt (metrics.jsonl is not one history)" in text
-
-
 @pytest.mark.parametrize("where", ["a file", "under a file", "read-only parent"])
 def test_an_out_that_cannot_be_made_is_one_line_and_exit_2(tmp_path, where):
     script = generate(tmp_path) / "train_baseline.py"
