@@ -117,8 +117,8 @@ Factory = Annotated[
         json_schema_extra={"pattern": FACTORY_PATTERN},
         max_length=200,
         description="An import path 'package.module:attribute'; the module is imported by "
-        "name (installed, or on PYTHONPATH; perturbgen validate --import and ablate add the "
-        "spec file's folder).",
+        "name (installed, or on PYTHONPATH; perturbgen validate --import, ablate and tune "
+        "add the folders of the spec file and of the specs it extends).",
     ),
 ]
 

@@ -47,6 +47,7 @@ from generator import slurm
 from generator.ablate import thread_env
 from generator.cli import _Progress
 from generator.errors import SpecError, SpecErrors
+from generator.factories import python_path, spec_folders
 from generator.loading import Located, merge, parse_override
 from generator.plan import spec_hash
 from generator.render import Rendered, render, write_folder
@@ -296,12 +297,14 @@ def run_command(script: Path, run: Path, seed: int, epochs: int) -> list[str]:
     return command + ["--epochs", str(epochs)]
 
 
-def launch(script: Path, run: Path, seed: int, epochs: int, threads: int) -> subprocess.Popen:
+def launch(
+    script: Path, run: Path, seed: int, epochs: int, threads: int, folders: list[str] = ()
+) -> subprocess.Popen:
     """One run of a generated script, as its own process (and session: Ctrl-C reaches the
-    tuner, which stops its runs itself)."""
+    tuner, which stops its runs itself); `folders` (the spec's) go first on its PYTHONPATH."""
     run.mkdir(parents=True, exist_ok=True)
     command = run_command(script, run, seed, epochs)
-    env = {**os.environ, **thread_env(threads)}
+    env = {**os.environ, **thread_env(threads), **python_path(folders)}
     with open(run / "train.log", "a") as log:
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
@@ -526,12 +529,16 @@ class Tuner:
         """A trial's runs: local processes, or one Slurm job array (a task per seed, with
         --resume auto so that a requeued task continues) whose record is folder/slurm.json."""
         seeds, epochs, resources = self.s.seeds, self.s.epochs, self.s.resources
+        folders = spec_folders(self.s.doc)
         if resources is None:
             threads = max(1, (os.cpu_count() or 1) // (len(seeds) * self.s.workers))
-            return [launch(script, run, seed, epochs, threads) for run, seed in zip(runs, seeds)]
+            return [
+                launch(script, run, seed, epochs, threads, folders)
+                for run, seed in zip(runs, seeds)
+            ]
         name = f"pgen-tune-{self.s.study_name}-{number}"
         launcher = slurm.Launcher(folder, resources, name=name)
-        env = thread_env(resources.cpus_per_run)
+        env = {**thread_env(resources.cpus_per_run), **python_path(folders)}
         tasks = [
             slurm.Task(
                 f"trial{number}/seed{seed}",
