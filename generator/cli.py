@@ -19,8 +19,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from generator.errors import SpecError, SpecErrors
 from generator import factories
+from generator.errors import SpecError, SpecErrors
 from generator.plan import arm_names
 from generator.render import (
     GenerationError,

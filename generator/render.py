@@ -25,7 +25,7 @@ from generator import __version__
 from generator.errors import SpecError, SpecErrors
 from generator.loading import Located, load_file, merge, parse_override
 from generator.plan import ReadmeModel, RenderModel, arm_names, plan, spec_hash
-from generator.spec import Spec, validate
+from generator.spec import Spec, did_you_mean, validate
 
 BLACK_MODE = black.Mode(line_length=99, target_versions={black.TargetVersion.PY311})
 
@@ -203,7 +203,11 @@ def check_arms(spec: Spec, path: Path, arms: list[str]) -> None:
         raise SpecErrors(
             [
                 SpecError(
-                    str(path), None, "", f"no arm named {a!r} (this spec has: {', '.join(known)})"
+                    str(path),
+                    None,
+                    "",
+                    f"no arm named {a!r}{did_you_mean(a, known)} (this spec has: "
+                    f"{', '.join(known)})",
                 )
                 for a in unknown
             ]

@@ -110,11 +110,12 @@ def test_slurm_tasks_of_ablate_and_tune_get_the_spec_folders_on_their_pythonpath
     jobs = ablate.make_jobs(tmp_path / "abl", ["baseline"], [0], factories.spec_folders(doc))
     launcher = slurm.Launcher(tmp_path / "abl", slurm.Resources())
     slurm.run_ablation(jobs, launcher, [], 1, lambda *a: None, wait=False)
-    s = tune.settings(loaded, doc, child, [], None, 1, None, None, tmp_path / "t", slurm.Resources())
+    s = tune.settings(
+        loaded, doc, child, [], None, 1, None, None, tmp_path / "t", slurm.Resources()
+    )
     tuner = tune.Tuner.__new__(tune.Tuner)
     tuner.s = s
     tuner.start(0, tmp_path / "t", tmp_path / "t" / "train_baseline.py", [tmp_path / "t" / "r"])
     assert len(submitted) == 2
     for task in submitted:
         assert task.env["PYTHONPATH"].split(os.pathsep)[:2] == folders, task
-

@@ -1,0 +1,53 @@
+"""Messages that name what to type: 'did you mean' for arm names wherever one is given, and
+one error (at the typo) for a misspelt required key."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import MINIMAL, cli
+
+TYPO = "; did you mean 'fixed'?"
+
+
+def test_a_misspelt_required_key_is_one_error_at_the_typo(write_spec):
+    spec = write_spec(MINIMAL.replace("optimizer:", "optimiser:"))
+    result = cli("validate", spec)
+    assert result.exit_code == 2
+    assert result.output.splitlines() == [
+        f"{spec}:4: optimiser: unknown key; did you mean 'optimizer'?",
+        "1 error(s); nothing was written.",
+    ]
+
+
+def test_a_missing_required_key_without_a_typo_is_still_reported(write_spec):
+    spec = write_spec(MINIMAL.replace("optimizer:", "zzz:"))
+    result = cli("validate", spec)
+    assert "optimizer: required key is missing" in result.output
+    assert "zzz: unknown key" in result.output
+
+
+def test_a_misspelt_kind_gets_a_suggestion(write_spec):
+    spec = write_spec(MINIMAL.replace("name: sgd", "name: adamw_").replace("sgd", "x"))
+    result = cli("validate", spec)
+    assert "optimizer.name: must be one of" in result.output
+    assert "did you mean 'adamw'?" in result.output
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["generate", "SPEC", "-o", "OUT", "--variant", "fixd"],
+        ["ablate", "SPEC", "-o", "OUT", "--arms", "baseline,fixd"],
+        ["diff", "SPEC", "baseline", "fixd"],
+        ["export", "SPEC", "fixd", "-o", "OUT/m.py"],
+        ["tune", "SPEC", "--set", "tune.arm=fixd", "--set", "tune.space={}"],
+    ],
+)
+def test_an_arm_misspelt_on_the_command_line_gets_a_suggestion(write_spec, tmp_path, command):
+    spec = write_spec()
+    out = tmp_path / "out"
+    args = [str(spec) if a == "SPEC" else a.replace("OUT", str(out)) for a in command]
+    result = cli(*args)
+    assert result.exit_code == 2, result.output
+    assert "'fixd'" in result.output and TYPO in result.output, result.output
+    assert not out.exists()
