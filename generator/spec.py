@@ -98,7 +98,11 @@ class ImageFolderData(_Data):
     num_classes: Annotated[int, Field(ge=2, lt=INT_LIMIT)]
     image_size: PosInt = 224
     workers: Annotated[int, Field(ge=0, lt=INT_LIMIT)] = 4
-    val_size: PosInt = Field(5000, description=VAL_SIZE_HELP)
+    val_size: PosInt | None = Field(
+        None,
+        description=VAL_SIZE_HELP + " Default: a tenth of root/train (at least one image), "
+        "since a folder's size is known only when the run reads it.",
+    )
 
 
 FACTORY_PATTERN = r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$"

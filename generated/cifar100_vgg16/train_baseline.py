@@ -111,8 +111,9 @@ def synthetic_split(size, split, noise):
 
 def split_off_val(size, val_size):
     """(train indices, val indices) of a training split of `size` examples. val is a fixed
-    random subset that depends only on `size` and `val_size`, never on the run's seed or
-    arm, so every run of every arm validates on the same examples."""
+    random subset that depends only on `size` and `val_size` (None: a tenth of `size`),
+    never on the run's seed or arm, so every run of every arm validates on the same examples."""
+    val_size = max(1, size // 10) if val_size is None else val_size
     if not 0 < val_size < size:
         fail(
             f"the {DATASET} training split holds {size} examples: too few to set "
