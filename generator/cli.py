@@ -120,7 +120,11 @@ def generate(
     ] = Path("generated"),
     variant: Annotated[
         Optional[list[str]],
-        typer.Option("--variant", help="Emit only this arm (repeatable), e.g. --variant fixed."),
+        typer.Option(
+            "--variant",
+            help="Emit this arm (repeatable), e.g. --variant fixed; the arms already in "
+            "OUT/NAME stay there, made again from this spec.",
+        ),
     ] = None,
     set_: SetOpt = None,
     check: Annotated[
@@ -144,7 +148,8 @@ def generate(
     if errors:
         _fail(errors)
     with _exits(out):  # all specs at once: black formats their shared blocks once
-        rendered = render_all(loaded, variant or [], previous=out)
+        # --variant adds or updates arms: the other arms of a spec's folder stay
+        rendered = render_all(loaded, variant or [], previous=out, keep_arms=True)
     if check:
         problems = [p for r in rendered for p in drift(r, out)]
         if problems:

@@ -1,7 +1,10 @@
-"""Messages that name what to type: 'did you mean' for arm names wherever one is given, and
-one error (at the typo) for a misspelt required key."""
+"""Commands that name what to type and keep what is there: 'did you mean' for arm names
+wherever one is given, one error (at the typo) for a misspelt required key, and
+`generate --variant` into a folder that holds the spec's other arms."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 from conftest import MINIMAL, cli
@@ -51,3 +54,19 @@ def test_an_arm_misspelt_on_the_command_line_gets_a_suggestion(write_spec, tmp_p
     assert result.exit_code == 2, result.output
     assert "'fixd'" in result.output and TYPO in result.output, result.output
     assert not out.exists()
+
+
+def test_generate_one_variant_into_a_folder_keeps_the_other_arms(write_spec, tmp_path):
+    spec = write_spec(MINIMAL.replace("[baseline, fixed]", "[baseline, fixed, full]"))
+    out = tmp_path / "out"
+    assert cli("generate", spec, "-o", out).exit_code == 0
+    result = cli("generate", spec, "-o", out, "--variant", "fixed", "--set", "seed=7")
+    assert result.exit_code == 0, result.output
+    folder = out / "tiny"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    scripts = ["train_baseline.py", "train_fixed.py", "train_full.py"]
+    assert [f for f in manifest["files"] if f.startswith("train_")] == scripts
+    assert sorted(p.name for p in folder.glob("train_*.py")) == scripts
+    assert manifest["resolved_spec"]["seed"] == 7  # every arm: one folder, one spec
+    check = cli("generate", spec, "-o", out, "--set", "seed=7", "--check")
+    assert check.exit_code == 0, check.output
