@@ -26,7 +26,7 @@ from generator import forkserver
 from generator.errors import SpecError, SpecErrors
 from generator.factories import python_path
 from generator.plan import arm_names
-from generator.loading import Located
+from generator.loading import Located, changes
 from generator.render import Rendered, check_arms, render, write_folder
 from generator.spec import Spec
 
@@ -85,6 +85,11 @@ def prepare(
     if stamp.exists():
         previous = json.loads(stamp.read_text())
         changed = sorted(k for k in record if previous.get(k) != record[k])
+        before = {k: previous.get(k) for k in changed}
+        after = {k: record[k] for k in changed}
+        if "spec_sha256" in changed and (made := _resolved_spec(out)) is not None:
+            del before["spec_sha256"], after["spec_sha256"]  # the settings, not their hashes
+            before["spec"], after["spec"] = made, manifest["resolved_spec"]
         if changed:
             raise SpecErrors(
                 [
@@ -93,13 +98,22 @@ def prepare(
                         None,
                         "",
                         (
-                            f"holds runs made with other settings ({', '.join(changed)}); "
+                            "holds runs made with other settings "
+                            f"({'; '.join(changes(before, after))}); "
                             "rerun with the same ones, or choose another --out"
                         ),
                     )
                 ]
             )
     return rendered, arms or arm_names(spec), record
+
+
+def _resolved_spec(out: Path) -> dict | None:
+    """The spec OUT's runs were made from, as its scripts' manifest resolved it."""
+    try:
+        return json.loads((out / "scripts" / "manifest.json").read_text())["resolved_spec"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def expected(out: Path, arms: list[str], seeds: list[int]) -> list[list]:

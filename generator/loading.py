@@ -106,6 +106,15 @@ def dotted(path: Path_) -> str:
     return out
 
 
+def changes(old: Any, new: Any, path: Path_ = ()) -> list[str]:
+    """`key: old -> new` for each setting that differs between two plain documents, nested
+    keys dotted: what a refusal to mix runs or studies made with other settings shows."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(old.keys() | new.keys(), key=str)
+        return [c for k in keys for c in changes(old.get(k), new.get(k), path + (k,))]
+    return [] if old == new else [f"{dotted(path) or 'value'}: {old!r} -> {new!r}"]
+
+
 class _Builder:
     def __init__(self, loader: _Loader, file: str):
         self.loader, self.file, self.nodes = loader, file, 0

@@ -48,7 +48,7 @@ from generator.ablate import thread_env
 from generator.cli import _Progress
 from generator.errors import SpecError, SpecErrors
 from generator.factories import python_path, spec_folders
-from generator.loading import Located, merge, parse_override
+from generator.loading import Located, changes, merge, parse_override
 from generator.plan import spec_hash
 from generator.render import Rendered, render, write_folder
 from generator.spec import OBJECTIVES, Spec, Tune, field_kind, tune_field, validate
@@ -137,6 +137,13 @@ class Settings:
         tune = self.tune.model_dump(mode="json", exclude={"trials"})
         text = json.dumps({"spec": spec_hash(self.spec), "tune": tune}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
+
+    def compared(self) -> dict[str, Any]:
+        """What the fingerprint covers, as values: a refusal shows what differs."""
+        return {
+            "spec": self.spec.model_dump(mode="json", exclude={"extends"}),
+            "tune": self.tune.model_dump(mode="json", exclude={"trials"}),
+        }
 
 
 def settings(
@@ -430,7 +437,10 @@ class Tuner:
             if made_from is None:
                 self.study.set_user_attr("fingerprint", s.fingerprint())
                 self.study.set_user_attr("spec", str(s.spec_path))
+                self.study.set_user_attr("settings", s.compared())
             elif made_from != s.fingerprint():
+                before = self.study.user_attrs.get("settings")  # none in studies made earlier
+                shown = "; ".join(changes(before, s.compared())) if before else ""
                 raise SpecErrors(
                     [
                         SpecError(
@@ -438,7 +448,8 @@ class Tuner:
                             None,
                             "tune",
                             f"study {s.study_name!r} in {self.shown_storage} was made from "
-                            "another spec or search space; use another --study or -o",
+                            f"another spec or search space{f' ({shown})' if shown else ''}; "
+                            "use another --study or -o",
                         )
                     ]
                 )
@@ -717,8 +728,7 @@ def tuned_yaml(tuner: Tuner, info: dict[str, Any]) -> str:
     s, best = tuner.s, info["best"]
     values = Located({})
     for text in s.overrides:
-        if not text.strip().startswith("tune."):
-            values = merge(values, parse_override(text))
+        values = merge(values, parse_override(text))
     for key, value in best["params"].items():
         values = merge(values, parse_override(f"{key}={json.dumps(value)}"))
     spec_file, out = s.spec_path.resolve(), s.out.resolve()

@@ -9,6 +9,8 @@ import json
 import pytest
 from conftest import MINIMAL, cli
 
+from generator.render import load_spec
+
 TYPO = "; did you mean 'fixed'?"
 
 
@@ -70,3 +72,26 @@ def test_generate_one_variant_into_a_folder_keeps_the_other_arms(write_spec, tmp
     assert manifest["resolved_spec"]["seed"] == 7  # every arm: one folder, one spec
     check = cli("generate", spec, "-o", out, "--set", "seed=7", "--check")
     assert check.exit_code == 0, check.output
+
+
+def test_ablate_into_a_folder_of_another_spec_names_each_difference(write_spec, tmp_path):
+    spec, out = write_spec(), tmp_path / "ab"
+    first = cli("ablate", spec, "--smoke", "--seeds", "1", "--arms", "baseline", "-o", out)
+    assert first.exit_code == 0, first.output
+    again = cli("ablate", spec, "--smoke", "--seeds", "1", "-o", out, "--epochs", "3",
+                "--set", "optimizer.lr=0.05", "--set", "optimizer.momentum=0")  # fmt: skip
+    assert again.exit_code == 2
+    assert (
+        f"{out}: holds runs made with other settings (epochs: None -> 3; overrides: [] -> "
+        "['optimizer.lr=0.05', 'optimizer.momentum=0']; spec.optimizer.lr: 0.1 -> 0.05; "
+        "spec.optimizer.momentum: 0.9 -> 0.0); rerun with the same ones, or choose another --out"
+    ) in " ".join(again.output.split())
+
+
+def test_tuned_yaml_keeps_the_tune_values_given_with_set(write_spec, tmp_path):
+    tune = "tune: {arm: baseline, trials: 1, pruner: none, space: {optimizer.lr: {low: 0.01, high: 0.1}}}\n"
+    spec, out = write_spec(MINIMAL + tune), tmp_path / "t"
+    result = cli("tune", spec, "-o", out, "--set", "tune.epochs=1", "--set", "seed=3")
+    assert result.exit_code == 0, result.output
+    tuned, _ = load_spec(out / "tuned.yaml")
+    assert tuned.tune.epochs == 1 and tuned.seed == 3
