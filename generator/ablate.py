@@ -25,8 +25,9 @@ from typing import Callable
 
 from generator import forkserver
 from generator.errors import SpecError, SpecErrors
+from generator.factories import python_path
 from generator.plan import arm_names
-from generator.loading import Located
+from generator.loading import Located, changes
 from generator.render import Rendered, check_arms, render, write_folder
 from generator.spec import Spec
 
@@ -53,7 +54,7 @@ class Job:
     started: float = 0.0
     gpus: str | None = None  # CUDA_VISIBLE_DEVICES of the run, where GPUs are handed out
     reason: str = ""  # why it failed (or who runs it elsewhere), where the code does not say
-    import_path: str | None = None  # the spec's folder, where its factories' modules may be
+    import_paths: list[str] = field(default_factory=list)  # spec_folders: first on PYTHONPATH
 
     @property
     def name(self) -> str:
@@ -121,6 +122,11 @@ def prepare(
     if stamp.exists():
         previous = json.loads(stamp.read_text())
         changed = sorted(k for k in record if previous.get(k) != record[k])
+        before = {k: previous.get(k) for k in changed}
+        after = {k: record[k] for k in changed}
+        if "spec_sha256" in changed and (made := _resolved_spec(out)) is not None:
+            del before["spec_sha256"], after["spec_sha256"]  # the settings, not their hashes
+            before["spec"], after["spec"] = made, manifest["resolved_spec"]
         if changed:
             raise SpecErrors(
                 [
@@ -129,13 +135,22 @@ def prepare(
                         None,
                         "",
                         (
-                            f"holds runs made with other settings ({', '.join(changed)}); "
+                            "holds runs made with other settings "
+                            f"({'; '.join(changes(before, after))}); "
                             "rerun with the same ones, or choose another --out"
                         ),
                     )
                 ]
             )
     return rendered, arms or arm_names(spec), record
+
+
+def _resolved_spec(out: Path) -> dict | None:
+    """The spec OUT's runs were made from, as its scripts' manifest resolved it."""
+    try:
+        return json.loads((out / "scripts" / "manifest.json").read_text())["resolved_spec"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def expected(out: Path, arms: list[str], seeds: list[int]) -> list[list]:
@@ -154,17 +169,16 @@ def expected(out: Path, arms: list[str], seeds: list[int]) -> list[list]:
 
 
 def make_jobs(
-    out: Path, arms: list[str], seeds: list[int], import_path: Path | None = None
+    out: Path, arms: list[str], seeds: list[int], import_paths: list[str] = ()
 ) -> list[Job]:
-    """One job per arm and seed; `import_path` goes first on each run's PYTHONPATH."""
-    path = None if import_path is None else str(import_path.resolve())
+    """One job per arm and seed; `import_paths` go first on each run's PYTHONPATH."""
     return [
         Job(
             arm,
             seed,
             out / "scripts" / f"train_{arm}.py",
             out / arm / f"seed{seed}",
-            import_path=path,
+            import_paths=list(import_paths),
         )
         for arm in arms
         for seed in seeds
@@ -263,10 +277,7 @@ def start(job: Job, extra: list[str], threads: int, nproc: int = 1, server=None)
     command_line = command(job, extra, nproc)
     env = thread_env(threads)
     env.update({} if job.gpus is None else {"CUDA_VISIBLE_DEVICES": job.gpus})
-    if job.import_path:  # a custom factory's module may sit next to the spec
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (job.import_path, os.environ.get("PYTHONPATH")) if p
-        )
+    env.update(python_path(job.import_paths))  # a factory's module may sit next to the spec
     log_path = job.folder / "train.log"
     with open(log_path, "a") as log:
         log.write(f"$ {' '.join(command_line)}\n")

@@ -19,6 +19,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from generator import factories
 from generator.errors import SpecError, SpecErrors
 from generator.plan import arm_names
 from generator.render import (
@@ -119,7 +120,11 @@ def generate(
     ] = Path("generated"),
     variant: Annotated[
         Optional[list[str]],
-        typer.Option("--variant", help="Emit only this arm (repeatable), e.g. --variant fixed."),
+        typer.Option(
+            "--variant",
+            help="Emit this arm (repeatable), e.g. --variant fixed; the arms already in "
+            "OUT/NAME stay there, made again from this spec.",
+        ),
     ] = None,
     set_: SetOpt = None,
     check: Annotated[
@@ -143,7 +148,8 @@ def generate(
     if errors:
         _fail(errors)
     with _exits(out):  # all specs at once: black formats their shared blocks once
-        rendered = render_all(loaded, variant or [], previous=out)
+        # --variant adds or updates arms: the other arms of a spec's folder stay
+        rendered = render_all(loaded, variant or [], previous=out, keep_arms=True)
     if check:
         problems = [p for r in rendered for p in drift(r, out)]
         if problems:
@@ -297,6 +303,7 @@ def ablate(
     settings = {"epochs": epochs, "smoke": smoke, "nproc": nproc, "overrides": sorted(set_ or [])}
     with _exits(spec):
         loaded, doc = load_spec(spec, set_ or [])
+        _check_imports(loaded, doc, spec)  # before a run starts or a task is submitted
         folder = out or Path("runs") / loaded.name
         chosen_arms = [a for a in (arms or "").split(",") if a]
         if launcher == "local" and fork and nproc == 1 and hasattr(os, "fork"):
@@ -313,7 +320,7 @@ def ablate(
     record["expected"] = runner.expected(folder, chosen, seed_list)
     with _exits(folder):
         runner.write_scripts(rendered, folder, record)
-    all_jobs = runner.make_jobs(folder, chosen, seed_list, spec.parent)
+    all_jobs = runner.make_jobs(folder, chosen, seed_list, factories.spec_folders(doc))
     extra = (["--epochs", str(epochs)] if epochs else []) + (["--smoke"] if smoke else [])
     extra += runner.log_flags(loaded, folder)
     display = _Progress(len(all_jobs))
@@ -387,6 +394,14 @@ def ablate(
         typer.echo(line)
     if failed:
         raise typer.Exit(1)
+
+
+def _check_imports(spec: Spec, doc, path: Path) -> None:
+    """Refuse a spec whose own factories do not import, with the spec's folders on the path
+    as its runs will have them."""
+    problems = factories.check(spec, doc, str(path), call_them=False)
+    if problems:
+        raise SpecErrors(problems)
 
 
 def _given_options(context: typer.Context) -> set[str]:
@@ -607,6 +622,7 @@ def tune(
         )
     with _exits(spec):
         loaded, doc = load_spec(spec, set_ or [])
+        _check_imports(loaded, doc, spec)  # before a trial starts or a task is submitted
         chosen = tuning.settings(
             loaded, doc, spec, set_ or [], trials, workers, storage, study, out, resources
         )
@@ -698,13 +714,12 @@ def validate(
         typer.Option(
             "--import",
             help="Also import the spec's own factories (arch/dataset: custom) and call them "
-            "once on the spec's shape, with the spec's folder on the import path.",
+            "once on the spec's shape, with the folders of the spec and of the specs it extends "
+            "on the import path.",
         ),
     ] = False,
 ) -> None:
     """Check specs and print every problem as FILE:LINE: path: message."""
-    from generator import factories
-
     files, errors = _spec_files(specs)
     for path in files:
         try:

@@ -17,6 +17,7 @@ import jinja2
 from generator.errors import SpecError, SpecErrors
 from generator.plan import Constant, RenderModel, plan
 from generator.render import BLACK_MODE, GenerationError, environment, load_spec
+from generator.spec import did_you_mean
 
 MODULE = "adaptive_perturbation.py"  # the default file name, and the golden record's
 GOLDEN_ARM = "full"  # the arm each spec folder of the golden record carries as MODULE
@@ -127,7 +128,8 @@ def export(path: Path, arm: str, overrides: list[str] = (), module: str = MODULE
     models = {m.arm: m for m in plan(spec, doc)}
     perturbing = [name for name, m in models.items() if m.perturbs]
     if arm not in perturbing:
-        why = "adds no noise" if arm in models else "is not an arm of this spec"
+        unknown = f"is not an arm of this spec{did_you_mean(arm, perturbing)}"
+        why = "adds no noise" if arm in models else unknown
         raise SpecErrors(
             [
                 SpecError(

@@ -1,8 +1,11 @@
-"""`perturbgen validate --import`: import a spec's own factories and call them once, the way
-the emitted script will, so that a broken factory is one line before any run starts.
+"""A spec's own factories: where their modules are found, and the checks that they import
+(before `ablate` or `tune` starts anything) and work (`perturbgen validate --import`: called
+once, the way the emitted script will), so that a broken factory is one line before any run
+starts.
 
-The factory's module is imported by name with the spec file's folder first on sys.path
-(the folder `perturbgen ablate` puts on its runs' PYTHONPATH).
+A factory's module is imported by name with the folders of the spec file and of the specs it
+extends first on sys.path: the folders every command that runs a spec puts first on its
+runs' PYTHONPATH (`spec_folders`, `python_path`).
 """
 
 from __future__ import annotations
@@ -11,8 +14,8 @@ import contextlib
 import importlib
 import inspect
 import operator
+import os
 import sys
-from pathlib import Path
 from typing import Any
 
 from generator.errors import SpecError
@@ -31,13 +34,27 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text if len(text) <= 200 else text[:197] + '...'}"
 
 
+def spec_folders(doc: Located) -> list[str]:
+    """The folders of the spec file and of the specs it extends, the spec's own first: where
+    the modules of its factories may sit."""
+    return list(dict.fromkeys(str(file.parent) for file in doc.files))
+
+
+def python_path(folders: list[str]) -> dict[str, str]:
+    """The PYTHONPATH of a process that runs a spec: its folders, then the caller's own."""
+    inherited = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    joined = os.pathsep.join(dict.fromkeys(p for p in [*folders, *inherited] if p))
+    return {"PYTHONPATH": joined} if joined else {}
+
+
 @contextlib.contextmanager
-def _import_path(folder: Path):
-    sys.path.insert(0, str(folder))
+def _import_path(folders: list[str]):
+    saved = list(sys.path)
+    sys.path[:0] = folders
     try:
         yield
     finally:
-        sys.path.remove(str(folder))
+        sys.path[:] = saved
 
 
 def resolve(reference: str) -> Any:
@@ -48,7 +65,8 @@ def resolve(reference: str) -> Any:
     except ModuleNotFoundError as exc:
         raise FactoryProblem(
             f"cannot import {module_name!r}: no module named {exc.name!r} (install it, or put "
-            "its folder on PYTHONPATH; the spec's folder is searched too)"
+            "its folder on PYTHONPATH; the folders of the spec and of the specs it extends "
+            "are searched too)"
         ) from None
     except Exception as exc:  # noqa: BLE001 - whatever the user's module raised on import
         raise FactoryProblem(f"importing {module_name!r} raised {one_line(exc)}") from None
@@ -185,20 +203,26 @@ def check_data(spec: Spec) -> None:
             )
 
 
-def check(spec: Spec, doc: Located, file: str) -> list[SpecError]:
+def _imports(section: str):
+    """A check that the section's factory imports, without calling it."""
+    return lambda spec: resolve(getattr(spec, section).factory)
+
+
+def check(spec: Spec, doc: Located, file: str, call_them: bool = True) -> list[SpecError]:
     """Every factory problem of a spec, each at the line of its `factory` (or library
-    model's `name`) key."""
+    model's `name`) key. With `call_them` false, only that each user factory imports (what
+    `ablate` and `tune` check before they start a run)."""
     errors = []
     checks = [
-        (section, key, checker)
+        (section, key, checker if call_them else _imports(section))
         for section, kind, key, checker in (
             ("model", CustomModel, "factory", check_model),
             ("model", (TorchvisionModel, TimmModel), "name", check_model),
             ("data", CustomData, "factory", check_data),
         )
-        if isinstance(getattr(spec, section), kind)
+        if isinstance(getattr(spec, section), kind) and (call_them or key == "factory")
     ]
-    with _import_path(Path(file).resolve().parent):
+    with _import_path(spec_folders(doc)):
         for section, key, checker in checks:
             path = (section, key)
             try:

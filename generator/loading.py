@@ -88,6 +88,8 @@ class Located:
 
     data: Any
     origins: dict[Path_, Origin] = field(default_factory=dict)
+    # the spec files it was loaded from, resolved: the spec first, then those it extends
+    files: tuple[Path, ...] = ()
 
     def origin(self, path: Path_, default_file: str) -> Origin:
         """The origin of the deepest prefix of ``path`` that we know."""
@@ -102,6 +104,15 @@ def dotted(path: Path_) -> str:
     for part in path:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
+
+
+def changes(old: Any, new: Any, path: Path_ = ()) -> list[str]:
+    """`key: old -> new` for each setting that differs between two plain documents, nested
+    keys dotted: what a refusal to mix runs or studies made with other settings shows."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(old.keys() | new.keys(), key=str)
+        return [c for k in keys for c in changes(old.get(k), new.get(k), path + (k,))]
+    return [] if old == new else [f"{dotted(path) or 'value'}: {old!r} -> {new!r}"]
 
 
 class _Builder:
@@ -229,7 +240,8 @@ def merge(base: Located, over: Located) -> Located:
 
     data = walk(base.data, over.data, ())
     origins.update({k: v for k, v in over.origins.items() if k})
-    return Located(data, origins)
+    files = over.files + tuple(f for f in base.files if f not in over.files)
+    return Located(data, origins, files)
 
 
 def _not_a_spec_file(path: Path) -> str | None:
@@ -268,6 +280,7 @@ def load_file(path: Path, display: str | None = None, _stack: tuple[Path, ...] =
                 )
             ]
         )
+    doc.files = (path.resolve(),)
     parent = doc.data.pop("extends", None)
     if parent is None:
         return doc

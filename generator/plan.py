@@ -210,7 +210,10 @@ def constants(spec: Spec, arm: str, kind: str) -> tuple[Constant, ...]:
             Constant("VAL_SIZE", spec.data.val_size, "carved from train if no val (None: 1/10)"),
         ]
     else:
-        c.append(Constant("VAL_SIZE", spec.data.val_size, "validation examples, from train"))
+        tenth = " (None: a tenth)" if isinstance(spec.data, ImageFolderData) else ""
+        c.append(
+            Constant("VAL_SIZE", spec.data.val_size, f"validation examples, from train{tenth}")
+        )
     if isinstance(spec.data, ImageFolderData):
         c += [
             Constant("IMAGE_SIZE", spec.data.image_size, "pixels, height and width"),

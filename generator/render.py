@@ -25,7 +25,7 @@ from generator import __version__
 from generator.errors import SpecError, SpecErrors
 from generator.loading import Located, load_file, merge, parse_override
 from generator.plan import ReadmeModel, RenderModel, arm_names, plan, spec_hash
-from generator.spec import Spec, validate
+from generator.spec import Spec, did_you_mean, validate
 
 BLACK_MODE = black.Mode(line_length=99, target_versions={black.TargetVersion.PY311})
 
@@ -216,7 +216,11 @@ def check_arms(spec: Spec, path: Path, arms: list[str]) -> None:
         raise SpecErrors(
             [
                 SpecError(
-                    str(path), None, "", f"no arm named {a!r} (this spec has: {', '.join(known)})"
+                    str(path),
+                    None,
+                    "",
+                    f"no arm named {a!r}{did_you_mean(a, known)} (this spec has: "
+                    f"{', '.join(known)})",
                 )
                 for a in unknown
             ]
@@ -238,20 +242,29 @@ def render(
 
 
 def render_all(
-    loaded: list[tuple[Spec, Located, Path]], arms: list[str] = (), previous: Path | None = None
+    loaded: list[tuple[Spec, Located, Path]],
+    arms: list[str] = (),
+    previous: Path | None = None,
+    keep_arms: bool = False,
 ) -> list[Rendered]:
     """Several loaded specs at once, so that black sees all their blocks in one batch.
 
     `previous` is a folder of earlier output (OUT): a script whose unformatted source hashes
     to what OUT/<spec>/manifest.json recorded under the same formatter, and whose file there
-    is intact, is taken from there instead of being formatted again.
+    is intact, is taken from there instead of being formatted again. With `keep_arms`, the
+    spec's arms that OUT/<spec> holds are rendered beside those in `arms`, so that writing
+    some arms into a folder keeps the others (made again from this spec: one folder, one
+    spec, one manifest).
     """
     from generator.export import golden_sources  # it renders with this module's environment
 
     drafts = []
     for spec, doc, path in loaded:
         check_arms(spec, path, arms)
-        models = [m for m in plan(spec, doc) if not arms or m.arm in arms]
+        chosen = set(arms)
+        if arms and keep_arms and previous:
+            chosen.update(arms_in(previous / spec.name, spec))
+        models = [m for m in plan(spec, doc) if not chosen or m.arm in chosen]
         sources = {m.script: _render("train.py.jinja", m) for m in models}
         sources.update(golden_sources(models))  # the drop-in module (perturbgen export)
         drafts.append((spec, models, sources))
@@ -266,6 +279,15 @@ def render_all(
                 todo[key] = source
     scripts.update((key, text.encode()) for key, text in format_sources(todo).items())
     return [_folder(spec, models, sources, scripts) for spec, models, sources in drafts]
+
+
+def arms_in(folder: Path, spec: Spec) -> list[str]:
+    """The arms of `spec` whose scripts the manifest of an output folder lists."""
+    try:
+        files = json.loads((folder / "manifest.json").read_text())["files"]
+        return [arm for arm in arm_names(spec) if f"train_{arm}.py" in files]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
 
 
 def _folder(spec: Spec, models: list[RenderModel], sources: dict[str, str], scripts) -> Rendered:

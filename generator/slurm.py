@@ -286,6 +286,7 @@ def run_ablation(
     Returns the first new array's job id, or None when nothing needed submitting.
     Ctrl-C while waiting raises KeyboardInterrupt and leaves the cluster jobs alone."""
     from generator import ablate
+    from generator.factories import python_path
 
     states = launcher.states()
     todo = []
@@ -306,7 +307,7 @@ def run_ablation(
                 job.name,
                 ablate.command(job, extra, processes),
                 job.folder,
-                ablate.thread_env(threads),
+                {**ablate.thread_env(threads), **python_path(job.import_paths)},
             )
             for job in todo
         ]

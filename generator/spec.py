@@ -98,7 +98,11 @@ class ImageFolderData(_Data):
     num_classes: Annotated[int, Field(ge=2, lt=INT_LIMIT)]
     image_size: PosInt = 224
     workers: Annotated[int, Field(ge=0, lt=INT_LIMIT)] = 4
-    val_size: PosInt = Field(5000, description=VAL_SIZE_HELP)
+    val_size: PosInt | None = Field(
+        None,
+        description=VAL_SIZE_HELP + " Default: a tenth of root/train (at least one image), "
+        "since a folder's size is known only when the run reads it.",
+    )
 
 
 FACTORY_PATTERN = r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$"
@@ -117,8 +121,8 @@ Factory = Annotated[
         json_schema_extra={"pattern": FACTORY_PATTERN},
         max_length=200,
         description="An import path 'package.module:attribute'; the module is imported by "
-        "name (installed, or on PYTHONPATH; perturbgen validate --import and ablate add the "
-        "spec file's folder).",
+        "name (installed, or on PYTHONPATH; perturbgen validate --import, ablate and tune "
+        "add the folders of the spec file and of the specs it extends).",
     ),
 ]
 
@@ -667,7 +671,11 @@ def tune_problems(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
         )
     if tune.arm not in spec.variants:
         problems.append(
-            (("tune", "arm"), f"{tune.arm!r} is not one of variants ({', '.join(spec.variants)})")
+            (
+                ("tune", "arm"),
+                f"{tune.arm!r} is not one of variants ({', '.join(spec.variants)})"
+                + did_you_mean(tune.arm, spec.variants),
+            )
         )
     for key, dim in sorted(tune.space.items()):
         where = ("tune", "space", key)
@@ -701,9 +709,7 @@ def tune_field(spec: Spec, path: str) -> tuple[BaseModel, str] | str:
             return f"{where} is not a section"
         fields = [f for f in type(node).model_fields if f != "tune"]
         if part not in fields:
-            close = difflib.get_close_matches(part, fields, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            return f"{where or 'the spec'} has no field {part!r}{hint}"
+            return f"{where or 'the spec'} has no field {part!r}{did_you_mean(part, fields)}"
         if i < len(parts) - 1:
             node = getattr(node, part)
     return node, parts[-1]
@@ -771,8 +777,7 @@ def _message(err: dict[str, Any], path: tuple, data: Any) -> str:
     kind, ctx = err["type"], err.get("ctx", {})
     got = f" (got {err.get('input')!r})"
     if kind == "extra_forbidden":
-        guess = _suggestion(str(path[-1]), _allowed_keys(path, data))
-        return "unknown key" + (f"; did you mean {guess!r}?" if guess else "")
+        return "unknown key" + did_you_mean(str(path[-1]), _allowed_keys(path, data))
     if kind == "missing":
         return "required key is missing"
     bounds = {
@@ -789,9 +794,11 @@ def _message(err: dict[str, Any], path: tuple, data: Any) -> str:
     if kind == "finite_number":
         return f"must be a finite number{got}"
     if kind == "literal_error":
-        return f"must be one of {ctx['expected']}{got}"
+        return f"must be one of {ctx['expected']}{got}{_literal_hint(err, ctx['expected'])}"
     if kind == "union_tag_invalid":
-        return f"must be one of {ctx['expected_tags']}{got}"
+        return (
+            f"must be one of {ctx['expected_tags']}{got}{_literal_hint(err, ctx['expected_tags'])}"
+        )
     if kind == "union_tag_not_found":
         return f"required key {ctx['discriminator']} is missing"
     if kind == "string_pattern_mismatch":
@@ -826,6 +833,20 @@ ALIASES = {
     "detector": "phase_detector",
     "arms": "variants",
 }
+
+
+def did_you_mean(word: str, allowed: list[str]) -> str:
+    """'; did you mean X?' for the allowed name (a key, an arm) `word` most likely meant."""
+    guess = _suggestion(word, allowed)
+    return f"; did you mean {guess!r}?" if guess else ""
+
+
+def _literal_hint(err: dict[str, Any], expected: str) -> str:
+    """did_you_mean for a value that must be one of pydantic's quoted `expected` names."""
+    value = err.get("input")
+    return (
+        did_you_mean(value, re.findall(r"'([^']*)'", expected)) if isinstance(value, str) else ""
+    )
 
 
 def _suggestion(key: str, allowed: list[str]) -> str | None:
@@ -973,12 +994,23 @@ def _validate_one(data: Any, doc: Located, file: str, prefix: tuple) -> Spec:
     try:
         spec = Spec.model_validate(data)
     except ValidationError as exc:
+        found = []
         for err in exc.errors():
             path = _data_path(err["loc"], data)
             if err["type"] == "union_tag_invalid":  # name the kind key, not the whole section
                 path += (err["ctx"]["discriminator"].strip("'"),)
                 err = {**err, "input": err["ctx"]["tag"]}
-            report(path, _message(err, path, data))
+            found.append((path, err))
+        # a misspelt key explains the missing one it was meant to be: one error, at the typo
+        meant = {
+            path[:-1] + (guess,)
+            for path, err in found
+            if err["type"] == "extra_forbidden"
+            and (guess := _suggestion(str(path[-1]), _allowed_keys(path, data)))
+        }
+        for path, err in found:
+            if not (err["type"] == "missing" and path in meant):
+                report(path, _message(err, path, data))
     else:
         for path, message in semantic_problems(spec):
             report(path, message)

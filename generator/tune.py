@@ -47,7 +47,8 @@ from generator import forkserver, slurm
 from generator.ablate import lock_holder, thread_env
 from generator.cli import _Progress
 from generator.errors import SpecError, SpecErrors
-from generator.loading import Located, merge, parse_override
+from generator.factories import python_path, spec_folders
+from generator.loading import Located, changes, merge, parse_override
 from generator.plan import spec_hash
 from generator.render import Rendered, render, write_folder
 from generator.spec import OBJECTIVES, Spec, Tune, field_kind, tune_field, validate
@@ -136,6 +137,13 @@ class Settings:
         tune = self.tune.model_dump(mode="json", exclude={"trials"})
         text = json.dumps({"spec": spec_hash(self.spec), "tune": tune}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
+
+    def compared(self) -> dict[str, Any]:
+        """What the fingerprint covers, as values: a refusal shows what differs."""
+        return {
+            "spec": self.spec.model_dump(mode="json", exclude={"extends"}),
+            "tune": self.tune.model_dump(mode="json", exclude={"trials"}),
+        }
 
 
 def settings(
@@ -288,13 +296,15 @@ def run_command(script: Path, run: Path, seed: int, epochs: int) -> list[str]:
     return command + ["--epochs", str(epochs)]
 
 
-def launch(script: Path, run: Path, seed: int, epochs: int, threads: int) -> subprocess.Popen:
+def launch(
+    script: Path, run: Path, seed: int, epochs: int, threads: int, folders: list[str] = ()
+) -> subprocess.Popen:
     """One run of a generated script, as its own process (and session: Ctrl-C reaches the
     tuner, which stops its runs itself); it gets SIGTERM if the tuner dies, so no run
-    outlives a killed tune."""
+    outlives a killed tune; `folders` (the spec's) go first on its PYTHONPATH."""
     run.mkdir(parents=True, exist_ok=True)
     command = run_command(script, run, seed, epochs)
-    env = {**os.environ, **thread_env(threads)}
+    env = {**os.environ, **thread_env(threads), **python_path(folders)}
     with open(run / "train.log", "a") as log:
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
@@ -419,7 +429,10 @@ class Tuner:
             if made_from is None:
                 self.study.set_user_attr("fingerprint", s.fingerprint())
                 self.study.set_user_attr("spec", str(s.spec_path))
+                self.study.set_user_attr("settings", s.compared())
             elif made_from != s.fingerprint():
+                before = self.study.user_attrs.get("settings")  # none in studies made earlier
+                shown = "; ".join(changes(before, s.compared())) if before else ""
                 raise SpecErrors(
                     [
                         SpecError(
@@ -427,7 +440,8 @@ class Tuner:
                             None,
                             "tune",
                             f"study {s.study_name!r} in {self.shown_storage} was made from "
-                            "another spec or search space; use another --study or -o",
+                            f"another spec or search space{f' ({shown})' if shown else ''}; "
+                            "use another --study or -o",
                         )
                     ]
                 )
@@ -524,12 +538,16 @@ class Tuner:
         """A trial's runs: local processes, or one Slurm job array (a task per seed, with
         --resume auto so that a requeued task continues) whose record is folder/slurm.json."""
         seeds, epochs, resources = self.s.seeds, self.s.epochs, self.s.resources
+        folders = spec_folders(self.s.doc)
         if resources is None:
             threads = max(1, (os.cpu_count() or 1) // (len(seeds) * self.s.workers))
-            return [launch(script, run, seed, epochs, threads) for run, seed in zip(runs, seeds)]
+            return [
+                launch(script, run, seed, epochs, threads, folders)
+                for run, seed in zip(runs, seeds)
+            ]
         name = f"pgen-tune-{self.s.study_name}-{number}"
         launcher = slurm.Launcher(folder, resources, name=name)
-        env = thread_env(resources.cpus_per_run)
+        env = {**thread_env(resources.cpus_per_run), **python_path(folders)}
         tasks = [
             slurm.Task(
                 f"trial{number}/seed{seed}",
@@ -708,8 +726,7 @@ def tuned_yaml(tuner: Tuner, info: dict[str, Any]) -> str:
     s, best = tuner.s, info["best"]
     values = Located({})
     for text in s.overrides:
-        if not text.strip().startswith("tune."):
-            values = merge(values, parse_override(text))
+        values = merge(values, parse_override(text))
     for key, value in best["params"].items():
         values = merge(values, parse_override(f"{key}={json.dumps(value)}"))
     spec_file, out = s.spec_path.resolve(), s.out.resolve()

@@ -109,7 +109,7 @@ def test_ablate_refuses_runs_made_with_other_settings(tmp_path):
     (out / "ablation.json").write_text(json.dumps({"epochs": 7}))
     result = cli("ablate", SPEC, "--smoke", "-o", out)
     assert result.exit_code == 2
-    assert "holds runs made with other settings" in result.output
+    assert "holds runs made with other settings (epochs: 7 -> None; " in result.output
     assert not (out / "scripts").exists()
 
 

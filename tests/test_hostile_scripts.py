@@ -95,7 +95,7 @@ DAMAGE = {
     "a torch dict": (lambda p: torch.save({"model": {}}, p), "is not a checkpoint written by"),
     "another arm's": (
         _edit(lambda c: c["config"].update(arm="baseline")),
-        "was made with other settings (arm)",
+        "was made with other settings (arm: 'baseline' -> 'full')",
     ),
     "no model": (_edit(lambda c: c.pop("model")), "cannot resume from"),
     "a weight of the wrong shape": (

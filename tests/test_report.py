@@ -328,7 +328,9 @@ def test_ablate_record_names_nproc_and_refuses_another(tmp_path):
     (out / "ablation.json").write_text(json.dumps(record))
     result = cli("ablate", spec, "--smoke", "-o", out)  # --nproc 1 by default
     assert result.exit_code == 2
-    assert "holds runs made with other settings (nproc, spec, spec_sha256)" in result.output
+    assert "holds runs made with other settings (nproc: 2 -> 1; spec: None -> 'mnist1d_cnn'; " in (
+        result.output
+    )
 
 
 def test_ablate_expected_runs_accumulate_over_calls(tmp_path):

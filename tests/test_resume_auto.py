@@ -71,8 +71,8 @@ def test_resume_auto_refuses_a_checkpoint_of_other_settings(tmp_path):
     other = run_inprocess(script, "--out", run, "--resume", "auto", "--epochs", "5")
     assert other.returncode == 2, other.stderr
     assert other.stderr.strip().splitlines() == [
-        f"error: {run / 'last.pt'} was made with other settings (epochs); resume with the same "
-        "ones"
+        f"error: {run / 'last.pt'} was made with other settings (epochs: 2 -> 5); resume with "
+        "the same ones"
     ]
     assert (run / "last.pt").read_bytes() == before  # nothing lost
 

@@ -181,7 +181,7 @@ def test_a_finished_run_is_not_overwritten(tiny_scripts, tmp_path):
     assert again.returncode == 2 and "already holds a run" in again.stderr
     assert (tmp_path / "r" / "metrics.jsonl").read_bytes() == before
     other = run_inprocess(script, "--smoke", "--seed", "9", "--resume", "--out", tmp_path / "r")
-    assert other.returncode == 2 and "was made with other settings (seed)" in other.stderr
+    assert other.returncode == 2 and "was made with other settings (seed: 0 -> 9)" in other.stderr
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tiny_scripts, tmp_path):

@@ -249,3 +249,18 @@ def test_a_refused_submission_is_a_one_line_error(slurm_cluster, tmp_path):
     (line,) = [x for x in result.output.splitlines() if x.startswith("error:")]
     assert "sbatch failed" in line and "invalid partition" in line.lower(), line
     assert not (tmp_path / "o" / slurm.RECORD).exists()  # nothing recorded as submitted
+
+
+def test_tasks_find_factories_next_to_the_spec_and_the_spec_it_extends(slurm_cluster, tmp_path):
+    """What each task gets on its PYTHONPATH is unit-tested in test_factory_paths.py; this
+    is the real run: a spec that extends one in another folder, beside its factories."""
+    from test_factory_paths import child_elsewhere, lay_out
+
+    spec, _ = lay_out(tmp_path)
+    child = child_elsewhere(tmp_path, spec)
+    out = tmp_path / "slurm"
+    args = ("ablate", child, "--seeds", "1", "--arms", "baseline", "--epochs", "1")
+    result = cli(*args, "--launcher", "slurm", "-o", out, cwd=tmp_path)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "baseline" / "seed0" / "summary.json").read_text())
+    assert summary["status"] == "completed"

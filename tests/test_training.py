@@ -195,6 +195,24 @@ def test_image_folder_trains_with_pillow(workers, tmp_path):
     assert [splits[k] for k in ("train", "val", "test")] == [8, 4, 12]  # test: val/
 
 
+def test_a_small_image_folder_validates_on_a_tenth_of_train_by_default(tmp_path):
+    """The folder's size is known only at run time: no fixed val_size to outgrow it."""
+    spec = (GENERATED.parent / "specs" / "imagenet100_efficientnet_b0.yaml").read_text()
+    shrunk = (*IMAGE_MLP, "data.num_classes=2", "data.image_size=32", "data.workers=0")
+    folder = generate(tmp_path, spec, *shrunk, "data.batch_size=4", "train.amp=none")
+    write_image_folder(tmp_path / "images", per_class=10)
+    run = tmp_path / "run"
+    args = ("--data-root", tmp_path / "images", "--out", run, "--epochs", "1")
+    result = run_inprocess(folder / "train_baseline.py", *args)
+    assert result.returncode == 0, result.stderr
+    splits = json.loads((run / "config.json").read_text())["splits"]
+    assert [splits[k] for k in ("train", "val", "test")] == [18, 2, 20]
+    too_many = generate(tmp_path / "explicit", spec, *shrunk, "data.val_size=20")
+    result = run_inprocess(too_many / "train_baseline.py", *args[:2], "--out", tmp_path / "r2")
+    assert result.returncode == 2
+    assert "holds 20 examples: too few to set 20 aside for validation" in result.stderr
+
+
 def test_image_folder_with_the_wrong_class_count(tmp_path):
     folder = generate(
         tmp_path,

@@ -119,9 +119,10 @@ def test_tune_end_to_end_then_continue(tmp_path):
 
     # another search space is another study: refused, not mixed in
     changed = cli("tune", spec, "-o", out, "--set", "tune.objective=final_val_acc")
-    assert changed.exit_code == 2 and "was made from another spec or search space" in (
-        changed.output
-    )
+    assert changed.exit_code == 2 and (
+        "was made from another spec or search space "
+        "(tune.objective: 'best_val_acc' -> 'final_val_acc'); use another --study or -o"
+    ) in " ".join(changed.output.split())
 
 
 def test_two_processes_on_one_storage_share_the_budget(tmp_path):

@@ -95,7 +95,7 @@ def test_objective_and_budget_are_checked(write_spec):
     got = errors_of(write_spec, "tune: {arm: full, objective: best_acc, trials: 0, space: {}}\n")
     assert [line.split(": ", 1)[1] for line in got] == [
         "tune.objective: must be one of 'best_val_acc', 'final_val_acc' or 'epochs_to_target' "
-        "(got 'best_acc')",
+        "(got 'best_acc'); did you mean 'best_val_acc'?",
         "tune.space: dictionary should have at least 1 item after validation, not 0",
         "tune.trials: must be > 0 (got 0)",
     ]

@@ -138,8 +138,9 @@ def synthetic_split(size, split, noise):
 
 def split_off_val(size, val_size):
     """(train indices, val indices) of a training split of `size` examples. val is a fixed
-    random subset that depends only on `size` and `val_size`, never on the run's seed or
-    arm, so every run of every arm validates on the same examples."""
+    random subset that depends only on `size` and `val_size` (None: a tenth of `size`),
+    never on the run's seed or arm, so every run of every arm validates on the same examples."""
+    val_size = max(1, size // 10) if val_size is None else val_size
     if not 0 < val_size < size:
         fail(
             f"the {DATASET} training split holds {size} examples: too few to set "
@@ -768,6 +769,16 @@ def one_line(exc):
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+def changes(old, new, path=""):
+    """`key: old -> new` for each setting that differs, nested keys dotted."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(old.keys() | new.keys(), key=str)
+        return [
+            c for k in keys for c in changes(old.get(k), new.get(k), f"{path}.{k}".lstrip("."))
+        ]
+    return [] if old == new else [f"{path or 'value'}: {old!r} -> {new!r}"]
+
+
 class StopSignals:
     """SIGTERM (a scheduler's pre-emption, `perturbgen ablate` stopping), SIGUSR1 (Slurm's
     warning before a time limit, `--signal=USR1@SECONDS`) or Ctrl-C: finish the current
@@ -1278,10 +1289,10 @@ def train(args, rank, world, device, stop, experiment):
     if resume:
         ckpt = load_checkpoint(out / "last.pt")
         fixed = ("spec", "arm", "seed", "epochs", "batch_size", "smoke", "constants", "splits")
-        changed = [k for k in fixed if ckpt["config"].get(k) != config[k]]
+        changed = changes({k: ckpt["config"].get(k) for k in fixed}, {k: config[k] for k in fixed})
         if changed:
             fail(
-                f"{out / 'last.pt'} was made with other settings ({', '.join(changed)}); "
+                f"{out / 'last.pt'} was made with other settings ({'; '.join(changed)}); "
                 "resume with the same ones"
             )
         try:
