@@ -172,17 +172,14 @@ def test_scale_lr_names_its_reference_lr_and_warns_once_when_the_optimizer_diffe
         eps.append(perturb.eps)
         perturb.remove()
         said.append(capsys.readouterr().err.splitlines())
-    assert said[0] == [
-        "ap_scale_lr: noise scale 'lr': eps(t) is multiplied by lr_t / lr_0, the reference "
-        "learning rate lr_0 = 0.001 (the spec's)",
+    announced = "ap_scale_lr: noise scale 'lr': eps(t) is multiplied by lr_t / lr_0, the "
+    warned = (
         "ap_scale_lr: warning: the optimizer's learning rate is 0.1, not the reference 0.001: "
-        "eps is 100x the spec's; pass lr=0.1 to AdaptivePerturbation to keep the spec's eps",
-    ]
+        "eps is 100x the spec's; pass lr=0.1 to AdaptivePerturbation to keep the spec's eps"
+    )
+    assert said[0] == [announced + "reference learning rate lr_0 = 0.001 (the spec's)", warned]
     assert said[1] == []  # once per process
-    assert said[2] == [
-        "ap_scale_lr: noise scale 'lr': eps(t) is multiplied by lr_t / lr_0, the reference "
-        "learning rate lr_0 = 0.1 (the lr argument)"
-    ]
+    assert said[2] == [announced + "reference learning rate lr_0 = 0.1 (the lr argument)"]
     assert said[3] == []  # the same line again, and no warning: the warm-up starts at 0.05
     spec_eps = ap.SPEC_SETTINGS["eps_phase"][0]  # the first step is an exploration step
     assert eps[0] == pytest.approx(100 * spec_eps) and eps[2] == pytest.approx(spec_eps)
