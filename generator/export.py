@@ -71,6 +71,18 @@ class ExportModel:
     def detector(self) -> bool:
         return self.kind in ("phase_only", "full")
 
+    def value(self, name: str):
+        return next(c.value for c in self.constants if c.name == name)
+
+    @property
+    def scales_with_lr(self) -> bool:
+        """Noise scale 'lr': the module states its reference learning rate lr_0."""
+        return self.value("NOISE_SCALE") == "lr"
+
+    @property
+    def reference_lr(self) -> float:
+        return self.value("LR")
+
     # the module's detector measures the gradient norm itself, at optimizer.step()
     detector_takes_norm = False
 

@@ -22,8 +22,6 @@ from generator.errors import SpecError
 from generator.loading import Located, dotted
 from generator.spec import CustomData, CustomModel, Spec, TimmModel, TorchvisionModel, input_shape
 
-EXTRAS = {"torchvision": "torchvision", "timm": "timm"}  # arch: the extra that provides it
-
 
 class FactoryProblem(Exception):
     """One problem with a factory, as the message of one line."""
@@ -95,13 +93,15 @@ def call(factory: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def library(name: str) -> Any:
-    """The torchvision or timm package, or the problem saying which extra installs it."""
+    """The torchvision or timm package, or the problem saying how to install it. Not
+    `pip install torchvision` beside the torch there: PyPI's torchvision is built for PyPI's
+    (CUDA) torch, and beside a CPU build of the same torch it installs but does not import."""
     try:
         return importlib.import_module(name)
     except Exception as exc:  # noqa: BLE001 - missing, or built for another torch
         raise FactoryProblem(
-            f"needs the {name} package, which did not import ({one_line(exc)}): "
-            f"pip install {name} (perturbgen's extra: pip install 'perturbgen[{EXTRAS[name]}]')"
+            f"needs the {name} package, which did not import ({one_line(exc)}): install it "
+            f"with the torch it was built for, e.g. in a fresh virtual environment: pip install {name}"
         ) from None
 
 

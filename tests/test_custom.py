@@ -60,9 +60,9 @@ def three_splits(root):
     return Items(96, 1), Items(24, 3), Items(32, 2)
 
 
-def net(input_shape, num_classes, hidden=8):
+def net(input_shape, num_classes, hidden=8, dropout=0.0):
     return nn.Sequential(nn.Flatten(), nn.Linear(input_shape[-1], hidden), nn.ReLU(),
-                         nn.Linear(hidden, num_classes))
+                         nn.Dropout(dropout), nn.Linear(hidden, num_classes))
 
 
 def not_a_module(input_shape, num_classes, **args):
@@ -212,12 +212,17 @@ def test_val_is_carved_by_the_fixed_split_and_recorded(user, monkeypatch):
     assert summary["status"] == "completed" and summary["test_acc"] is not None
 
 
+# a model with dropout: its masks come from the global stream, which a DataLoader that
+# drew its workers' base seed from it (on resume, mid-epoch) would shift
+DROPOUT = "model.args={hidden: 8, dropout: 0.5}"
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_mid_epoch_is_exact_with_dataloader_workers(user, workers, monkeypatch):
     """5 steps per epoch: stopping after step 8 is mid-epoch 2; the resumed run must end on
     the same parameters, metrics and phases as the uninterrupted one, bit for bit."""
     monkeypatch.syspath_prepend(str(user))
-    folder = generate(user / "g", SPEC, f"data.workers={workers}")
+    folder = generate(user / "g", SPEC, f"data.workers={workers}", DROPOUT)
     script = folder / "train_full.py"
     assert run_inprocess(script, "--out", user / "a").returncode == 0
     first = run_inprocess(script, "--out", user / "b", "--max-steps", "8")
@@ -230,19 +235,11 @@ def test_resume_mid_epoch_is_exact_with_dataloader_workers(user, workers, monkey
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_two_rank_ddp_with_a_custom_dataset_keeps_replicas_identical(user):
-    folder = generate(user / "g", SPEC, "data.workers=1")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            str(folder / "train_full.py"),
-            "--out",
-            str(user / "run"),
-        ],
+def torchrun(user, script, *args):
+    """The script under 2-rank torchrun (gloo), the user's factories on PYTHONPATH."""
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(script), *map(str, args)],
         cwd=user,
         capture_output=True,
         text=True,
@@ -250,10 +247,32 @@ def test_two_rank_ddp_with_a_custom_dataset_keeps_replicas_identical(user):
         check=False,
         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(user)},
     )
+
+
+def test_two_rank_ddp_with_a_custom_dataset_keeps_replicas_identical(user):
+    folder = generate(user / "g", SPEC, "data.workers=1")
+    result = torchrun(user, folder / "train_full.py", "--out", user / "run")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((user / "run" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["replicas"][0] == summary["replicas"][1]
     assert summary["steps"] == 3 * 5  # 80 training examples, global batch 16
+
+
+def test_two_rank_resume_mid_epoch_with_dropout_is_exact(user):
+    """Each rank's loaders take their generators from (seed, epoch), not from the rank's
+    global stream, so a 2-rank run stopped mid-epoch 2 and resumed ends bit for bit as the
+    straight one, on both replicas."""
+    script = generate(user / "g", SPEC, "data.workers=1", DROPOUT) / "train_full.py"
+    straight = torchrun(user, script, "--out", user / "a")
+    first = torchrun(user, script, "--out", user / "b", "--max-steps", "8")
+    assert straight.returncode == 0 and first.returncode == 0, first.stderr[-3000:]
+    second = torchrun(user, script, "--out", user / "b", "--resume")
+    assert second.returncode == 0, second.stderr[-3000:]
+    a, b = (json.loads((user / r / "summary.json").read_text()) for r in "ab")
+    assert a["replicas"][0] == a["replicas"][1] and a["replicas"] == b["replicas"]
+    assert without_timing(user / "a" / "metrics.jsonl") == without_timing(
+        user / "b" / "metrics.jsonl"
+    )
 
 
 # --- the example spec -------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -122,15 +123,21 @@ except ImportError as exc:
 
 
 def test_the_readme_plain_loop_runs(tmp_path):
+    """The loop names the export it imports (a comment: `perturbgen export SPEC ARM -o
+    adaptive_perturbation.py`); the test runs that command, then the loop, which must not
+    draw the module's warning that its learning rate is not the spec's."""
     plain = readme_snippets("In your own training loop")[0]
+    command = re.search(r"perturbgen export (\S+) (\w+) -o adaptive_perturbation\.py", plain)
+    assert command, "README's plain loop must name the spec it exports"
+    spec, arm = command.groups()
+    module = tmp_path / "adaptive_perturbation.py"
+    assert cli("export", REPO / spec, arm, "-o", module).exit_code == 0
     (tmp_path / "main.py").write_text(plain)
-    (tmp_path / "adaptive_perturbation.py").write_bytes(
-        (GENERATED / "mnist1d_cnn" / "adaptive_perturbation.py").read_bytes()
-    )
     result = subprocess.run(
         [sys.executable, "main.py"], cwd=tmp_path, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stderr, result.stderr
     assert [line.split(":")[0] for line in result.stdout.splitlines()] == [
         "epoch 0",
         "epoch 1",
@@ -138,6 +145,55 @@ def test_the_readme_plain_loop_runs(tmp_path):
     ]
     saved = torch.load(tmp_path / "checkpoint.pt")
     assert saved["perturb"]["steps"] == 12 and set(saved) == {"model", "optimizer", "perturb"}
+
+
+def test_scale_lr_names_its_reference_lr_and_warns_once_when_the_optimizer_differs(
+    tmp_path, capsys
+):
+    """synthetic_mlp is `scale: lr` at lr 1e-3; README's plain loop trains with SGD at 0.1,
+    which multiplies every eps by 100. The module states lr_0 in its docstring, prints it once
+    when built, warns in one line (once) about the optimizer's other learning rate, and with
+    lr=0.1 keeps the spec's eps. A warm-up that lowers the optimizer's lr is no difference:
+    the scheduler's initial_lr is what lr_0 is compared with."""
+    module = export(tmp_path, "full")
+    doc = ast.get_docstring(ast.parse(module.read_text()))
+    assert "lr_0 the reference learning rate: the constructor argument `lr`" in doc
+    assert "spec's optimizer.lr (0.001)" in doc and "seed=0, lr=0.001)" in doc
+    ap = load_module(module, "ap_scale_lr")
+    said, eps = [], []
+    for kwargs in ({}, {}, {"lr": 0.1}, {"lr": 0.1, "warmup": True}):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        if kwargs.pop("warmup", False):
+            torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)
+        perturb = ap.AdaptivePerturbation(model, optimizer, seed=0, **kwargs)
+        train(model, optimizer, perturb, 1)
+        eps.append(perturb.eps)
+        perturb.remove()
+        said.append(capsys.readouterr().err.splitlines())
+    announced = "ap_scale_lr: noise scale 'lr': eps(t) is multiplied by lr_t / lr_0, the "
+    warned = (
+        "ap_scale_lr: warning: the optimizer's learning rate is 0.1, not the reference 0.001: "
+        "eps is 100x the spec's; pass lr=0.1 to AdaptivePerturbation to keep the spec's eps"
+    )
+    assert said[0] == [announced + "reference learning rate lr_0 = 0.001 (the spec's)", warned]
+    assert said[1] == []  # once per process
+    assert said[2] == [announced + "reference learning rate lr_0 = 0.1 (the lr argument)"]
+    assert said[3] == []  # the same line again, and no warning: the warm-up starts at 0.05
+    spec_eps = ap.SPEC_SETTINGS["eps_phase"][0]  # the first step is an exploration step
+    assert eps[0] == pytest.approx(100 * spec_eps) and eps[2] == pytest.approx(spec_eps)
+    assert eps[3] == pytest.approx(spec_eps / 2)
+
+
+def test_an_absolute_scale_module_says_nothing_about_the_lr(capsys):
+    ap = load_module(GENERATED / "mnist1d_cnn" / "adaptive_perturbation.py", "ap_absolute")
+    assert "Noise scale 'lr'" not in ap.__doc__
+    model, optimizer = tiny()
+    perturb = ap.AdaptivePerturbation(model, optimizer, seed=0)
+    train(model, optimizer, perturb, 1)
+    perturb.remove()
+    assert capsys.readouterr().err == ""
 
 
 # -- the proof: the same method as the scripts ---------------------------------------------

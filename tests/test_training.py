@@ -213,6 +213,35 @@ def test_a_small_image_folder_validates_on_a_tenth_of_train_by_default(tmp_path)
     assert "holds 20 examples: too few to set 20 aside for validation" in result.stderr
 
 
+def test_image_folder_efficientnet_resume_mid_epoch_is_exact(tmp_path):
+    """The ImageNet spec as it is (EfficientNet-B0 with its default dropout and drop-path,
+    augmentation, DataLoader workers) on 32-pixel images: 16 training images in batches of
+    4, stopped after step 6 (mid-epoch 2) and resumed, ends on the uninterrupted run's
+    weights bit for bit."""
+    folder = generate(
+        tmp_path,
+        (GENERATED.parent / "specs" / "imagenet100_efficientnet_b0.yaml").read_text(),
+        "data.num_classes=2",
+        "data.image_size=32",
+        "data.workers=2",
+        "data.batch_size=4",
+        "data.val_size=4",
+        "train.amp=none",
+        "train.epochs=2",
+    )
+    write_image_folder(tmp_path / "images", per_class=10)
+    script, common = folder / "train_full.py", ["--data-root", tmp_path / "images", "--out"]
+    assert run_inprocess(script, *common, tmp_path / "a").returncode == 0
+    first = run_inprocess(script, *common, tmp_path / "b", "--max-steps", "6")
+    assert first.returncode == 0, first.stderr
+    assert run_inprocess(script, *common, tmp_path / "b", "--resume").returncode == 0
+    assert without_timing(tmp_path / "a" / "metrics.jsonl") == without_timing(
+        tmp_path / "b" / "metrics.jsonl"
+    )
+    a, b = (torch.load(tmp_path / r / "last.pt", weights_only=True)["model"] for r in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_image_folder_with_the_wrong_class_count(tmp_path):
     folder = generate(
         tmp_path,

@@ -294,18 +294,25 @@ class LoaderData:
     order of (seed, epoch), so a resume mid-epoch and DDP's split of each global batch are
     those of the tensor datasets."""
 
-    def __init__(self, splits, train_set, eval_sets, device, rank, world):
+    def __init__(self, splits, train_set, eval_sets, device, rank, world, seed):
         self.splits, self.train_set, self.eval_sets = splits, train_set, eval_sets
         self.train_size, self.device = len(self.train_set), device
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.seed = rank, world, seed
 
-    def _load(self, dataset, batches):
+    def _load(self, dataset, batches, seed):
+        # Each pass starts by drawing its workers' base seed from the loader's generator;
+        # from the global stream (the model's dropout) that draw would shift every later mask
+        # when a resume starts a pass mid-epoch. Worker w seeds torch, random and numpy with
+        # base + w. Random draws inside a dataset's own __getitem__ are the one thing a resume
+        # mid-epoch does not replay: workers restart at another example (with WORKERS = 0
+        # they come from the global stream).
         loader = torch.utils.data.DataLoader(
             dataset,
             batch_sampler=batches,
             num_workers=WORKERS,
             collate_fn=collate,
             pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(seed),
         )
         for x, y in loader:
             if x is None:
@@ -315,13 +322,15 @@ class LoaderData:
     def train_batches(self, order, first, batch_size, seed, epoch):
         self.train_set.epoch = epoch  # workers start per epoch and see it
         batches = [shard(b, self.rank, self.world) for b in order.split(batch_size)[first:]]
-        yield from self._load(self.train_set, [b.tolist() for b in batches])
+        loader_seed = derived_seed(seed, f"loader-{self.rank}", epoch)
+        yield from self._load(self.train_set, [b.tolist() for b in batches], loader_seed)
 
     def eval_batches(self, split, batch_size):
         """Batches of this rank's part of split "val" or "test"."""
         dataset = self.eval_sets[split]
         indices = torch.arange(self.rank, len(dataset), self.world).split(batch_size)
-        yield from self._load(dataset, [b.tolist() for b in indices])
+        loader_seed = derived_seed(self.seed, f"{split}-loader-{self.rank}")
+        yield from self._load(dataset, [b.tolist() for b in indices], loader_seed)
 
 
 def load_data(root, smoke, seed, device, rank=0, world=1):
@@ -329,7 +338,7 @@ def load_data(root, smoke, seed, device, rank=0, world=1):
     if smoke:  # 16 examples each
         train, test = synthetic_split(32, 1, 1.0), synthetic_split(16, 3, 1.0)
         return TensorData(*train, *test, 16, device, rank, world)
-    return LoaderData(*folder_splits(root, seed), device, rank, world)
+    return LoaderData(*folder_splits(root, seed), device, rank, world, seed)
 
 
 # ----------------------------------------------------------------------------------------

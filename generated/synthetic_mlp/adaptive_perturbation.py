@@ -6,13 +6,21 @@ After every real optimizer step the parameters the optimizer trains receive Gaus
     eps_phase = (0.002, 0.001, 0.00025), lambda = 0.001
 p is the phase the detector reports (exploration, convergence, fine_tuning);
 t_p counts optimizer steps since p began.
+
+Noise scale 'lr': eps(t) is multiplied by lr_t / lr_0, lr_t the optimizer's learning rate at
+the step and lr_0 the reference learning rate: the constructor argument `lr`, by default the
+spec's optimizer.lr (0.001). An optimizer that starts at another learning rate
+multiplies every eps by its ratio to lr_0; pass lr=<that learning rate> to keep the spec's
+eps values. The module prints lr_0 once when built and warns when the optimizer starts
+elsewhere.
+
 This is the Perturbation section of the spec's train_full.py, the same code: with the same
 model init, data order and optimizer a loop using it trains bit for bit what the script trains.
 It needs torch only (triton, where present, for the noise kernel on CUDA).
 
 A plain loop:
     from adaptive_perturbation import AdaptivePerturbation
-    perturb = AdaptivePerturbation(model, optimizer, seed=0)
+    perturb = AdaptivePerturbation(model, optimizer, seed=0, lr=0.001)
     for x, y in loader:
         optimizer.zero_grad()
         loss = F.cross_entropy(model(x), y)
@@ -34,6 +42,7 @@ import functools
 import hashlib
 import math
 import os
+import sys
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -499,6 +508,42 @@ def check_parameters(model, params, optimizer):
         raise ValueError(f"the parameters lie on several devices ({', '.join(devices)}); one only")
 
 
+def base_lr(optimizer):
+    """The learning rate a schedule scales: OneCycleLR's max_lr, another scheduler's
+    initial_lr, else the optimizer's lr (of its first parameter group)."""
+    group = optimizer.param_groups[0]
+    return group.get("max_lr", group.get("initial_lr", group["lr"]))
+
+
+SAID = set()  # the lines say_once has printed in this process
+
+
+def say_once(line):
+    """Print `line` to stderr once per process, on rank 0."""
+    if line not in SAID and distributed()[0] == 0:
+        SAID.add(line)
+        print(line, file=sys.stderr)
+
+
+def announce_reference_lr(settings, optimizer):
+    """Under noise scale 'lr', eps(t) is multiplied by lr_t / lr_0: say which lr_0, and warn
+    when the optimizer starts elsewhere, which multiplies every eps by the ratio."""
+    if settings["noise_scale"] != "lr":
+        return
+    reference, start = settings["lr"], base_lr(optimizer)
+    source = "the spec's" if reference == SPEC_SETTINGS["lr"] else "the lr argument"
+    say_once(
+        f"{__name__}: noise scale 'lr': eps(t) is multiplied by lr_t / lr_0, the "
+        f"reference learning rate lr_0 = {reference:g} ({source})"
+    )
+    if not math.isclose(start, reference, rel_tol=1e-6):
+        say_once(
+            f"{__name__}: warning: the optimizer's learning rate is {start:g}, not the "
+            f"reference {reference:g}: eps is {start / reference:.3g}x the spec's; pass "
+            f"lr={start:g} to AdaptivePerturbation to keep the spec's eps"
+        )
+
+
 def innermost(optimizer):
     """The torch optimizer inside a wrapper (accelerate's AcceleratedOptimizer, ...): its own
     step() is the one that runs, and only a real step calls it."""
@@ -530,9 +575,12 @@ class AdaptivePerturbation(Perturbation):
     Rank 0's detector decides, and its phase is broadcast to the other ranks.
     """
 
-    def __init__(self, model, optimizer, seed=SEED, **overrides):
-        self.settings = configure(overrides, LIVE)
+    def __init__(self, model, optimizer, seed=SEED, lr=LR, **overrides):
+        """`lr` is the reference learning rate lr_0 of noise scale 'lr' (NOISE_SCALE); the
+        other settings are keywords in lower case, by default the spec's."""
+        self.settings = configure({**overrides, "lr": lr}, LIVE)
         optimizer = innermost(optimizer)
+        announce_reference_lr(self.settings, optimizer)
         params = [p for p in model.parameters() if p.requires_grad]
         check_parameters(model, params, optimizer)
         device = params[0].device
