@@ -24,9 +24,12 @@ def test_a_new_readme_command_is_caught():
     assert rc.uncovered(text) == ["perturbgen report runs/x"]
 
 
-def test_the_readme_test_command_is_the_one_ci_runs():
-    _, test_command = rc.commands(rc.section("The two commands", rc.readme()))
-    assert test_command in (REPO / ".ci" / "run").read_text().splitlines()
+def test_the_readme_test_commands_are_the_ones_ci_runs():
+    """The main job, then the tests' set-up lines: each a line of .ci/run, the last one too."""
+    _, *test_commands = rc.commands(rc.section("The two commands", rc.readme()))
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    assert test_commands and all(command in ci for command in test_commands)
+    assert ci[-1] == test_commands[-1]
 
 
 def test_python_blocks_are_the_ones_the_export_tests_run():
