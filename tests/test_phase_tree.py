@@ -25,6 +25,7 @@ REFERENCE = (4.0, 2.0, 0.5)
 
 GRAD_VAR, LOSS_SMOOTH, PARAM_DELTA = 0, 1, 2
 NAMES = ("grad_var", "loss_smooth", "param_delta")
+PHASES = ("exploration", "convergence", "fine_tuning")
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +88,7 @@ def boundary_table(smooth_votes):
         inside = [0.0, 0.0, 0.0]
         for index, tau, side in comparisons:
             inside[index] = tau + side * D
-        rows.append((f"phase {phase} inside", tuple(inside), phase))
+        rows.append((f"{PHASES[phase]}, all inside", tuple(inside), phase))
         for index, tau, side in comparisons:
             # outside one comparison: the other branch's are not met either (tau3 < tau1,
             # tau4 < tau2), so the vote is convergence, unless loss_smooth has no say
@@ -95,7 +96,7 @@ def boundary_table(smooth_votes):
             for where, value in (("at", tau), ("outside", tau - side * D)):
                 stats = list(inside)
                 stats[index] = value
-                label = f"phase {phase}: {NAMES[index]} {where} {value}"
+                label = f"{PHASES[phase]}, {NAMES[index]} {where} {value}"
                 rows.append((label, tuple(stats), CONVERGENCE if counts else phase))
     # neither branch: high variance with small updates, and the reverse
     rows.append(("mixed high/low", (TAU1 + D, TAU_SMOOTH, TAU4 - D), CONVERGENCE))
@@ -113,7 +114,7 @@ def test_each_comparison_of_the_tree_at_its_threshold(detector_class, mode, tau_
     for label, stats, expected in rows:
         (vote,) = observe_scripted(detector(), [stats], relative=mode == "relative")
         if vote != expected:
-            wrong.append(f"{label}: voted {vote}, the tree says {expected}")
+            wrong.append(f"{label}: voted {PHASES[vote]}, the tree says {PHASES[expected]}")
     assert wrong == []
 
 
