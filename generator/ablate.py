@@ -15,7 +15,6 @@ import fcntl
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -23,17 +22,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from generator import forkserver
+from generator import factories, forkserver, launch, report_md, runs, slurm
+from generator import report as reporting
 from generator.errors import SpecError, SpecErrors
 from generator.factories import python_path
-from generator.plan import arm_names
+from generator.generate import render
+from generator.launch import Task, command, thread_env
 from generator.loading import Located, changes
-from generator.render import Rendered, check_arms, render, write_folder
+from generator.output import Rendered, atomic_write, write_folder
+from generator.plan import arm_names
+from generator.progress import Progress
+from generator.render import check_arms, load_spec
+from generator.runs import FINISHED
 from generator.spec import Spec
 
 POLL_S = 0.5
 LOCK = "run.lock"  # a run folder's lock, held by the process that writes it (the scripts)
-FINISHED = ("completed", "diverged")  # a run folder's status that no rerun changes
 # What a loaded NVIDIA, ROCm or WSL GPU driver puts in the file system (Linux).
 GPU_DRIVERS = ("/proc/driver/nvidia/gpus", "/dev/kfd", "/dev/dxg")
 
@@ -50,7 +54,7 @@ class Job:
     # for), completed, diverged, failed, skipped
     outcome: str = "pending"
     returncode: int | None = None
-    process: subprocess.Popen | None = field(default=None, repr=False)
+    process: launch.Process | None = field(default=None, repr=False)
     started: float = 0.0
     gpus: str | None = None  # CUDA_VISIBLE_DEVICES of the run, where GPUs are handed out
     reason: str = ""  # why it failed (or who runs it elsewhere), where the code does not say
@@ -61,10 +65,7 @@ class Job:
         return f"{self.arm}/seed{self.seed}"
 
     def recorded_status(self) -> str | None:
-        try:
-            return json.loads((self.folder / "summary.json").read_text()).get("status")
-        except (OSError, ValueError):
-            return None
+        return runs.recorded_status(self.folder)
 
     def holder(self) -> str | None:
         return lock_holder(self.folder)
@@ -185,25 +186,6 @@ def make_jobs(
     ]
 
 
-def command(job: Job, extra: list[str], nproc: int = 1) -> list[str]:
-    """The run's command line, for any launcher: an interrupted, failed or requeued run
-    continues where it stopped (--resume auto), a new one starts fresh."""
-    launcher = [sys.executable]
-    if nproc > 1:  # DDP: torchrun on this node, with a free port of its own per run
-        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return [
-        *launcher,
-        str(job.script),
-        "--seed",
-        str(job.seed),
-        "--out",
-        str(job.folder),
-        *extra,
-        "--resume",
-        "auto",
-    ]
-
-
 def log_flags(spec: Spec, out: Path) -> list[str]:
     """The scripts' experiment-logging flags (where the spec logs): the runs of one
     ablation form one group (W&B group, MLflow experiment), named after its folder, and
@@ -212,14 +194,6 @@ def log_flags(spec: Spec, out: Path) -> list[str]:
     loggers = spec.train.loggers
     group = ["--log-group", out.resolve().name] if {"wandb", "mlflow"} & set(loggers) else []
     return group + (["--log-root", str(out.resolve())] if "mlflow" in loggers else [])
-
-
-def thread_env(threads: int) -> dict[str, str]:
-    return {
-        "OMP_NUM_THREADS": str(threads),
-        "MKL_NUM_THREADS": str(threads),
-        "PYTHONUNBUFFERED": "1",
-    }
 
 
 def visible_gpus(environ: dict | None = None, count: int | None = None) -> list[str]:
@@ -270,57 +244,27 @@ def deferred_interrupts():
         raise KeyboardInterrupt
 
 
-def start(job: Job, extra: list[str], threads: int, nproc: int = 1, server=None) -> None:
-    """Launch one run: forked by the fork server where there is one (torch is imported
-    there once), else as a process of its own (always for torchrun runs)."""
-    job.folder.mkdir(parents=True, exist_ok=True)
-    command_line = command(job, extra, nproc)
+def task(job: Job, extra: list[str], threads: int, nproc: int = 1) -> Task:
+    """The run as a launcher's task: its command line, and its threads, GPUs and
+    PYTHONPATH (a factory's module may sit next to the spec)."""
     env = thread_env(threads)
     env.update({} if job.gpus is None else {"CUDA_VISIBLE_DEVICES": job.gpus})
-    env.update(python_path(job.import_paths))  # a factory's module may sit next to the spec
-    log_path = job.folder / "train.log"
-    with open(log_path, "a") as log:
-        log.write(f"$ {' '.join(command_line)}\n")
-    if server is not None:  # the server runs the script itself: no interpreter or torchrun
-        job.process = server.start(str(job.script), command_line[2:], str(log_path), env, threads)
-    else:
-        with open(log_path, "a") as log:
-            # a session of its own: Ctrl-C reaches perturbgen, which then stops the children;
-            # and SIGTERM when perturbgen dies (forkserver.guarded)
-            job.process = subprocess.Popen(
-                forkserver.guarded(command_line),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **env},
-                start_new_session=True,
-            )
-    job.outcome, job.started = "running", time.time()
+    env.update(python_path(job.import_paths))
+    return Task(job.name, command(job.script, job.seed, job.folder, extra, nproc), job.folder, env)
 
 
 def finish(job: Job) -> None:
     job.returncode = job.process.returncode
-    status = job.recorded_status()
     if job.returncode == 2 and (holder := job.holder()):
         job.outcome, job.reason = "elsewhere", holder  # another process took the folder first
-    elif job.returncode == 0 and status == "completed":
-        job.outcome = "completed"
-    elif job.returncode == 3 and status == "diverged":
-        job.outcome = "diverged"  # a result, not a failure: the arm diverged at this seed
     else:
-        job.outcome = "failed"
+        job.outcome = runs.outcome(job.returncode, job.recorded_status())
 
 
 def stop(jobs: list[Job], grace_s: float = 10.0) -> None:
     running = [j for j in jobs if j.outcome == "running"]
+    launch.stop([j.process for j in running], grace_s)
     for job in running:
-        job.process.send_signal(signal.SIGTERM)
-    deadline = time.time() + grace_s
-    for job in running:
-        try:
-            job.process.wait(max(0.1, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            job.process.kill()
-            job.process.wait()
         job.outcome = "interrupted"
 
 
@@ -332,15 +276,12 @@ def run_all(
     on_change: Callable[[list[Job], Job | None], None],
     nproc: int = 1,
     slots: list[str] = (),
-    server: forkserver.Server | None = None,
+    launcher: launch.Launcher | None = None,
 ) -> None:
-    """Run the pending jobs, `parallel` at a time (each in a GPU slot of its own when there
-    are `slots`); Ctrl-C stops them and re-raises.
-
-    With a `server` (one process per run only) the runs are forked by it: it imported torch
-    once, which saves each run seconds of start-up (generator/forkserver.py). It is closed
-    at the end; without one each run is a process of its own.
-    """
+    """Run the pending jobs through `launcher` (default: each a process of its own),
+    `parallel` at a time (each in a GPU slot of its own when there are `slots`); Ctrl-C
+    stops them and re-raises. The launcher is closed at the end."""
+    launcher = launcher or launch.Local()
     for job in jobs:
         if job.recorded_status() in FINISHED:
             job.outcome = "skipped"
@@ -361,7 +302,8 @@ def run_all(
                     continue
                 job.gpus = free_slot(slots, jobs)
                 with deferred_interrupts():
-                    start(job, extra, threads, nproc, server)
+                    job.process = launcher.start([task(job, extra, threads, nproc)])[0]
+                    job.outcome, job.started = "running", time.time()
                 on_change(jobs, job)
             ended = [j for j in jobs if j.outcome == "running" and j.process.poll() is not None]
             for job in ended:
@@ -370,16 +312,12 @@ def run_all(
             on_change(jobs, None)
             if ended:
                 continue  # their slots are free now
-            if server is not None:
-                server.wait(POLL_S)  # returns as soon as a run ends
-            else:
-                time.sleep(POLL_S)
+            launcher.wait(POLL_S)
     except KeyboardInterrupt:
         stop(jobs)
         raise
     finally:
-        if server is not None:
-            server.close()
+        launcher.close()
 
 
 def write_scripts(rendered: Rendered, out: Path, record: dict) -> None:
@@ -390,6 +328,157 @@ def write_scripts(rendered: Rendered, out: Path, record: dict) -> None:
     same = scripts.is_dir() and {p.name for p in scripts.iterdir()} == set(rendered.files)
     if not (same and all((scripts / n).read_bytes() == b for n, b in rendered.files.items())):
         write_folder(Rendered("scripts", rendered.files), out)
-    tmp = out / f".ablation.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, out / "ablation.json")
+    atomic_write(out / "ablation.json", json.dumps(record, indent=2) + "\n")
+
+
+# --- the ablate command: render, run through a launcher, report ----------------------------
+
+
+@dataclass
+class Options:
+    """One `perturbgen ablate` invocation, as given (see its --help)."""
+
+    seeds: int = 5
+    jobs: int = 1
+    jobs_given: bool = False  # --jobs on the command line: GPU slots do not replace it
+    arms: str | None = None  # comma-separated; None: every arm
+    epochs: int | None = None
+    out: Path | None = None
+    smoke: bool = False
+    nproc: int = 1
+    fork: bool = True
+    overrides: list[str] = field(default_factory=list)
+    gpus_per_run: int | None = None
+    resources: slurm.Resources | None = None  # the runs are Slurm array tasks; None: local
+    no_wait: bool = False
+    cancel: bool = False
+    precision: float | None = None  # points of the 95 % CI's half-width (Stein's design)
+    max_seeds: int | None = None
+
+
+class Busy(Exception):
+    """The ablation folder's runs are queued or running elsewhere (one line says where)."""
+
+
+def placement(o: Options) -> tuple[int, int, list[str]]:
+    """(runs at a time, CPU threads per process, GPU slots) for the local launcher; the
+    default --jobs on a GPU machine is one run per GPU slot."""
+    jobs, slots = o.jobs, []
+    if o.resources is None:
+        per_run = o.nproc if o.gpus_per_run is None else o.gpus_per_run
+        slots = gpu_slots(visible_gpus(), per_run) if per_run else []
+        if slots and not o.jobs_given:
+            jobs = len(slots)
+        jobs = min(jobs, len(slots)) if slots else jobs
+    return jobs, launch.threads_per_run(jobs, o.nproc), slots
+
+
+def ablate(spec_path: Path, o: Options, say: Callable[[str], None], warn) -> int:
+    """Render the arms, run arms x seeds, write the report; the exit code (1: a run failed).
+    Ctrl-C stops the local runs (KeyboardInterrupt); SpecErrors, OSError, Busy,
+    slurm.SlurmError and report.Refused are for the caller to say."""
+    settings = {  # everything that changes a run; a rerun into the same folder must repeat it
+        "epochs": o.epochs,
+        "smoke": o.smoke,
+        "nproc": o.nproc,
+        "overrides": sorted(o.overrides),
+    }
+    spec, doc = load_spec(spec_path, o.overrides)
+    factories.require(spec, doc, spec_path)  # before a run starts or a task is submitted
+    folder = o.out or Path("runs") / spec.name
+    local_fork = o.resources is None and o.fork and o.nproc == 1 and hasattr(os, "fork")
+    # it imports torch while we render; run_all forks the runs from it and closes it
+    server = forkserver.Server() if local_fork else None
+    try:
+        arms = [a for a in (o.arms or "").split(",") if a]
+        rendered, chosen, record = prepare(spec, doc, spec_path, folder, arms, settings)
+        seed_list = [spec.seed + k for k in range(o.seeds)]
+        jobs, threads, slots = placement(o)
+        # what the last call ran with (timings depend on it; results do not): not checked
+        record["launch"] = {"jobs": jobs, "threads": threads}
+        record["expected"] = expected(folder, chosen, seed_list)
+        write_scripts(rendered, folder, record)
+        all_jobs = make_jobs(folder, chosen, seed_list, factories.spec_folders(doc))
+        extra = (["--epochs", str(o.epochs)] if o.epochs else []) + (["--smoke"] * o.smoke)
+        extra += log_flags(spec, folder)
+        display = Progress(len(all_jobs))
+        if o.resources is not None:
+            if not _on_slurm(all_jobs, folder, spec.name, o, extra, display, say):
+                return 0
+        else:
+            if active := slurm.active_runs(folder):
+                raise Busy(
+                    f"{folder}: {len(active)} run(s) are queued or running on Slurm "
+                    f"({', '.join(active[:3])}{', ...' if len(active) > 3 else ''}); rerun "
+                    "with --launcher slurm to follow them, or add --cancel there first"
+                )
+            say(
+                f"{len(all_jobs)} runs ({len(chosen)} arms x {o.seeds} seeds) in {folder}/, "
+                f"{jobs} at a time, {threads} thread(s) each"
+                + (f", GPUs {' | '.join(slots[:jobs])}" if slots else "")
+            )
+            # SIGTERM or a terminal's hang-up stops the children like Ctrl-C does
+            signal.signal(signal.SIGTERM, launch.interrupt)
+            signal.signal(signal.SIGHUP, launch.interrupt)
+            threading.Thread(target=reporting.preload, daemon=True).start()  # while they train
+            launcher = launch.Forked(server, threads) if server else launch.Local()
+            server = None  # run_all closes it
+            with display:
+                run_all(all_jobs, jobs, extra, threads, display.update, o.nproc, slots, launcher)
+    finally:
+        if server is not None:
+            server.close()
+    failed = [j for j in all_jobs if j.outcome == "failed"]
+    for job in failed:
+        why = job.reason or f"exited {job.returncode}"
+        warn(f"failed: {job.name} {why}; log: {job.folder / 'train.log'}")
+    report_dir, report = reporting.build(folder)
+    if o.precision is not None and not failed:
+        stage = reporting.stein_seeds(folder, spec.name, seed_list, o.precision / 100)
+        total = min(stage["n"], o.max_seeds or stage["n"])
+        say(
+            f"Stein: pilot of {o.seeds} seeds, sd of the differences {100 * stage['sd']:.2f} "
+            f"points: {stage['n']} seeds give ±{o.precision:g}"
+            + (f"; capped at --max-seeds {total}" if total < stage["n"] else "")
+        )
+        if total > o.seeds:  # the second stage: the same runs, more seeds (finished ones skip)
+            second = Options(**{**o.__dict__, "seeds": total, "precision": None})
+            return ablate(spec_path, second, say, warn)
+    say(f"report: {report_dir / 'report.md'}")
+    for line in report_md.headline(report, spec.name):
+        say(line)
+    return 1 if failed else 0
+
+
+def _on_slurm(jobs, folder, name, o: Options, extra, display, say) -> bool:
+    """The runs as Slurm array tasks; True when every run has ended (report next)."""
+    launcher = slurm.Launcher(folder, o.resources, name=f"pgen-{name}")
+    processes = o.resources.gpus_per_run if o.resources.gpus_per_run > 1 else o.nproc
+    if o.cancel:
+        states = launcher.states()
+        ids = launcher.cancel([j.name for j in jobs if states.get(j.name) in slurm.ACTIVE])
+        say(
+            f"cancelled {len(ids)} task(s){': ' + ' '.join(ids) if ids else ''}; "
+            "their checkpoints stay, and a rerun resubmits them"
+        )
+        return False
+    with display:
+        slurm.run_ablation(
+            jobs,
+            launcher,
+            extra,
+            processes,
+            display.update,
+            wait=not o.no_wait,
+            on_submit=lambda array: say(
+                f"submitted job array {array}: tasks recorded in {folder / slurm.RECORD}"
+            ),
+        )
+    waiting = [j for j in jobs if j.outcome in ("queued", "running", "elsewhere")]
+    if waiting:
+        say(
+            f"{len(waiting)} run(s) queued or running on the cluster or elsewhere; rerun the "
+            "same command to follow and collect them, or add --cancel"
+        )
+        return False
+    return True

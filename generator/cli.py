@@ -12,8 +12,6 @@ import json
 import os
 import signal
 import sys
-import threading
-import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -21,16 +19,11 @@ import typer
 
 from generator import factories
 from generator.errors import SpecError, SpecErrors
+from generator.generate import render_all, render_spec
+from generator.launch import interrupt
+from generator.output import atomic_write, drift, write_folder
 from generator.plan import arm_names
-from generator.render import (
-    GenerationError,
-    check_arms,
-    drift,
-    load_spec,
-    render_all,
-    render_spec,
-    write_folder,
-)
+from generator.render import GenerationError, check_arms, load_spec
 from generator.spec import ARMS, Spec
 
 app = typer.Typer(
@@ -67,13 +60,13 @@ SetOpt = Annotated[
     ),
 ]
 
-ARM_TABLE = [
-    ("baseline", "0 (no perturbation code is emitted)", "-", "-"),
-    ("fixed", "eps_fixed", "-", "-"),
-    ("phase_only", "eps_phase[p]", "yes", "no"),
-    ("schedule_only", "eps_base * exp(-lambda * t)", "-", "yes"),
-    ("full", "eps_phase[p] * exp(-lambda * t_p)", "yes", "yes"),
-]
+EPS_TEXT = {  # arm: (eps(t), phase detector, decay in phase), for `variants`
+    "baseline": ("0 (no perturbation code is emitted)", "-", "-"),
+    "fixed": ("eps_fixed", "-", "-"),
+    "phase_only": ("eps_phase[p]", "yes", "no"),
+    "schedule_only": ("eps_base * exp(-lambda * t)", "-", "yes"),
+    "full": ("eps_phase[p] * exp(-lambda * t_p)", "yes", "yes"),
+}
 
 
 def _spec_files(paths: list[Path]) -> tuple[list[Path], list[SpecError]]:
@@ -207,10 +200,7 @@ def export(
         )
         raise typer.Exit(2)
     with _exits(out):
-        source = export_module(spec, arm, set_ or [], module=out.name)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(source)
-        os.replace(tmp, out)
+        atomic_write(out, export_module(spec, arm, set_ or [], module=out.name))
     typer.echo(f"wrote {out} (arm {arm} of {spec})")
 
 
@@ -291,138 +281,48 @@ def ablate(
     attaches to the submitted tasks and resubmits only failed or missing runs.
     """
     from generator import ablate as runner
-    from generator import forkserver
     from generator import report as reporting
-    from generator import report_md
+    from generator import slurm
 
     _check_launcher(launcher)
     if precision is not None and (seeds < 3 or precision <= 0):
         typer.echo("error: --precision D needs D > 0 and a pilot of --seeds 3 or more", err=True)
         raise typer.Exit(2)
-    # everything that changes a run; a rerun into the same folder must repeat it
-    settings = {"epochs": epochs, "smoke": smoke, "nproc": nproc, "overrides": sorted(set_ or [])}
-    with _exits(spec):
-        loaded, doc = load_spec(spec, set_ or [])
-        _check_imports(loaded, doc, spec)  # before a run starts or a task is submitted
-        folder = out or Path("runs") / loaded.name
-        chosen_arms = [a for a in (arms or "").split(",") if a]
-        if launcher == "local" and fork and nproc == 1 and hasattr(os, "fork"):
-            # it imports torch while we render; run_all forks the runs from it and closes it
-            server = forkserver.Server()
-            ctx.call_on_close(server.close)
-        else:
-            server = None
-        rendered, chosen, record = runner.prepare(loaded, doc, spec, folder, chosen_arms, settings)
-    seed_list = [loaded.seed + k for k in range(seeds)]
-    threads = max(1, (os.cpu_count() or 1) // (jobs * nproc))
-    # what the last call ran with (timings depend on it; results do not): not checked
-    record["launch"] = {"jobs": jobs, "threads": threads}
-    record["expected"] = runner.expected(folder, chosen, seed_list)
-    with _exits(folder):
-        runner.write_scripts(rendered, folder, record)
-    all_jobs = runner.make_jobs(folder, chosen, seed_list, factories.spec_folders(doc))
-    extra = (["--epochs", str(epochs)] if epochs else []) + (["--smoke"] if smoke else [])
-    extra += runner.log_flags(loaded, folder)
-    display = _Progress(len(all_jobs))
+    resources = None
     if launcher == "slurm":
         resources = _slurm_resources(
             gpus_per_run, cpus_per_run, partition, time_min, mem, account, qos, sbatch
         )
-        if not _ablate_slurm(
-            all_jobs, folder, loaded.name, resources, extra, nproc, display, no_wait, cancel
-        ):
-            return
-    else:
-        _refuse_runs_on_slurm(folder)
-        per_run = nproc if gpus_per_run is None else gpus_per_run
-        slots = runner.gpu_slots(runner.visible_gpus(), per_run) if per_run else []
-        if slots and "jobs" not in _given_options(ctx):
-            jobs = len(slots)  # default --jobs on a GPU machine: one run per GPU slot
-        jobs = min(jobs, len(slots)) if slots else jobs
-        threads = max(1, (os.cpu_count() or 1) // (jobs * nproc))
-        typer.echo(
-            f"{len(all_jobs)} runs ({len(chosen)} arms x {seeds} seeds) in {folder}/, "
-            f"{jobs} at a time, {threads} thread(s) each"
-            + (f", GPUs {' | '.join(slots[:jobs])}" if slots else "")
-        )
-        # SIGTERM or a terminal's hang-up stops the children like Ctrl-C does, with checkpoints
-        signal.signal(signal.SIGTERM, _interrupt)
-        signal.signal(signal.SIGHUP, _interrupt)
-        threading.Thread(target=reporting.preload, daemon=True).start()  # while they train
-        try:
-            with display:
-                runner.run_all(
-                    all_jobs, jobs, extra, threads, display.update, nproc, slots, server
-                )
-        except KeyboardInterrupt:
-            typer.echo(
-                "interrupted: finished runs are kept, interrupted ones resume from their "
-                "last checkpoint; rerun the same command to continue",
-                err=True,
+    given = {k for k in ctx.params if ctx.get_parameter_source(k).name != "DEFAULT"}
+    shared = {k: v for k, v in ctx.params.items() if k in runner.Options.__dataclass_fields__}
+    options = runner.Options(
+        **shared, jobs_given="jobs" in given, overrides=set_ or [], resources=resources
+    )
+    try:
+        with _exits(spec):
+            code = runner.ablate(
+                spec, options, typer.echo, lambda line: typer.echo(line, err=True)
             )
-            raise typer.Exit(130) from None
-    failed = [j for j in all_jobs if j.outcome == "failed"]
-    for job in failed:
+    except KeyboardInterrupt:
         typer.echo(
-            f"failed: {job.name} {job.reason or f'exited {job.returncode}'}; log: "
-            f"{job.folder / 'train.log'}",
+            (
+                "stopped waiting: the cluster jobs keep running; rerun the same command to "
+                "attach and collect them, or add --cancel to cancel them"
+                if resources
+                else "interrupted: finished runs are kept, interrupted ones resume from their "
+                "last checkpoint; rerun the same command to continue"
+            ),
             err=True,
         )
-    try:
-        with _exits(folder):
-            report_dir, report = reporting.build(folder)
-            if precision is not None and not failed:
-                stage = reporting.stein_seeds(folder, loaded.name, seed_list, precision / 100)
+        raise typer.Exit(130) from None
     except reporting.NoRuns:
         typer.echo("no run wrote any output: no report", err=True)
         raise typer.Exit(1) from None
-    except reporting.Refused as exc:
+    except (reporting.Refused, runner.Busy, slurm.SlurmError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    if precision is not None and not failed:
-        total = min(stage["n"], max_seeds or stage["n"])
-        typer.echo(
-            f"Stein: pilot of {seeds} seeds, sd of the differences {100 * stage['sd']:.2f} "
-            f"points: {stage['n']} seeds give ±{precision:g}"
-            + (f"; capped at --max-seeds {total}" if total < stage["n"] else "")
-        )
-        if total > seeds:  # the second stage: the same runs, more seeds (finished ones skip)
-            ctx.invoke(ablate, ctx, **{**ctx.params, "seeds": total, "precision": None})
-            return
-    typer.echo(f"report: {report_dir / 'report.md'}")
-    for line in report_md.headline(report, loaded.name):
-        typer.echo(line)
-    if failed:
-        raise typer.Exit(1)
-
-
-def _check_imports(spec: Spec, doc, path: Path) -> None:
-    """Refuse a spec whose own factories do not import, with the spec's folders on the path
-    as its runs will have them."""
-    problems = factories.check(spec, doc, str(path), call_them=False)
-    if problems:
-        raise SpecErrors(problems)
-
-
-def _given_options(context: typer.Context) -> set[str]:
-    """The ablate options given on the command line (not defaulted)."""
-    return {
-        name for name in context.params if context.get_parameter_source(name).name != "DEFAULT"
-    }
-
-
-def _refuse_runs_on_slurm(folder: Path) -> None:
-    from generator import slurm
-
-    active = slurm.active_runs(folder)
-    if active:
-        typer.echo(
-            f"error: {folder}: {len(active)} run(s) are queued or running on Slurm "
-            f"({', '.join(active[:3])}{', ...' if len(active) > 3 else ''}); rerun with "
-            "--launcher slurm to follow them, or add --cancel there first",
-            err=True,
-        )
-        raise typer.Exit(2)
+    if code:
+        raise typer.Exit(code)
 
 
 def _check_launcher(launcher: str) -> None:
@@ -435,137 +335,10 @@ def _slurm_resources(gpus, cpus, partition, time_min, mem, account, qos, sbatch)
     from generator import slurm
 
     try:
-        extra = slurm.parse_sbatch(sbatch or [])
+        return slurm.resources(gpus, cpus, partition, time_min, mem, account, qos, sbatch or [])
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    return slurm.Resources(
-        partition=partition,
-        time_min=time_min,
-        gpus_per_run=gpus or 0,
-        cpus_per_run=cpus,
-        mem=mem,
-        account=account,
-        qos=qos,
-        sbatch=extra,
-    )
-
-
-def _ablate_slurm(jobs, folder, name, resources, extra, nproc, display, no_wait, cancel):
-    """The slurm launcher's side of `ablate`; True when every run has ended (report next)."""
-    from generator import slurm
-
-    launcher = slurm.Launcher(folder, resources, name=f"pgen-{name}")
-    processes = resources.gpus_per_run if resources.gpus_per_run > 1 else nproc
-    try:
-        if cancel:
-            states = launcher.states()
-            ids = launcher.cancel([j.name for j in jobs if states.get(j.name) in slurm.ACTIVE])
-            typer.echo(
-                f"cancelled {len(ids)} task(s){': ' + ' '.join(ids) if ids else ''}; "
-                "their checkpoints stay, and a rerun resubmits them"
-            )
-            return False
-        with display:
-            slurm.run_ablation(
-                jobs,
-                launcher,
-                extra,
-                processes,
-                display.update,
-                wait=not no_wait,
-                on_submit=lambda array: typer.echo(
-                    f"submitted job array {array}: tasks recorded in {folder / slurm.RECORD}"
-                ),
-            )
-    except slurm.SlurmError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        typer.echo(
-            "stopped waiting: the cluster jobs keep running; rerun the same command to "
-            "attach and collect them, or add --cancel to cancel them",
-            err=True,
-        )
-        raise typer.Exit(130) from None
-    waiting = [j for j in jobs if j.outcome in ("queued", "running", "elsewhere")]
-    if waiting:
-        typer.echo(
-            f"{len(waiting)} run(s) queued or running on the cluster or elsewhere; rerun the "
-            "same command to follow and collect them, or add --cancel"
-        )
-        return False
-    return True
-
-
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
-class _Progress:
-    """A live table on a terminal; one line per start and end of a run otherwise."""
-
-    def __init__(self, total: int):
-        from rich.console import Console
-
-        self.console = Console()
-        self.total = total
-        self.live = None
-
-    def __enter__(self):
-        if self.console.is_terminal:
-            from rich.live import Live
-
-            self.live = Live(console=self.console, refresh_per_second=4, transient=False)
-            self.live.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.live is not None:
-            self.live.__exit__(*exc)
-
-    def update(self, jobs, changed) -> None:
-        counts = {
-            k: sum(j.outcome == k for j in jobs)
-            for k in ("completed", "diverged", "failed", "skipped", "running")
-        }
-        done = counts["completed"] + counts["diverged"] + counts["failed"] + counts["skipped"]
-        if self.live is not None:
-            from rich.table import Table
-
-            table = Table(
-                title=f"{done}/{self.total} runs done "
-                f"({counts['skipped']} skipped as already finished, "
-                f"{counts['failed']} failed)"
-            )
-            for column in ("run", "epoch", "val acc", "time"):
-                table.add_column(column)
-            for job in jobs:
-                if job.outcome in ("running", "elsewhere"):
-                    epoch, acc = job.progress()
-                    table.add_row(
-                        job.name,
-                        str(epoch),
-                        "-" if acc is None else f"{acc:.4f}",
-                        (
-                            f"{time.time() - job.started:.0f}s"
-                            if job.outcome == "running"
-                            else f"elsewhere: {job.reason}"
-                        ),
-                    )
-            self.live.update(table)
-        elif changed is not None:
-            if changed.outcome == "running":
-                typer.echo(f"[{done}/{self.total}] start {changed.name}")
-            elif changed.outcome == "elsewhere":
-                typer.echo(
-                    f"[{done}/{self.total}] waiting for {changed.name}: running elsewhere "
-                    f"({changed.reason})"
-                )
-            else:
-                epoch, acc = changed.progress()
-                result = "" if acc is None else f", epoch {epoch}, val acc {acc:.4f}"
-                typer.echo(f"[{done}/{self.total}] {changed.outcome} {changed.name}{result}")
 
 
 @app.command()
@@ -622,12 +395,12 @@ def tune(
         )
     with _exits(spec):
         loaded, doc = load_spec(spec, set_ or [])
-        _check_imports(loaded, doc, spec)  # before a trial starts or a task is submitted
+        factories.require(loaded, doc, spec)  # before a trial starts or a task is submitted
         chosen = tuning.settings(
             loaded, doc, spec, set_ or [], trials, workers, storage, study, out, resources
         )
-    signal.signal(signal.SIGTERM, _interrupt)  # stops the trials like Ctrl-C does
-    signal.signal(signal.SIGHUP, _interrupt)
+    signal.signal(signal.SIGTERM, interrupt)  # stops the trials like Ctrl-C does
+    signal.signal(signal.SIGHUP, interrupt)
     try:
         with _exits(chosen.out):
             why, info = tuning.tune(chosen)
@@ -748,7 +521,7 @@ def schema(
         sys.stdout.write(text)
     else:
         with _exits(out):
-            out.write_text(text)
+            atomic_write(out, text)
         typer.echo(f"wrote {out}")
 
 
@@ -763,10 +536,10 @@ def schema_text() -> str:
 @app.command()
 def variants() -> None:
     """List the ablation arms and the noise std eps(t) each adds after an optimizer step."""
-    assert [row[0] for row in ARM_TABLE] == list(ARMS)
-    header = ("arm", "eps(t)", "phase detector", "decay in phase")
-    widths = [max(len(row[i]) for row in [header, *ARM_TABLE]) for i in range(4)]
-    for row in [header, *ARM_TABLE]:
+    rows = [("arm", "eps(t)", "phase detector", "decay in phase")]
+    rows += [(arm, *EPS_TEXT[arm]) for arm in ARMS]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
         typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     typer.echo("t: optimizer steps since the start; t_p: steps since the last phase change;")
     typer.echo("p: the phase (exploration, convergence, fine_tuning) the detector reports.")

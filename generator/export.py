@@ -15,9 +15,9 @@ import black
 import jinja2
 
 from generator.errors import SpecError, SpecErrors
+from generator.messages import did_you_mean
 from generator.plan import Constant, RenderModel, plan
 from generator.render import BLACK_MODE, GenerationError, environment, load_spec
-from generator.spec import did_you_mean
 
 MODULE = "adaptive_perturbation.py"  # the default file name, and the golden record's
 GOLDEN_ARM = "full"  # the arm each spec folder of the golden record carries as MODULE

@@ -18,7 +18,7 @@ import os
 import sys
 from typing import Any
 
-from generator.errors import SpecError
+from generator.errors import SpecError, SpecErrors
 from generator.loading import Located, dotted
 from generator.spec import CustomData, CustomModel, Spec, TimmModel, TorchvisionModel, input_shape
 
@@ -232,3 +232,11 @@ def check(spec: Spec, doc: Located, file: str, call_them: bool = True) -> list[S
                 reference = getattr(getattr(spec, section), key)
                 errors.append(SpecError(origin_file, line, dotted(path), f"{reference}: {exc}"))
     return errors
+
+
+def require(spec: Spec, doc: Located, path) -> None:
+    """Refuse (SpecErrors) a spec whose own factories do not import, with the spec's folders
+    on the path as its runs will have them: what `ablate` and `tune` check first."""
+    problems = check(spec, doc, str(path), call_them=False)
+    if problems:
+        raise SpecErrors(problems)

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
+from generator.output import atomic_write
 from generator.runs import PHASES
 
 COLORS = {"exploration": "#f4a582", "convergence": "#92c5de", "fine_tuning": "#b8e186"}
+
+
+def save_png(fig: Any, path: Path, dpi: int = 110) -> None:
+    """A matplotlib figure as a PNG file, written through atomic_write."""
+    data = io.BytesIO()
+    fig.savefig(data, format="png", dpi=dpi, bbox_inches="tight")
+    atomic_write(path, data.getvalue())
 
 
 def pyplot() -> Any:
@@ -47,7 +56,7 @@ def _accuracy(spec: str, name: str, drawn: dict[str, Any], out: Path) -> Path:
     best = max((v for c in drawn.values() for v in c["val_acc_high"]), default=1.0)
     ax.set_ylim(max(0.0, best - 0.3), min(1.0, best + 0.02))
     path = out / f"{name}_accuracy.png"
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    save_png(fig, path)
     plt.close(fig)
     return path
 
@@ -84,6 +93,6 @@ def _eps_phases(spec: str, name: str, drawn: dict[str, Any], out: Path) -> Path:
         bottom.text(0.5, 0.5, text, ha="center", transform=bottom.transAxes)
     bottom.set(xlabel="epoch")
     path = out / f"{name}_eps_phases.png"
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    save_png(fig, path)
     plt.close(fig)
     return path

@@ -1,18 +1,12 @@
-"""Render: RenderModels → Jinja → black → ast check → files, written atomically."""
+"""Render: a template and its model → source, formatted by black and parsed; the only user of
+Jinja and black (generator/output.py makes folders of it). Also where a spec file is loaded."""
 
 from __future__ import annotations
 
 import ast
-import contextlib
-import fcntl
-import hashlib
-import json
 import math
 import multiprocessing as mp
 import os
-import shutil
-import tempfile
-from dataclasses import dataclass
 from functools import cache
 from itertools import pairwise
 from pathlib import Path
@@ -21,11 +15,12 @@ from typing import Any
 import black
 import jinja2
 
-from generator import __version__
+from generator.checks import validate
 from generator.errors import SpecError, SpecErrors
 from generator.loading import Located, load_file, merge, parse_override
-from generator.plan import ReadmeModel, RenderModel, arm_names, plan, spec_hash
-from generator.spec import Spec, did_you_mean, validate
+from generator.messages import did_you_mean
+from generator.plan import ReadmeModel, RenderModel, arm_names
+from generator.spec import Spec
 
 BLACK_MODE = black.Mode(line_length=99, target_versions={black.TargetVersion.PY311})
 
@@ -184,20 +179,17 @@ def _guarded_format(block: str) -> tuple[str, str]:
         return "error", f"{type(exc).__name__}: {exc}"
 
 
+def script_source(model: RenderModel) -> str:
+    """An arm's script before black (format_sources formats many at once)."""
+    return _render("train.py.jinja", model)
+
+
 def render_script(model: RenderModel) -> str:
-    return format_sources({model.script: _render("train.py.jinja", model)})[model.script]
+    return format_sources({model.script: script_source(model)})[model.script]
 
 
 def render_readme(model: ReadmeModel) -> str:
     return _render("README.md.jinja", model)
-
-
-@dataclass(frozen=True)
-class Rendered:
-    """One spec's output folder, in memory: file name → bytes."""
-
-    name: str
-    files: dict[str, bytes]
 
 
 def load_spec(path: Path, overrides: list[str] = ()) -> tuple[Spec, Located]:
@@ -225,174 +217,3 @@ def check_arms(spec: Spec, path: Path, arms: list[str]) -> None:
                 for a in unknown
             ]
         )
-
-
-def render_spec(
-    path: Path, overrides: list[str] = (), arms: list[str] = (), previous: Path | None = None
-) -> Rendered:
-    spec, doc = load_spec(path, overrides)
-    return render(spec, doc, path, arms, previous)
-
-
-def render(
-    spec: Spec, doc: Located, path: Path, arms: list[str] = (), previous: Path | None = None
-) -> Rendered:
-    """A loaded spec's arms (all, or those named), README and manifest, in memory."""
-    return render_all([(spec, doc, path)], arms, previous)[0]
-
-
-def render_all(
-    loaded: list[tuple[Spec, Located, Path]],
-    arms: list[str] = (),
-    previous: Path | None = None,
-    keep_arms: bool = False,
-) -> list[Rendered]:
-    """Several loaded specs at once, so that black sees all their blocks in one batch.
-
-    `previous` is a folder of earlier output (OUT): a script whose unformatted source hashes
-    to what OUT/<spec>/manifest.json recorded under the same formatter, and whose file there
-    is intact, is taken from there instead of being formatted again. With `keep_arms`, the
-    spec's arms that OUT/<spec> holds are rendered beside those in `arms`, so that writing
-    some arms into a folder keeps the others (made again from this spec: one folder, one
-    spec, one manifest).
-    """
-    from generator.export import golden_sources  # it renders with this module's environment
-
-    drafts = []
-    for spec, doc, path in loaded:
-        check_arms(spec, path, arms)
-        chosen = set(arms)
-        if arms and keep_arms and previous:
-            chosen.update(arms_in(previous / spec.name, spec))
-        models = [m for m in plan(spec, doc) if not chosen or m.arm in chosen]
-        sources = {m.script: _render("train.py.jinja", m) for m in models}
-        sources.update(golden_sources(models))  # the drop-in module (perturbgen export)
-        drafts.append((spec, models, sources))
-    scripts, todo = {}, {}
-    for spec, _, sources in drafts:
-        recorded = _formatted_on_disk(previous / spec.name) if previous else {}
-        for script, source in sources.items():
-            key = f"{spec.name}/{script}"
-            if (script, _sha256(source.encode())) in recorded:
-                scripts[key] = recorded[script, _sha256(source.encode())]
-            else:
-                todo[key] = source
-    scripts.update((key, text.encode()) for key, text in format_sources(todo).items())
-    return [_folder(spec, models, sources, scripts) for spec, models, sources in drafts]
-
-
-def arms_in(folder: Path, spec: Spec) -> list[str]:
-    """The arms of `spec` whose scripts the manifest of an output folder lists."""
-    try:
-        files = json.loads((folder / "manifest.json").read_text())["files"]
-        return [arm for arm in arm_names(spec) if f"train_{arm}.py" in files]
-    except (OSError, ValueError, KeyError, TypeError):
-        return []
-
-
-def _folder(spec: Spec, models: list[RenderModel], sources: dict[str, str], scripts) -> Rendered:
-    files = {name: scripts[f"{spec.name}/{name}"] for name in sources}
-    readme = ReadmeModel(spec.name, spec.description, __version__, tuple(models))
-    files["README.md"] = render_readme(readme).encode()
-    manifest = {
-        "generator": "perturbgen",
-        "version": __version__,
-        "spec": spec.name,
-        "spec_sha256": spec_hash(spec),
-        "resolved_spec": spec.model_dump(mode="json", exclude={"extends"}),
-        "files": {name: _sha256(data) for name, data in sorted(files.items())},
-        "formatter": formatter_id(),
-        # each script's source before black: lets the next generate reuse the file
-        "sources": {name: _sha256(text.encode()) for name, text in sorted(sources.items())},
-    }
-    files["manifest.json"] = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
-    return Rendered(spec.name, dict(sorted(files.items())))
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _formatted_on_disk(folder: Path) -> dict[tuple[str, str], bytes]:
-    """(script, hash of its unformatted source) → the intact formatted file in `folder`."""
-    try:
-        manifest = json.loads((folder / "manifest.json").read_text())
-        sources, files = dict(manifest["sources"]), dict(manifest["files"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return {}  # no usable record: format everything
-    if manifest.get("formatter") != formatter_id():
-        return {}
-    found = {}
-    for script, source_hash in sources.items():
-        try:
-            data = (folder / script).read_bytes()
-        except OSError:
-            continue
-        if _sha256(data) == files.get(script):
-            found[script, source_hash] = data
-    return found
-
-
-def write_folder(rendered: Rendered, out_dir: Path) -> Path:
-    """Write to a temporary sibling, then swap it in.
-
-    A failure at any point leaves the previous folder in place, byte for byte, and no
-    temporary folder behind; concurrent writers of the same folder take turns (a lock on
-    OUT), so the folder is always one whole generation.
-    """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / rendered.name
-    tmp = Path(tempfile.mkdtemp(prefix=f".{rendered.name}.", dir=out_dir))
-    try:
-        for name, data in rendered.files.items():
-            (tmp / name).write_bytes(data)
-            os.chmod(tmp / name, 0o644)
-        os.chmod(tmp, 0o755)
-        with _locked(out_dir):
-            if not target.exists():
-                os.replace(tmp, target)
-                return target
-            old = Path(tempfile.mkdtemp(prefix=f".{rendered.name}.old.", dir=out_dir))
-            try:
-                os.replace(target, old / rendered.name)
-                try:
-                    os.replace(tmp, target)
-                except BaseException:
-                    os.replace(old / rendered.name, target)  # put the previous one back
-                    raise
-            finally:
-                if target.exists():  # else the previous folder is in `old`: keep it there
-                    shutil.rmtree(old, ignore_errors=True)
-        return target
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _locked(folder: Path):
-    """An exclusive lock on a folder (flock on its descriptor), released on exit."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
-
-
-def drift(rendered: Rendered, out_dir: Path) -> list[str]:
-    """How the folder on disk differs from what the generator emits now."""
-    target = out_dir / rendered.name
-    if not target.is_dir():
-        return [f"{target}/ is missing"]
-    on_disk = {p.name for p in target.iterdir() if p.is_file()}
-    problems = [
-        f"{target / n} is not generated by this spec"
-        for n in sorted(on_disk - set(rendered.files))
-    ]
-    for name, data in rendered.files.items():
-        path = target / name
-        if name not in on_disk:
-            problems.append(f"{path} is missing")
-        elif path.read_bytes() != data:
-            problems.append(f"{path} differs")
-    return problems

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from generator import stats
+from generator.output import atomic_write
 from generator.runs import (
     PHASES,
     NoRuns,
@@ -412,7 +413,7 @@ def write(report: dict[str, Any], out: Path) -> None:
     """report.json, then report.md and the plots rendered from it alone."""
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(report, indent=2, allow_nan=False) + "\n"
-    (out / "report.json").write_text(text)
+    atomic_write(out / "report.json", text)
     render(json.loads(text), out)
 
 
@@ -420,7 +421,7 @@ def render(report: dict[str, Any], out: Path) -> None:
     from generator import plots, report_md
 
     plots.plots(report, out)
-    (out / "report.md").write_text(report_md.markdown(report))
+    atomic_write(out / "report.md", report_md.markdown(report))
 
 
 def preload() -> None:

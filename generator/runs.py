@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from generator.spec import NAME_PATTERN
+from generator.spec import ARMS, NAME_PATTERN
 
 PHASES = ("exploration", "convergence", "fine_tuning")
-ARM_ORDER = ("baseline", "fixed", "phase_only", "schedule_only", "full")
+FINISHED = ("completed", "diverged")  # a run folder's status that no rerun changes
 # config.json keys that do not make two runs different experiments: the run seed (SEED is only
 # --seed's default) and where the run was written
 NOT_SETTINGS = ("seed", "out")
@@ -88,6 +88,25 @@ class Run:
     @property
     def fingerprint(self) -> str:
         return fingerprint(self.config)
+
+
+def recorded_status(folder: Path) -> str | None:
+    """The status a run folder's summary.json records (None: no readable summary yet)."""
+    try:
+        return json.loads((folder / "summary.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def outcome(returncode: int | None, status: str | None) -> str:
+    """How a run ended, from its exit code and its summary.json's status: completed (exit 0,
+    status completed), diverged (exit 3, status diverged: a result, not a failure), else
+    failed. The one rule of every driver and launcher."""
+    if returncode == 0 and status == "completed":
+        return "completed"
+    if returncode == 3 and status == "diverged":
+        return "diverged"
+    return "failed"
 
 
 def identity(config: dict[str, Any]) -> dict[str, Any]:
@@ -315,6 +334,4 @@ def _once(runs: list[Run]) -> list[Run]:
 
 def arm_rank(arm: str) -> tuple[int, str]:
     arm = arm.split(" [")[0]  # "full [fingerprint]": a split arm keeps its place
-    return (ARM_ORDER.index(arm), "") if arm in ARM_ORDER else (len(ARM_ORDER), arm)
-
-
+    return (ARMS.index(arm), "") if arm in ARMS else (len(ARMS), arm)

@@ -9,17 +9,25 @@ wrapper's, useful when a task dies before the script starts) go to OUT/slurm/TAS
 OUT/slurm.json records which array task holds which run, so a rerun attaches to tasks that
 are still queued or running, and resubmits only the runs that are neither done nor active.
 Nothing here knows about arms: a launcher takes `Task`s (a key, a command, a folder), so
-other drivers (`tune`'s trials) can submit through it.
+other drivers (`tune`'s trials) can submit through it. `Slurm` is the launch.Launcher over
+it, each run's Process a `SlurmRun`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from generator import runs
+from generator.factories import python_path
+from generator.launch import Task, command, thread_env
+from generator.output import atomic_write
 
 # Checkpoint-and-requeue signal: the emitted scripts checkpoint on SIGUSR1 (see StopSignals),
 # so submitit must ask Slurm for USR1 before the time limit, not its default USR2 (which would
@@ -104,15 +112,18 @@ def parse_sbatch(options: list[str]) -> dict[str, str]:
     return out
 
 
-@dataclass(frozen=True)
-class Task:
-    """One unit of work: `command` runs in its own process, output appended to folder/log."""
-
-    key: str  # unique within one record, e.g. "fixed/seed0"
-    command: list[str]
-    folder: Path
-    env: dict[str, str] = field(default_factory=dict)
-    log: str = "train.log"
+def resources(gpus, cpus, partition, time_min, mem, account, qos, sbatch) -> Resources:
+    """The command line's slurm options as Resources; ValueError names a malformed one."""
+    return Resources(
+        partition=partition,
+        time_min=time_min,
+        gpus_per_run=gpus or 0,
+        cpus_per_run=cpus,
+        mem=mem,
+        account=account,
+        qos=qos,
+        sbatch=parse_sbatch(sbatch),
+    )
 
 
 class RunTask:
@@ -177,9 +188,7 @@ class Launcher:
         return record
 
     def _save(self) -> None:
-        tmp = self.record_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.record, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, self.record_path)
+        atomic_write(self.record_path, json.dumps(self.record, indent=2, sort_keys=True) + "\n")
 
     def task_id(self, key: str) -> str | None:
         return self.record["tasks"].get(key)
@@ -226,6 +235,70 @@ class Launcher:
         if ids:
             _run(["scancel", *ids])
         return ids
+
+
+class SlurmRun:
+    """One run as a Slurm task, with the part of Popen's interface that a driver uses
+    (launch.Process): it is followed and stopped like a local process. The exit code is the
+    script's, as the task wrote it in train.log; a task cancelled before its script ended
+    has -SIGTERM."""
+
+    def __init__(self, launcher: Launcher, key: str, run: Path):
+        self.launcher, self.key, self.run = launcher, key, run
+        self.returncode: int | None = None
+        self.checked = 0.0
+        self.note = ""  # why it failed, for the driver's reason
+
+    def poll(self) -> int | None:
+        if self.returncode is not None or time.time() - self.checked < POLL_S:
+            return self.returncode
+        self.checked = time.time()
+        try:
+            state = self.launcher.states().get(self.key, "")
+        except SlurmError:  # squeue did not answer this time: ask again later
+            return None
+        if state not in ACTIVE:
+            code = exit_code(self.run / "train.log")
+            self.returncode = -signal.SIGTERM if code is None else code
+            task = self.launcher.task_id(self.key)
+            log = self.launcher.folder / "slurm" / f"{task}_0_log.err"
+            self.note = f"slurm task {task} ended {state or 'gone from squeue'} ({log})"
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:  # scancel: SIGTERM, then SIGKILL after KillWait
+        with contextlib.suppress(SlurmError):
+            self.launcher.cancel([self.key])
+        self.checked = 0.0
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = time.time() + (timeout or 0)
+        while self.poll() is None:
+            if time.time() > deadline:
+                raise subprocess.TimeoutExpired(self.key, timeout or 0)
+            time.sleep(0.2)
+        return self.returncode
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+        if self.returncode is None:  # cancelled twice: the scheduler ends it
+            self.returncode = -signal.SIGKILL
+
+
+class Slurm:
+    """The launch.Launcher on a cluster: `start` submits its tasks as one job array."""
+
+    def __init__(self, launcher: Launcher):
+        self.launcher = launcher
+
+    def start(self, tasks: list[Task]) -> list[SlurmRun]:
+        self.launcher.submit(tasks)
+        return [SlurmRun(self.launcher, task.key, task.folder) for task in tasks]
+
+    def wait(self, timeout_s: float) -> None:
+        time.sleep(timeout_s)
+
+    def close(self) -> None:
+        pass
 
 
 def active_runs(folder: Path) -> list[str]:
@@ -285,15 +358,12 @@ def run_ablation(
     waited for, and submitted in an array of its own if that process leaves it unfinished.
     Returns the first new array's job id, or None when nothing needed submitting.
     Ctrl-C while waiting raises KeyboardInterrupt and leaves the cluster jobs alone."""
-    from generator import ablate
-    from generator.factories import python_path
-
     states = launcher.states()
     todo = []
     for job in jobs:
         if states.get(job.name, "") in ACTIVE:
             _follow(job, states[job.name])
-        elif job.recorded_status() in ablate.FINISHED:
+        elif job.recorded_status() in runs.FINISHED:
             job.outcome = "skipped"
         elif holder := job.holder():
             job.outcome, job.reason = "elsewhere", holder
@@ -305,9 +375,9 @@ def run_ablation(
         tasks = [
             Task(
                 job.name,
-                ablate.command(job, extra, processes),
+                command(job.script, job.seed, job.folder, extra, processes),
                 job.folder,
-                {**ablate.thread_env(threads), **python_path(job.import_paths)},
+                {**thread_env(threads), **python_path(job.import_paths)},
             )
             for job in todo
         ]
@@ -353,18 +423,16 @@ def _follow(job, state: str) -> None:
 
 def _collect(job, task: str | None, state: str) -> None:
     """A task has ended: its run folder says how."""
-    status = job.recorded_status()
-    if status in ("completed", "diverged"):
-        job.outcome = status
+    job.returncode = exit_code(job.folder / "train.log")
+    job.outcome = runs.outcome(job.returncode, job.recorded_status())
+    if job.outcome != "failed":
         return
-    job.outcome = "failed"
-    job.returncode = _exit_code(job.folder / "train.log")
     said = "" if job.returncode is None else f", exited {job.returncode}"
     log = job.folder.parent.parent / "slurm" / f"{task}_0_log.err"
     job.reason = f"slurm task {task} ended {state}{said}, submitit's log: {log}"
 
 
-def _exit_code(log: Path) -> int | None:
+def exit_code(log: Path) -> int | None:
     """The exit code RunTask wrote as the log's last `# exit N` line."""
     try:
         lines = log.read_text(errors="replace").splitlines()

@@ -27,7 +27,6 @@ import fcntl
 import hashlib
 import json
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -45,13 +44,19 @@ from optuna.trial import TrialState
 
 from generator import forkserver, slurm
 from generator.ablate import lock_holder, thread_env
-from generator.cli import _Progress
 from generator.errors import SpecError, SpecErrors
 from generator.factories import python_path, spec_folders
+from generator.generate import render
+from generator.launch import stop as stop_processes
 from generator.loading import Located, changes, merge, parse_override
+from generator.output import Rendered, atomic_write, write_folder
 from generator.plan import spec_hash
-from generator.render import Rendered, render, write_folder
-from generator.spec import OBJECTIVES, Spec, Tune, field_kind, tune_field, validate
+from generator.plots import save_png
+from generator.progress import Progress
+from generator.runs import outcome
+from generator.slurm import SlurmRun
+from generator.checks import field_kind, tune_field, validate
+from generator.spec import OBJECTIVES, Spec, Tune
 
 POLL_S = 0.25
 HEARTBEAT_S = 10  # RDB storages: a trial whose process sent none for 6 of these is failed
@@ -319,63 +324,7 @@ def launch(
 
 def stop(procs: list[subprocess.Popen], grace_s: float = 30.0) -> None:
     """SIGTERM: each run finishes its step, checkpoints and exits 143; then wait."""
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    deadline = time.time() + grace_s
-    for proc in procs:
-        try:
-            proc.wait(max(0.1, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-class SlurmRun:
-    """One run of a trial as a Slurm task, with the part of Popen's interface that a trial
-    uses (poll, send_signal, wait, kill, returncode): it is followed and stopped like a local
-    process. The exit code is the script's, as the task wrote it in train.log; a task
-    cancelled before its script ended has -SIGTERM."""
-
-    def __init__(self, launcher: slurm.Launcher, key: str, run: Path):
-        self.launcher, self.key, self.run = launcher, key, run
-        self.returncode: int | None = None
-        self.checked = 0.0
-        self.note = ""  # why it failed, for the trial's reason
-
-    def poll(self) -> int | None:
-        if self.returncode is not None or time.time() - self.checked < slurm.POLL_S:
-            return self.returncode
-        self.checked = time.time()
-        try:
-            state = self.launcher.states().get(self.key, "")
-        except slurm.SlurmError:  # squeue did not answer this time: ask again later
-            return None
-        if state not in slurm.ACTIVE:
-            code = slurm._exit_code(self.run / "train.log")
-            self.returncode = -signal.SIGTERM if code is None else code
-            task = self.launcher.task_id(self.key)
-            log = self.launcher.folder / "slurm" / f"{task}_0_log.err"
-            self.note = f"slurm task {task} ended {state or 'gone from squeue'} ({log})"
-        return self.returncode
-
-    def send_signal(self, sig: int) -> None:  # scancel: SIGTERM, then SIGKILL after KillWait
-        with contextlib.suppress(slurm.SlurmError):
-            self.launcher.cancel([self.key])
-        self.checked = 0.0
-
-    def wait(self, timeout: float | None = None) -> int:
-        deadline = time.time() + (timeout or 0)
-        while self.poll() is None:
-            if time.time() > deadline:
-                raise subprocess.TimeoutExpired(self.key, timeout or 0)
-            time.sleep(0.2)
-        return self.returncode
-
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
-        if self.returncode is None:  # cancelled twice: the scheduler ends it
-            self.returncode = -signal.SIGKILL
+    stop_processes(procs, grace_s)
 
 
 @dataclass
@@ -557,8 +506,7 @@ class Tuner:
             )
             for run, seed in zip(runs, seeds)
         ]
-        launcher.submit(tasks)
-        return [SlurmRun(launcher, task.key, task.folder) for task in tasks]
+        return slurm.Slurm(launcher).start(tasks)
 
     def follow(self, r: Running) -> bool:
         """Report the new epochs of a trial; stop it if pruned; True once it has ended."""
@@ -585,12 +533,12 @@ class Tuner:
                 r.beat = time.time()
             return False
         stop(r.procs)  # a failed seed ends its trial
-        statuses = [run_status(run) for run in r.runs]
-        if not bad and all(st == "completed" for st in statuses) and r.epoch == self.s.epochs:
+        outcomes = [outcome(code, run_status(run)) for code, run in zip(codes, r.runs)]
+        if all(o == "completed" for o in outcomes) and r.epoch == self.s.epochs:
             self.failures_in_row = 0
             self.finish(r.trial, TrialState.COMPLETE, "completed", value=r.value)
             self.show(f"trial {r.number}: {self.s.tune.objective} {_fmt(r.value)}")
-        elif 3 in bad and "diverged" in statuses:  # a bad region, a result: not a failure
+        elif "diverged" in outcomes:  # a bad region, a result: not a failure
             self.failures_in_row = 0
             self.finish(r.trial, TrialState.PRUNED, "diverged", reason="non-finite loss")
             self.show(f"trial {r.number}: diverged, pruned")
@@ -647,13 +595,6 @@ class Tuner:
 
 def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _write(path: Path, text: str) -> None:
-    """Atomically: several processes on one study may write the outputs at the same time."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def summarize(tuner: Tuner) -> dict[str, Any]:
@@ -758,11 +699,11 @@ def write_outputs(tuner: Tuner) -> dict[str, Any]:
         info = summarize(tuner)
         if info["best"] is not None:
             text = tuned_yaml(tuner, info)
-            _write(out / "tuned.yaml", text)
+            atomic_write(out / "tuned.yaml", text)
             load_spec(out / "tuned.yaml")  # it must be a valid spec: a failure here is a bug
         info["plots"] = _plots(tuner.study, out / "plots", info["counts"]["complete"])
-        _write(out / "tune.json", json.dumps(info, indent=2) + "\n")
-        _write(out / "tune_report.md", report_markdown(info))
+        atomic_write(out / "tune.json", json.dumps(info, indent=2) + "\n")
+        atomic_write(out / "tune_report.md", report_markdown(info))
     return info
 
 
@@ -791,7 +732,7 @@ def _plots(study: optuna.Study, folder: Path, complete: int) -> dict[str, str]:
             except (ValueError, RuntimeError, ZeroDivisionError):
                 continue
         figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
-        figure.savefig(folder / name, dpi=100, bbox_inches="tight")
+        save_png(figure, folder / name, dpi=100)
         plt.close(figure)
         made[name] = title
     return made
@@ -873,7 +814,7 @@ def report_markdown(info: dict[str, Any]) -> str:
 # --- progress ------------------------------------------------------------------------------
 
 
-class Display(_Progress):
+class Display(Progress):
     """A live table of the running trials on a terminal (ablate's display); plain lines
     otherwise."""
 

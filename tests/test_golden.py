@@ -13,6 +13,7 @@ import pytest
 from conftest import GENERATED, REPO, SPECS, cli
 
 from generator import render
+from generator.plan import plan
 from generator.cli import schema_text
 
 REFRESH = "perturbgen generate specs -o generated"
@@ -129,8 +130,8 @@ def test_every_spec_has_a_golden_folder():
 def _sources(spec_path, arms=()):
     spec, doc = render.load_spec(spec_path)
     return {
-        m.script: render._render("train.py.jinja", m)
-        for m in render.plan(spec, doc)
+        m.script: render.script_source(m)
+        for m in plan(spec, doc)
         if not arms or m.arm in arms
     }
 

@@ -12,7 +12,7 @@ import pytest
 from conftest import MINIMAL, REPO, cli
 from robustness import TALLY
 
-from generator.render import render_spec
+from generator.generate import render_spec
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -44,8 +44,8 @@ class Faults:
             tick()
             return real_write(self_, data)
 
-        monkeypatch.setattr("generator.render.os.replace", replace)
-        monkeypatch.setattr("generator.render.os.chmod", chmod)
+        monkeypatch.setattr("generator.output.os.replace", replace)
+        monkeypatch.setattr("generator.output.os.chmod", chmod)
         monkeypatch.setattr(Path, "write_bytes", write_bytes)
 
 
@@ -87,7 +87,7 @@ def test_failure_while_putting_the_new_folder_in_place_restores_the_old(tmp_path
             raise OSError(errno.EIO, "I/O error")
         return real(src, dst)
 
-    monkeypatch.setattr("generator.render.os.replace", second_rename_fails)
+    monkeypatch.setattr("generator.output.os.replace", second_rename_fails)
     result = cli("generate", spec, "-o", out, "--set", "optimizer.lr=0.2")
     assert result.exit_code == 2 and len(calls) == 3  # target aside, new in (fails), back
     assert snapshot(out / "tiny") == before
