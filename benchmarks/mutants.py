@@ -1,5 +1,5 @@
 """Hand mutants: does the test suite catch each plausible one-line bug of the method, the
-scripts' summary and the report's statistics?
+scripts' summary and the verdict's statistics?
 
     python benchmarks/mutants.py                      # every mutant, against its own tests
     python benchmarks/mutants.py tau3_tau4_swapped    # some of them, by name
@@ -35,13 +35,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-# modules that only read run folders: a change to them leaves generated/ as it is
-READS_RUNS_ONLY = {"generator/report.py"}
+STATS = "generator/stats.py"
+# modules generation never imports: a change to them leaves generated/ as it is
+OUTSIDE_GENERATION = {"generator/report.py", STATS}
 
 PERTURBATION = "templates/_perturbation.py.jinja"
 TRAINING = "templates/_training.py.jinja"
-REPORT = "generator/report.py"
 DETECTOR_TESTS = "tests/test_detector.py::"
+STATS_TESTS = "tests/test_stats.py::"
 TREE_TESTS = (
     "tests/test_phase_tree.py::test_each_comparison_of_the_tree_at_its_threshold",
     "tests/test_phase_tree.py::test_the_tree_compares_each_statistic_with_its_own_threshold",
@@ -163,83 +164,387 @@ MUTANTS = [
         "std = math.sqrt(sum((v - mean) ** 2 for v in losses) / len(losses))",
         ("tests/test_scripts.py::test_summary_cv_is_the_sample_cv_of_the_last_window",),
     ),
-    # --- the report's statistics ---
-    Mutant(
-        "holm_without_running_max",
-        REPORT,
-        HOLM_STEP,
-        "running = min(1.0, (len(ranked) - i) * p)",
-        ("tests/test_report.py::test_holm_adjustment",),
-    ),
-    Mutant(
-        "holm_as_bonferroni",
-        REPORT,
-        HOLM_STEP,
-        "running = max(running, min(1.0, len(ranked) * p))",
-        ("tests/test_report.py::test_holm_adjustment",),
-    ),
-    Mutant(
-        "holm_uncapped",
-        REPORT,
-        HOLM_STEP,
-        "running = max(running, (len(ranked) - i) * p)",
-        ("tests/test_report.py::test_holm_caps_at_one_and_never_decreases",),
-    ),
-    Mutant(
-        "report_cv_ddof_0",
-        REPORT,
-        "return 100 * statistics.stdev(losses) / mean",
-        "return 100 * statistics.pstdev(losses) / mean",
-        ("tests/test_report.py::test_mean_std_and_cv_use_the_sample_std",),
-    ),
-    Mutant(
-        "mean_std_ddof_0",
-        REPORT,
-        "std = statistics.stdev(values) if len(values) > 1 else None",
-        "std = statistics.pstdev(values) if len(values) > 1 else None",
-        ("tests/test_report.py::test_mean_std_and_cv_use_the_sample_std",),
-    ),
-    Mutant(
-        "welch_df_sizes_swapped",
-        REPORT,
-        "sa**2 / (len(a) - 1) + sb**2 / (len(b) - 1)",
-        "sa**2 / (len(b) - 1) + sb**2 / (len(a) - 1)",
-        ("tests/test_report.py::test_welch_matches_scipy_with_unequal_sizes_and_variances",),
-    ),
-    Mutant(
-        "welch_ci_90_percent",
-        REPORT,
-        "stats.t.ppf(0.975, dof)",
-        "stats.t.ppf(0.95, dof)",
-        ("tests/test_report.py::test_welch_ci_by_hand_and_zero_variance_is_not_testable",),
-    ),
-    Mutant(
-        "hedges_g_uncorrected",
-        REPORT,
-        "correction = 1 - 3 / (4 * (len(a) + len(b)) - 9)",
-        "correction = 1",
-        ("tests/test_report.py::test_welch_matches_scipy_with_unequal_sizes_and_variances",),
-    ),
-    Mutant(
-        "logrank_without_tie_correction",
-        REPORT,
-        "variance += d * (n1 / n) * (1 - n1 / n) * (n - d) / (n - 1)",
-        "variance += d * (n1 / n) * (1 - n1 / n)",
-        ("tests/test_report.py::test_logrank_matches_scipy_with_ties_and_censoring",),
-    ),
-    Mutant(
-        "logrank_one_sided",
-        REPORT,
-        "stats.chi2.sf(chi2, 1)",
-        "stats.chi2.sf(chi2, 1) / 2",
-        ("tests/test_report.py::test_logrank_matches_scipy_with_ties_and_censoring",),
-    ),
-    Mutant(
-        "fisher_one_sided",
-        REPORT,
-        "stats.fisher_exact(table).pvalue",
-        'stats.fisher_exact(table, alternative="greater").pvalue',
-        ("tests/test_report.py::test_fisher_exact_matches_the_hypergeometric_by_hand",),
+    # --- the verdict's statistics (generator/stats.py), each against scipy or a closed form ---
+    *(
+        Mutant(name, STATS, old, new, tuple(STATS_TESTS + test for test in tests))
+        for name, old, new, *tests in (
+            (
+                "mean_std_ddof_0",
+                "std = statistics.stdev(values) if len(values) > 1 else None",
+                "std = statistics.pstdev(values) if len(values) > 1 else None",
+                "test_mean_std_is_the_sample_std",
+            ),
+            (
+                "mean_std_of_one_value",
+                "std = statistics.stdev(values) if len(values) > 1 else None",
+                "std = statistics.stdev(values) if len(values) > 0 else None",
+                "test_mean_std_is_the_sample_std",
+            ),
+            (
+                "mean_std_of_three_values",
+                "std = statistics.stdev(values) if len(values) > 1 else None",
+                "std = statistics.stdev(values) if len(values) > 2 else None",
+                "test_mean_std_is_the_sample_std",
+            ),
+            (
+                "finite_keeps_inf",
+                "return [v for v in values if v is not None and math.isfinite(v)]",
+                "return [v for v in values if v is not None and not math.isnan(v)]",
+                "test_mean_std_is_the_sample_std",
+            ),
+            (
+                "sign_flip_one_sided",
+                "hits += abs(math.fsum(s * x for s, x in zip(signs, d, strict=True))) >= bar",
+                "hits += math.fsum(s * x for s, x in zip(signs, d, strict=True)) >= bar",
+                "test_sign_flip_is_exact_and_matches_scipy",
+            ),
+            (
+                "sign_flip_ties_not_extreme",
+                "bar = observed * (1 - TOLERANCE)",
+                "bar = observed * (1 + TOLERANCE)",
+                "test_sign_flip_is_exact_and_matches_scipy",
+            ),
+            (
+                "sign_flip_exact_limit_off_by_one",
+                "if len(d) <= EXACT_MAX_N:",
+                "if len(d) < EXACT_MAX_N:",
+                "test_sign_flip_is_exact_up_to_its_limit",
+            ),
+            (
+                "sign_flip_monte_carlo_p_can_be_0",
+                "return float((np.sum(sums >= bar) + 1) / (RESAMPLES + 1))",
+                "return float(np.sum(sums >= bar) / RESAMPLES)",
+                "test_sign_flip_above_the_exact_limit_is_close_to_the_exact_p",
+            ),
+            (
+                "paired_difference_reversed",
+                "d = [x - y for x, y in zip(a, b, strict=True)]",
+                "d = [y - x for x, y in zip(a, b, strict=True)]",
+                "test_paired_interval_is_scipy_ttest_rel",
+            ),
+            (
+                "paired_sd_ddof_0",
+                'out["sd"] = statistics.stdev(d)',
+                'out["sd"] = statistics.pstdev(d)',
+                "test_paired_interval_is_scipy_ttest_rel",
+            ),
+            (
+                "paired_one_sided",
+                "result = stats.ttest_rel(a, b)",
+                'result = stats.ttest_rel(a, b, alternative="greater")',
+                "test_paired_interval_is_scipy_ttest_rel",
+            ),
+            (
+                "paired_needs_three_pairs",
+                "if len(d) < 2:",
+                "if len(d) < 3:",
+                "test_paired_interval_is_scipy_ttest_rel",
+            ),
+            (
+                "intervals_90_percent",
+                "ALPHA = 0.05",
+                "ALPHA = 0.1",
+                "test_paired_interval_is_scipy_ttest_rel",
+                "test_welch_is_scipy_and_zero_variance_is_not_testable",
+            ),
+            (
+                "welch_as_student_t",
+                "result = stats.ttest_ind(a, b, equal_var=False)",
+                "result = stats.ttest_ind(a, b, equal_var=True)",
+                "test_welch_matches_scipy_with_unequal_sizes_and_variances",
+            ),
+            (
+                "welch_one_sided",
+                "result = stats.ttest_ind(a, b, equal_var=False)",
+                'result = stats.ttest_ind(a, b, equal_var=False, alternative="less")',
+                "test_welch_matches_scipy_with_unequal_sizes_and_variances",
+            ),
+            (
+                "welch_difference_reversed",
+                'out["diff"] = statistics.fmean(a) - statistics.fmean(b)',
+                'out["diff"] = statistics.fmean(b) - statistics.fmean(a)',
+                "test_welch_matches_scipy_with_unequal_sizes_and_variances",
+            ),
+            (
+                "welch_one_constant_sample_untestable",
+                "if statistics.variance(a) == 0 and statistics.variance(b) == 0:",
+                "if statistics.variance(a) == 0 or statistics.variance(b) == 0:",
+                "test_welch_is_scipy_and_zero_variance_is_not_testable",
+            ),
+            (
+                "welch_of_one_value",
+                "if len(a) < 2 or len(b) < 2:",
+                "if len(a) < 2 and len(b) < 2:",
+                "test_welch_is_scipy_and_zero_variance_is_not_testable",
+            ),
+            (
+                "fisher_one_sided",
+                "stats.fisher_exact(table).pvalue",
+                'stats.fisher_exact(table, alternative="greater").pvalue',
+                "test_fisher_by_hand",
+            ),
+            (
+                "fisher_table_of_totals",
+                "table = [[diverged_a, n_a - diverged_a], [diverged_b, n_b - diverged_b]]",
+                "table = [[diverged_a, n_a], [diverged_b, n_b]]",
+                "test_fisher_by_hand",
+            ),
+            (
+                "fisher_with_an_empty_arm",
+                "if not n_a or not n_b:",
+                "if not n_a and not n_b:",
+                "test_fisher_by_hand",
+            ),
+            (
+                "logrank_at_risk_excludes_its_time",
+                "n1 = sum(s >= t for s, _ in a)",
+                "n1 = sum(s > t for s, _ in a)",
+                "test_logrank_matches_scipy_with_ties_and_censoring",
+            ),
+            (
+                "logrank_censored_counts_as_reached",
+                "d1 = sum(s == t and r for s, r in a)",
+                "d1 = sum(s == t for s, _ in a)",
+                "test_logrank_matches_scipy_with_ties_and_censoring",
+            ),
+            (
+                "logrank_without_tie_correction",
+                "variance += d * (n1 / n) * (1 - n1 / n) * (n - d) / (n - 1)",
+                "variance += d * (n1 / n) * (1 - n1 / n)",
+                "test_logrank_matches_scipy_with_ties_and_censoring",
+            ),
+            (
+                "logrank_one_at_risk",
+                "if n > 1:",
+                "if n > 0:",
+                "test_logrank_matches_scipy_with_ties_and_censoring",
+            ),
+            (
+                "logrank_one_sided",
+                "stats.chi2.sf(chi2, 1)",
+                "stats.chi2.sf(chi2, 1) / 2",
+                "test_logrank_matches_scipy_with_ties_and_censoring",
+            ),
+            (
+                "logrank_o_minus_e_sign",
+                "o_minus_e += d1 - d * n1 / n",
+                "o_minus_e += d * n1 / n - d1",
+                "test_logrank_matches_scipy",
+            ),
+            (
+                "holm_without_running_max",
+                HOLM_STEP,
+                "running = min(1.0, (len(ranked) - i) * p)",
+                "test_holm_caps_at_one_and_never_decreases",
+            ),
+            (
+                "holm_as_bonferroni",
+                HOLM_STEP,
+                "running = max(running, min(1.0, len(ranked) * p))",
+                "test_holm_by_hand",
+            ),
+            (
+                "holm_uncapped",
+                HOLM_STEP,
+                "running = max(running, (len(ranked) - i) * p)",
+                "test_holm_caps_at_one_and_never_decreases",
+            ),
+            (
+                "holm_largest_p_first",
+                "ranked = sorted((p, k) for k, p in pvalues.items() if p is not None)",
+                "ranked = sorted(((p, k) for k, p in pvalues.items() if p is not None), reverse=True)",
+                "test_holm_by_hand",
+            ),
+            (
+                "factorial_factors_swapped",
+                '("00", "10", "01", "11")',
+                '("00", "01", "10", "11")',
+                "test_factorial_contrasts_by_hand",
+            ),
+            (
+                "factorial_unaligned_cells",
+                "rows = list(zip(c00, c10, c01, c11, strict=True))",
+                "rows = list(zip(c00, c10, c01, c11, strict=False))",
+                "test_factorial_contrasts_by_hand",
+            ),
+            (
+                "factorial_first_as_a_difference",
+                '"first": [((x10 - x00) + (x11 - x01)) / 2',
+                '"first": [((x10 - x00) - (x11 - x01)) / 2',
+                "test_factorial_contrasts_by_hand",
+            ),
+            (
+                "factorial_second_not_halved",
+                '"second": [((x01 - x00) + (x11 - x10)) / 2',
+                '"second": [((x01 - x00) + (x11 - x10))',
+                "test_factorial_contrasts_by_hand",
+            ),
+            (
+                "factorial_interaction_sign",
+                '"interaction": [(x11 - x10) - (x01 - x00)',
+                '"interaction": [(x01 - x00) - (x11 - x10)',
+                "test_factorial_contrasts_by_hand",
+            ),
+            (
+                "km_median_strictly_below_half",
+                "for t, s in zip(times, probabilities, strict=True) if s <= 0.5]",
+                "for t, s in zip(times, probabilities, strict=True) if s < 0.5]",
+                "test_km_median_and_its_interval",
+            ),
+            (
+                "km_censored_as_reached",
+                "uncensored=[t for t, r in samples if r], right=[t for t, r in samples if not r]",
+                "uncensored=[t for t, r in samples], right=[]",
+                "test_km_median_and_its_interval",
+            ),
+            (
+                "km_counts_the_reached_as_censored",
+                'out["censored"] = sum(not r for _, r in samples)',
+                'out["censored"] = sum(r for _, r in samples)',
+                "test_km_median_and_its_interval",
+            ),
+            (
+                "km_linear_band",
+                'band = sf.confidence_interval(1 - ALPHA, method="log-log")',
+                'band = sf.confidence_interval(1 - ALPHA, method="linear")',
+                "test_km_interval_is_the_log_log_band_by_hand",
+            ),
+            (
+                "km_band_90_percent",
+                'band = sf.confidence_interval(1 - ALPHA, method="log-log")',
+                'band = sf.confidence_interval(1 - 2 * ALPHA, method="log-log")',
+                "test_km_interval_is_the_log_log_band_by_hand",
+            ),
+            (
+                "km_lower_edge_from_the_upper_band",
+                "first(band.low.quantiles, edge(band.low.probabilities)),",
+                "first(band.high.quantiles, edge(band.high.probabilities)),",
+                "test_km_median_and_its_interval",
+            ),
+            (
+                "km_band_undefined_at_the_end",
+                (
+                    "return [e if math.isfinite(e) else s for e, s in"
+                    " zip(probabilities, sf.probabilities, strict=True)]"
+                ),
+                "return list(probabilities)",
+                "test_km_median_and_its_interval",
+            ),
+            (
+                "cv_ddof_0",
+                "return 100 * statistics.stdev(losses) / mean",
+                "return 100 * statistics.pstdev(losses) / mean",
+                "test_cv_and_detrended_cv",
+            ),
+            (
+                "cv_of_one_loss",
+                "if len(losses) < 2 or",
+                "if len(losses) < 1 or",
+                "test_cv_and_detrended_cv",
+            ),
+            (
+                "cv_of_a_negative_mean",
+                "/ mean if mean > 0 else None",
+                "/ mean if mean != 0 else None",
+                "test_cv_and_detrended_cv",
+            ),
+            (
+                "detrended_cv_df_n_minus_1",
+                "/ (len(losses) - 2)) / mean",
+                "/ (len(losses) - 1)) / mean",
+                "test_cv_and_detrended_cv",
+            ),
+            (
+                "detrended_cv_of_two_losses",
+                "if len(losses) < 3 or",
+                "if len(losses) < 2 or",
+                "test_cv_and_detrended_cv",
+            ),
+            (
+                "detrended_cv_of_a_zero_mean",
+                "if mean <= 0:",
+                "if mean < 0:",
+                "test_cv_and_detrended_cv",
+            ),
+            (
+                "detrended_cv_not_detrended",
+                "residuals = np.asarray(losses) - (intercept + slope * x)",
+                "residuals = np.asarray(losses) - mean",
+                "test_cv_and_detrended_cv",
+            ),
+            (
+                "power_one_sided",
+                "crit = stats.t.ppf(1 - alpha / 2, n - 1)",
+                "crit = stats.t.ppf(1 - alpha, n - 1)",
+                "test_min_detectable_difference",
+            ),
+            (
+                "power_df_n",
+                "crit = stats.t.ppf(1 - alpha / 2, n - 1)",
+                "crit = stats.t.ppf(1 - alpha / 2, n)",
+                "test_min_detectable_difference",
+            ),
+            (
+                "power_noncentrality_sqrt_n_minus_1",
+                "nc = delta * math.sqrt(n) / sd",
+                "nc = delta * math.sqrt(n - 1) / sd",
+                "test_min_detectable_difference",
+            ),
+            (
+                "power_upper_tail_only",
+                "return float(stats.nct.sf(crit, n - 1, nc)) + (0.0 if math.isnan(lower) else lower)",
+                "return float(stats.nct.sf(crit, n - 1, nc))",
+                "test_min_detectable_counts_both_tails",
+            ),
+            (
+                "power_90_percent",
+                "POWER = 0.8",
+                "POWER = 0.9",
+                "test_min_detectable_difference",
+            ),
+            (
+                "min_detectable_of_one_pair",
+                "if sd is None or sd <= 0 or n < 2:",
+                "if sd is None or sd <= 0 or n < 1:",
+                "test_min_detectable_difference",
+            ),
+            (
+                "stein_df_n0",
+                "t = float(stats.t.ppf(1 - alpha / 2, n0 - 1))",
+                "t = float(stats.t.ppf(1 - alpha / 2, n0))",
+                "test_stein_total",
+            ),
+            (
+                "stein_one_sided",
+                "t = float(stats.t.ppf(1 - alpha / 2, n0 - 1))",
+                "t = float(stats.t.ppf(1 - alpha, n0 - 1))",
+                "test_stein_total",
+            ),
+            (
+                "stein_rounds",
+                "return max(n0, math.ceil((t * sd / half_width) ** 2))",
+                "return max(n0, round((t * sd / half_width) ** 2))",
+                "test_stein_total",
+            ),
+            (
+                "stein_below_the_pilot",
+                "return max(n0, math.ceil((t * sd / half_width) ** 2))",
+                "return math.ceil((t * sd / half_width) ** 2)",
+                "test_stein_total",
+            ),
+            (
+                "stein_pilot_of_one",
+                "if n0 < 2 or half_width <= 0:",
+                "if n0 < 1 or half_width <= 0:",
+                "test_stein_total",
+            ),
+            (
+                "stein_zero_half_width",
+                "if n0 < 2 or half_width <= 0:",
+                "if n0 < 2 or half_width < 0:",
+                "test_stein_total",
+            ),
+        )
     ),
 ]
 
@@ -298,7 +603,7 @@ def try_mutant(mutant: Mutant, base: Path, work: Path, full: bool, timeout: floa
     shutil.copytree(base, work)
     target = work / mutant.path
     target.write_text(mutated(mutant, target.read_text()))
-    if mutant.path not in READS_RUNS_ONLY:
+    if mutant.path not in OUTSIDE_GENERATION:
         cmd = [sys.executable, "-m", "generator", "generate", "specs", "-o", "generated"]
         code, tail = run(cmd, work, timeout)
         if code != 0:

@@ -120,60 +120,6 @@ def family_of(root, family, spec="demo", k=0):
     return section(root, spec, k)["comparisons"][family]["tests"]
 
 
-def test_welch_matches_scipy_with_unequal_sizes_and_variances():
-    # unequal n and variances: the Welch-Satterthwaite df (4.90 here) is not an integer, so a
-    # df built from the wrong sample's size or variance gives another interval
-    a, b = [1.0, 2.0, 3.0, 4.0, 7.0], [2.0, 4.0, 6.0]
-    test, expected = report.welch(a, b), stats.ttest_ind(a, b, equal_var=False)
-    assert test["t"] == pytest.approx(expected.statistic) and test["t"] < 0  # mean a < mean b
-    assert test["p"] == pytest.approx(expected.pvalue)
-    ci = expected.confidence_interval(0.95)
-    assert test["diff"] == pytest.approx(-0.6)
-    assert test["ci"] == pytest.approx([ci.low, ci.high])
-    # Hedges' g: variances 5.3 and 4, pooled sd sqrt((4 * 5.3 + 2 * 4) / 6), small-sample
-    # correction 1 - 3 / (4 * (5 + 3) - 9) = 20/23
-    assert test["g"] == pytest.approx(-0.6 / math.sqrt(29.2 / 6) * 20 / 23)
-    assert report.welch(b, a)["ci"] == pytest.approx([-ci.high, -ci.low])
-
-
-def test_logrank_matches_scipy_with_ties_and_censoring():
-    a = [(3, True), (5, True), (5, True), (6, False), (8, True), (9, False), (12, True)]
-    b = [(2, True), (3, True), (3, True), (4, True), (5, True), (7, False), (7, True)]
-
-    def censored(sample):
-        return stats.CensoredData.right_censored(
-            [t for t, _ in sample], [not reached for _, reached in sample]
-        )
-
-    test, expected = report.logrank(a, b), stats.logrank(censored(a), censored(b))
-    assert test["chi2"] == pytest.approx(expected.statistic**2)
-    assert test["p"] == pytest.approx(expected.pvalue)  # two-sided
-    assert test["o_minus_e"] < 0 and expected.statistic < 0  # a reaches the target later
-
-
-def test_holm_caps_at_one_and_never_decreases():
-    # sorted 0.3, 0.6, 0.9: 3 * 0.3 = 0.9, then 2 * 0.6 = 1.2 capped at 1, then
-    # max(1, 0.9) = 1: the adjusted p keeps the order of the raw ones
-    assert report.holm({"a": 0.9, "b": 0.3, "c": 0.6}) == pytest.approx(
-        {"a": 1.0, "b": 0.9, "c": 1.0}
-    )
-    assert report.holm({"a": 0.02}) == {"a": 0.02}  # a family of one is not adjusted
-    assert report.holm({"a": None}) == {"a": None}
-
-
-def test_mean_std_and_cv_use_the_sample_std():
-    # [1, 2, 3, 4]: mean 2.5, squared deviations 5, so std sqrt(5/3) (n - 1), not sqrt(5/4)
-    assert report.mean_std([1.0, 2.0, None, 3.0, math.nan, 4.0]) == pytest.approx(
-        {"mean": 2.5, "std": math.sqrt(5 / 3), "n": 4}
-    )
-    assert report.mean_std([2.0]) == {"mean": 2.0, "std": None, "n": 1}
-    assert report.mean_std([None]) == {"mean": None, "std": None, "n": 0}
-    # [2, 3, 4]: std 1, mean 3
-    assert report.cv_pct([2.0, 3.0, 4.0]) == pytest.approx(100 / 3)
-    for losses in ([2.0], [2.0, None], [2.0, math.inf], [-1.0, 1.0]):
-        assert report.cv_pct(losses) is None, losses
-
-
 # --- the study fixture -------------------------------------------------------------------
 
 

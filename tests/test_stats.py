@@ -20,7 +20,13 @@ def test_mean_std_is_the_sample_std():
         "std": statistics.stdev([1, 2, 4]),
         "n": 3,
     }
-    assert stats.mean_std([]) == {"mean": None, "std": None, "n": 0}
+    # [1, 2, 3, 4]: mean 2.5, squared deviations 5, so std sqrt(5/3) (n - 1), not sqrt(5/4)
+    assert stats.mean_std([1.0, 2.0, None, 3.0, math.inf, 4.0]) == pytest.approx(
+        {"mean": 2.5, "std": math.sqrt(5 / 3), "n": 4}
+    )
+    assert stats.mean_std([2.0]) == {"mean": 2.0, "std": None, "n": 1}
+    assert stats.mean_std([1.0, 3.0])["std"] == pytest.approx(math.sqrt(2))  # two suffice
+    assert stats.mean_std([None]) == stats.mean_std([]) == {"mean": None, "std": None, "n": 0}
 
 
 def test_sign_flip_is_exact_and_matches_scipy():
@@ -44,6 +50,21 @@ def test_sign_flip_above_the_exact_limit_is_close_to_the_exact_p():
     )
     assert stats.sign_flip_p(d) == pytest.approx(exact.pvalue, abs=0.01)
     assert stats.sign_flip_p(d) == stats.sign_flip_p(d)  # fixed seed: reproducible
+    # n = 20 equal values: only 2 of 2^20 patterns are as extreme, so 2^16 random ones are
+    # expected to hit 1/8 of a time; the observed pattern counts once more, so the p is
+    # never 0 and, with no hit, exactly 1 / (2^16 + 1)
+    p = stats.sign_flip_p([1.0] * 20)
+    assert 1 / (stats.RESAMPLES + 1) <= p < 3 / (stats.RESAMPLES + 1)
+
+
+def test_sign_flip_is_exact_up_to_its_limit():
+    # n = 16 = EXACT_MAX_N: all 2^16 patterns, so scipy's exact p to rounding (a Monte Carlo
+    # p would be off by about 0.002)
+    d = [0.1 * math.cos(k) + 0.02 for k in range(stats.EXACT_MAX_N)]
+    exact = sp.permutation_test(
+        (np.array(d),), np.mean, permutation_type="samples", n_resamples=np.inf
+    )
+    assert stats.sign_flip_p(d) == pytest.approx(exact.pvalue, rel=1e-9)
 
 
 def test_paired_interval_is_scipy_ttest_rel():
@@ -56,7 +77,9 @@ def test_paired_interval_is_scipy_ttest_rel():
     half = sp.t.ppf(0.975, 4) * statistics.stdev(D5) / math.sqrt(5)
     assert test["ci"] == pytest.approx([statistics.fmean(D5) - half, statistics.fmean(D5) + half])
     assert test["p_exact"] == pytest.approx(4 / 32) and test["n"] == 5
-    assert test["p"] == pytest.approx(sp.ttest_rel(arm, base).pvalue)
+    assert test["p"] == pytest.approx(sp.ttest_rel(arm, base).pvalue)  # two-sided
+    assert test["diff"] == pytest.approx(statistics.fmean(D5))  # arm - base, not base - arm
+    assert test["sd"] == pytest.approx(statistics.stdev(D5))  # n - 1: it feeds the mdd
     same = stats.paired([0.5, 0.6], [0.4, 0.5])  # identical differences: exact p only
     assert same["ci"] is None and same["p"] == pytest.approx(0.5)
     assert stats.paired([0.5], [0.4])["note"] == "n < 2 pairs: no test"
@@ -71,28 +94,58 @@ def test_welch_is_scipy_and_zero_variance_is_not_testable():
     half = sp.t.ppf(0.975, 4) * math.sqrt(2 * 0.0004 / 3)
     assert test["ci"] == pytest.approx([0.1 - half, 0.1 + half])
     assert stats.welch([0.5, 0.5], [0.6, 0.6])["note"] == "not testable (zero variance)"
+    # one sample without variance: the other's still gives a test. [1, 1] against [2, 4]:
+    # se = sqrt(0 / 2 + 2 / 2) = 1, t = -2, Welch's df = 1 (a Cauchy), p = 1 - 2 atan(2) / pi
+    one = stats.welch([1.0, 1.0], [2.0, 4.0])
+    assert one["p"] == pytest.approx(1 - 2 * math.atan(2) / math.pi)
+    assert stats.welch([1.0], [2.0, 4.0])["note"] == "n < 2: no test"
+
+
+def test_welch_matches_scipy_with_unequal_sizes_and_variances():
+    # n = 5 and 3, variances 5.3 and 4: the Welch-Satterthwaite df (4.90) is not an integer
+    # and Student's pooled t gives another p (0.722, not 0.714)
+    a, b = [1.0, 2.0, 3.0, 4.0, 7.0], [2.0, 4.0, 6.0]
+    test, expected = stats.welch(a, b), sp.ttest_ind(a, b, equal_var=False)
+    assert test["p"] == pytest.approx(expected.pvalue)
+    ci = expected.confidence_interval(0.95)
+    assert test["diff"] == pytest.approx(-0.6)  # mean a < mean b
+    assert test["ci"] == pytest.approx([ci.low, ci.high])
+    assert stats.welch(b, a)["ci"] == pytest.approx([-ci.high, -ci.low])
 
 
 def test_fisher_by_hand():
     # [[2, 2], [0, 4]]: P(table) = C(4,2)C(4,0)/C(8,2) = 6/28; as or less likely: 2 x 6/28
     assert stats.fisher(2, 4, 0, 4)["p"] == pytest.approx(12 / 28)
     assert stats.fisher(1, 2, 0, 0)["p"] is None
+    assert stats.fisher(0, 0, 1, 2)["p"] is None
+
+
+def censored(sample):
+    return sp.CensoredData(
+        uncensored=[t for t, r in sample if r], right=[t for t, r in sample if not r]
+    )
 
 
 def test_logrank_matches_scipy():
     a = [(3, True), (5, True), (7, True), (10, False), (10, False)]
     b = [(1, True), (2, True), (3, True), (4, True)]
     ours = stats.logrank(a, b)
-
-    def censored(x):
-        return sp.CensoredData(
-            uncensored=[t for t, r in x if r], right=[t for t, r in x if not r]
-        )
-
     theirs = sp.logrank(censored(a), censored(b))
     assert ours["p"] == pytest.approx(theirs.pvalue)
     assert ours["chi2"] == pytest.approx(theirs.statistic**2)
     assert ours["o_minus_e"] < 0  # a reaches later
+
+
+def test_logrank_matches_scipy_with_ties_and_censoring():
+    # n = 7 and 7: two reaches at 3 and at 5 (the tie correction of the variance matters),
+    # a censored at 7 when b reaches at 7 (a censored run is at risk at its time, not a
+    # reach), and a alone at risk at 12 (one at risk: no variance term)
+    a = [(3, True), (5, True), (5, True), (7, False), (8, True), (9, False), (12, True)]
+    b = [(2, True), (3, True), (3, True), (4, True), (5, True), (7, False), (7, True)]
+    test, expected = stats.logrank(a, b), sp.logrank(censored(a), censored(b))
+    assert test["chi2"] == pytest.approx(expected.statistic**2)
+    assert test["p"] == pytest.approx(expected.pvalue)  # two-sided
+    assert test["o_minus_e"] < 0 and expected.statistic < 0  # a reaches the target later
 
 
 def test_holm_by_hand():
@@ -101,6 +154,16 @@ def test_holm_by_hand():
         {"a": 0.03, "b": 0.06, "c": 0.06, "d": None}
     )
     assert stats.holm({"a": 0.5, "b": 0.6}) == {"a": 1.0, "b": 1.0}  # clipped at 1
+
+
+def test_holm_caps_at_one_and_never_decreases():
+    # sorted 0.3, 0.6, 0.9: 3 * 0.3 = 0.9, then 2 * 0.6 = 1.2 capped at 1, then
+    # max(1, 0.9) = 1: the adjusted p keeps the order of the raw ones
+    assert stats.holm({"a": 0.9, "b": 0.3, "c": 0.6}) == pytest.approx(
+        {"a": 1.0, "b": 0.9, "c": 1.0}
+    )
+    assert stats.holm({"a": 0.02}) == {"a": 0.02}  # a family of one is not adjusted
+    assert stats.holm({"a": None}) == {"a": None}
 
 
 def test_factorial_contrasts_by_hand():
@@ -112,6 +175,8 @@ def test_factorial_contrasts_by_hand():
         "second": [5.0, 1.0],
         "interaction": [4.0, 0.0],
     }
+    with pytest.raises(ValueError):  # a cell short of a seed: no contrast from what is left
+        stats.factorial({**cells, "11": [10.0]})
 
 
 def test_km_median_and_its_interval():
@@ -130,6 +195,29 @@ def test_km_median_and_its_interval():
         "n": 1,
         "censored": 1,
     }
+    # n = 2: S is exactly 0.5 after the first reach, and "0.5 or below" makes it the median
+    assert stats.km_median([(1, True), (2, True)])["median"] == 1.0
+    # everyone reaches: S ends at 0, where the band is undefined; S itself (0) closes it
+    assert stats.km_median([(1, True), (2, True), (3, True)])["ci"] == [1.0, 3.0]
+
+
+def test_km_interval_is_the_log_log_band_by_hand():
+    # n = 14, reaches at 1..10, censored at 4, 6, 12, 12. By hand: S(t) = prod(1 - d/n),
+    # Greenwood's V = sum d / (n (n - d)), and the log-log band S^exp(+-z sqrt(V) / |log S|)
+    # with z = z_0.975. Its lower edge first falls to 0.5 at 3 (0.47), its upper at 10
+    # (0.44); a linear band would give 4 (0.48) and a 90 % one 4 and 9 (0.499).
+    samples = [(t, True) for t in range(1, 11)] + [(t, False) for t in (4, 6, 12, 12)]
+    z, survival, v, low, high = sp.norm.ppf(0.975), 1.0, 0.0, [], []
+    for t in range(1, 11):
+        n = sum(s >= t for s, _ in samples)
+        survival *= 1 - 1 / n
+        v += 1 / (n * (n - 1))
+        spread = math.exp(z * math.sqrt(v) / abs(math.log(survival)))
+        low.append(survival**spread)
+        high.append(survival ** (1 / spread))
+    first = [next(t for t, s in zip(range(1, 11), edge) if s <= 0.5) for edge in (low, high)]
+    assert first == [3, 10]
+    assert stats.km_median(samples) == {"median": 7.0, "ci": first, "n": 14, "censored": 4}
 
 
 def test_cv_and_detrended_cv():
@@ -141,6 +229,13 @@ def test_cv_and_detrended_cv():
     se = math.sqrt(sum((y - f) ** 2 for y, f in zip(noisy, fit, strict=True)) / 4)
     assert stats.detrended_cv_pct(noisy) == pytest.approx(100 * se / statistics.fmean(noisy))
     assert stats.detrended_cv_pct([1.0, None, 2.0]) is None
+    # n = 2 leaves no degree of freedom around a line; a mean of 0 or below has no CV
+    for losses in ([1.0, 2.0], [-1.0, 0.0, 1.0], [-3.0, -1.0, -2.0]):
+        assert stats.detrended_cv_pct(losses) is None, losses
+    # [2, 3, 4]: std 1, mean 3
+    assert stats.cv_pct([2.0, 3.0, 4.0]) == pytest.approx(100 / 3)
+    for losses in ([2.0], [2.0, None], [2.0, math.inf], [-1.0, 1.0], [-2.0, -1.0]):
+        assert stats.cv_pct(losses) is None, losses
 
 
 def test_min_detectable_difference():
@@ -154,11 +249,23 @@ def test_min_detectable_difference():
     assert stats.min_detectable(1.0, 2000) == pytest.approx(normal, rel=1e-3)
     assert stats.min_detectable(1.0, 5, 0.05 / 4) > delta  # a stricter level needs more
     assert stats.min_detectable(0.0, 5) is None
+    assert stats.min_detectable(1.0, 1) is None  # one pair: no sd, no test
+
+
+def test_min_detectable_counts_both_tails():
+    # n = 5 at level 0.5: the critical value t_{4, 0.75} = 0.74 is small enough that the
+    # lower tail holds 0.016 of the power, far above the root's 1e-6 tolerance
+    delta = stats.min_detectable(1.0, 5, 0.5)
+    crit, nc = sp.t.ppf(0.75, 4), delta * math.sqrt(5)
+    lower = sp.nct.cdf(-crit, 4, nc)
+    assert lower > 0.01
+    assert sp.nct.sf(crit, 4, nc) + lower == pytest.approx(0.8)
 
 
 def test_stein_total():
     # n0 = 5, s = 0.5 points, D = 0.3: (t_{4,0.975} 0.5 / 0.3)^2 = (2.776 x 1.667)^2 = 21.4
     assert stats.stein_n(0.5, 5, 0.3) == math.ceil((sp.t.ppf(0.975, 4) * 0.5 / 0.3) ** 2) == 22
     assert stats.stein_n(0.01, 5, 0.3) == 5  # never fewer than the pilot
-    with pytest.raises(ValueError):
-        stats.stein_n(0.5, 1, 0.3)
+    for n0, half_width in ((1, 0.3), (5, 0.0)):
+        with pytest.raises(ValueError, match="needs a pilot of n0 >= 2 and a half-width > 0"):
+            stats.stein_n(0.5, n0, half_width)
