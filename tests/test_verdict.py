@@ -78,8 +78,18 @@ def test_two_histories_in_one_metrics_file_are_corrupt_and_in_no_statistic(tmp_p
 
 def test_the_fingerprint_holds_the_optimizer_and_old_folders_still_load(tmp_path):
     for seed in range(2):
-        write_run(tmp_path, "baseline", seed, REACH, [1.0] * 4, test=0.8, config={"optimizer": "adam"})
-        write_run(tmp_path, "baseline", seed + 2, REACH, [1.0] * 4, test=0.8, config={"optimizer": "adamw"})
+        write_run(
+            tmp_path, "baseline", seed, REACH, [1.0] * 4, test=0.8, config={"optimizer": "adam"}
+        )
+        write_run(
+            tmp_path,
+            "baseline",
+            seed + 2,
+            REACH,
+            [1.0] * 4,
+            test=0.8,
+            config={"optimizer": "adamw"},
+        )
         write_run(tmp_path, "full", seed, REACH, [1.0] * 4, test=0.9)  # no optimizer field
     data = section(tmp_path)
     assert data["refused"] == {"baseline_rows": 2, "settings": ["optimizer"]}
@@ -102,6 +112,32 @@ def test_report_from_json_rerenders_the_same_markdown(tmp_path):
 )
 def test_committed_reports_are_what_head_renders_from_their_report_json(folder):
     data = json.loads((folder / "report.json").read_text())
-    assert report_md.markdown(data) == (folder / "report.md").read_text(), (
-        f"{folder}/report.md is stale: perturbgen report --from {folder}/report.json"
+    assert (
+        report_md.markdown(data) == (folder / "report.md").read_text()
+    ), f"{folder}/report.md is stale: perturbgen report --from {folder}/report.json"
+
+
+def test_ablate_precision_runs_steins_second_stage_up_to_max_seeds(tmp_path):
+    """A pilot of 3 seeds sizes the second stage from its paired spread alone; a half-width of
+    0.001 points needs far more seeds than --max-seeds 4 allows, so exactly seed 3 is added."""
+    out = tmp_path / "runs"
+    spec = REPO / "specs" / "synthetic_mlp.yaml"
+    args = (
+        "--arms",
+        "baseline,fixed",
+        "--epochs",
+        "2",
+        "-o",
+        out,
+        "--set",
+        "perturbation.fixed=0.05",
     )
+    result = cli("ablate", spec, "--seeds", "3", "--precision", "0.001", "--max-seeds", "4", *args)
+    assert result.exit_code == 0, result.output
+    assert (
+        "Stein: pilot of 3 seeds" in result.output and "capped at --max-seeds 4" in result.output
+    )
+    for arm in ("baseline", "fixed"):
+        assert sorted(p.name for p in (out / arm).iterdir()) == [f"seed{s}" for s in range(4)]
+    refused = cli("ablate", spec, "--seeds", "2", "--precision", "0.5", *args)
+    assert refused.exit_code == 2 and "a pilot of --seeds 3 or more" in refused.output
