@@ -107,15 +107,20 @@ DAMAGE = {
 }
 
 
+def files(run):
+    """The run folder's results: run.lock only names whoever opened the folder last."""
+    return {p.name: p.read_bytes() for p in run.iterdir() if p.name != "run.lock"}
+
+
 @pytest.mark.parametrize("case", DAMAGE, ids=list(DAMAGE))
 def test_damaged_checkpoint_is_a_clear_error_and_stays(tiny, case, tmp_path):
     damage, message = DAMAGE[case]
     script, run = tiny / "train_full.py", tmp_path / "run"
     assert run_inprocess(script, "--smoke", "--max-steps", "3", "--out", run).returncode == 0
     damage(run / "last.pt")
-    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    before = files(run)
     result = run_inprocess(script, "--smoke", "--resume", "--out", run)
-    lost = {p.name: p.read_bytes() for p in run.iterdir()} != before
+    lost = files(run) != before
     finished("damaged checkpoint", result, 2, message, lost=lost)
     assert not lost  # never a silent restart that overwrites the run
 

@@ -973,9 +973,9 @@ def main(argv=None):
     experiment = None
     lock = None
     try:
+        if rank == 0:  # the trackers are imported now: a missing one stops the run at once,
+            experiment = ExperimentLog(args)  # before its folder is made
         lock = lock_run_folder(run_folder(args), rank)  # held until this process ends
-        if rank == 0:  # the trackers are imported now: a missing one stops the run at once
-            experiment = ExperimentLog(args)
         with StopSignals() as stop:
             code = train(args, rank, world, device, stop, experiment)
         if dist.is_initialized():
