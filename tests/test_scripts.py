@@ -51,6 +51,7 @@ def test_smoke_run(script, tmp_path):
         "summary.json",
         "last.pt",
         "best.pt",
+        "run.lock",  # who writes the folder (pid, host, since): one writer per run folder
         script.name,
         *logged,  # the example that logs writes to TensorBoard only
     }
