@@ -144,7 +144,16 @@ def _runs_table(data: dict[str, Any]) -> list[str]:
         )
     columns = ["arm", "runs", "completed", "diverged", "stopped", "missing", "corrupt"]
     columns += ["divergence vs baseline: Fisher p", "p (Holm)", "verdict", "not completed"]
-    return _table("Runs", [], columns, rows)
+    early = {label: a["stopped_early"] for label, a in data["arms"].items() if a["stopped_early"]}
+    if not early:
+        return _table("Runs", [], columns, rows)
+    by_arm = ", ".join(f"{label} {n}" for label, n in early.items())
+    return _table("Runs", [], columns, rows) + [
+        "",
+        f"{sum(early.values())} completed run(s) stopped early ({by_arm}): `train.early_stop` "
+        "ended them when validation accuracy stalled; they count as completed, and time to "
+        "target censors them at their planned epochs.",
+    ]
 
 
 def _primary_table(data: dict[str, Any]) -> list[str]:

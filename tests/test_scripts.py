@@ -20,7 +20,7 @@ from conftest import (
     without_timing,
 )
 
-from generator import report
+from generator import stats
 
 
 def read_jsonl(path):
@@ -121,7 +121,7 @@ def test_same_seed_same_run_other_seed_other_run(tiny_scripts, tmp_path):
 
 def test_summary_cv_is_the_sample_cv_of_the_last_window(tmp_path):
     """summary.json's val_loss_cv_pct: the sample std (n - 1) over the mean, in percent, of
-    the last STABILITY_WINDOW validation losses; the report's cv_pct is the same number."""
+    the last STABILITY_WINDOW validation losses; stats.cv_pct is the same number."""
     text = MINIMAL.replace("[baseline, fixed]", "[baseline]")
     folder = generate(tmp_path, text, "train.stability_window=3")
     summarize = runpy.run_path(str(folder / "train_baseline.py"), run_name="perturbgen_test")[
@@ -131,14 +131,14 @@ def test_summary_cv_is_the_sample_cv_of_the_last_window(tmp_path):
         {"epoch": e, "step": 2 * e, "val_acc": 0.5, "val_loss": loss, "train_s": e, "elapsed_s": e}
         for e, loss in enumerate([9.0, 2.0, 3.0, 4.0], 1)
     ]
-    summary = summarize(history, "completed", 8)
+    summary = summarize(history, "completed", 8, 1.0)
     assert summary["cv_epochs"] == 3
     # stdev([2, 3, 4]) = 1 (with n - 1; sqrt(2/3) with n): 33.3 %, not 27.2 %
     assert summary["val_loss_cv_pct"] == pytest.approx(100 * statistics.stdev([2, 3, 4]) / 3)
-    assert summary["val_loss_cv_pct"] == pytest.approx(report.cv_pct([2.0, 3.0, 4.0]))
-    assert summarize(history[:1], "completed", 2)["val_loss_cv_pct"] is None  # one epoch
+    assert summary["val_loss_cv_pct"] == pytest.approx(stats.cv_pct([2.0, 3.0, 4.0]))
+    assert summarize(history[:1], "completed", 2, 1.0)["val_loss_cv_pct"] is None  # one epoch
     history[-1]["val_loss"] = math.inf
-    assert summarize(history, "diverged", 8)["val_loss_cv_pct"] is None
+    assert summarize(history, "diverged", 8, 1.0)["val_loss_cv_pct"] is None
 
 
 def test_divergence_exits_3_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -760,8 +760,9 @@ class MetricsLog:
     """metrics.jsonl, one line appended per epoch (after that epoch's last.pt, if any),
     made durable with each last.pt and at the end.
 
-    It only ever grows by the next epoch. It starts as the records the run continues from (those of last.pt when resuming, so
-    lines of epochs after the checkpoint are dropped: they are trained again). A failed
+    It only ever grows by the next epoch. It starts as the records the run continues from
+    (those of last.pt when resuming, so lines of epochs after the checkpoint are dropped:
+    they are trained again). A failed
     write cuts the file back to what it held before, so no torn line is ever left behind.
     """
 
