@@ -22,6 +22,7 @@ from generator.spec import (
     ImageFolderData,
     Spec,
     SyntheticData,
+    arm_names,
     baseline_overrides,
     input_shape,
 )
@@ -348,11 +349,6 @@ def factory_refs(spec: Spec) -> tuple[str, ...]:
         for section in ("model", "data")
         if isinstance(getattr(spec, section), (CustomModel, CustomData))
     )
-
-
-def arm_names(spec: Spec) -> list[str]:
-    """The arms a spec emits, in order: its variants, then baseline_<name> per extra baseline."""
-    return [*spec.variants, *(f"baseline_{name}" for name in sorted(spec.baselines))]
 
 
 def plan(spec: Spec, doc: Located) -> list[RenderModel]:

@@ -432,12 +432,17 @@ def preload() -> None:
     plots.pyplot()
 
 
-def build(root: Path, out: Path | None = None) -> tuple[Path, dict[str, Any]]:
-    """Write report.json, report.md and the plots for the runs under root."""
+def build(
+    root: Path, out: Path | None = None, tuning: dict[str, Any] | None = None
+) -> tuple[Path, dict[str, Any]]:
+    """Write report.json, report.md and the plots for the runs under root; `tuning` (from
+    perturbgen tune: the question asked, trials per arm, tuning seeds) is stored beside."""
     runs = find_runs(root)
     if all(run.absent for run in runs):  # expected runs alone: nothing ran, nothing to report
         raise NoRuns(f"no run folders (with config.json) under {root}")
     out = out or root / "report"
     report = aggregate(runs)
+    if tuning is not None:
+        report["tuning"] = tuning
     write(report, out)
     return out, report

@@ -490,31 +490,66 @@ class SearchDim(Section):
     choices: list[Choice] | None = Field(
         None, min_length=1, description="Categorical: one of these values."
     )
+    zero: bool = Field(
+        False,
+        description="Also try exactly 0 (an on/off choice beside the range): the null of a "
+        "noise magnitude, reachable from a log range.",
+    )
+
+
+QUESTIONS = ("same_budget", "added_to_tuned_baseline")
 
 
 class Tune(Section):
-    """`perturbgen tune`: Optuna over one arm's fields, scored on the validation split."""
+    """`perturbgen tune`: every listed arm tuned with Optuna on the validation split, the
+    same number of finished trials each, then compared on fresh seeds."""
 
-    arm: Arm = Field(description="The arm whose script every trial runs (one of variants).")
+    arms: list[Name] = Field(
+        min_length=1,
+        description="The arms to compare (variants and baseline_<name> extra baselines); "
+        "each gets a study of its own.",
+    )
+    question: Literal[QUESTIONS] = Field(
+        "same_budget",
+        description="same_budget: each arm tuned over the shared knobs and its own, with the "
+        "same budget (the benchmark view). added_to_tuned_baseline: baseline tuned first, then "
+        "each method arm tunes its own knobs only, on the baseline's tuned values, with the "
+        "same budget (the ablation view).",
+    )
     space: dict[str, SearchDim] = Field(
-        min_length=1, description="Dotted spec path -> its range or choices."
+        min_length=1,
+        description="Dotted spec path -> its range or choices, declared once: each arm "
+        "searches the paths its script reads.",
+    )
+    arm_space: dict[Name, dict[str, SearchDim]] = Field(
+        {},
+        description="Per arm: ranges that replace or add to space for that arm (e.g. an extra "
+        "baseline's optimizer.lr).",
     )
     objective: Literal["best_val_acc", "final_val_acc", "epochs_to_target"] = Field(
-        "best_val_acc",
-        description="Validation accuracy (best or final epoch; maximized) or epochs until "
-        "validation accuracy reaches train.target_accuracy (minimized; never = epochs + 1).",
+        "final_val_acc",
+        description="Validation accuracy of the final epoch (the endpoint's; maximized) or of "
+        "the best one, or epochs until validation accuracy reaches train.target_accuracy "
+        "(minimized; never = epochs + 1).",
     )
-    trials: PosInt = Field(20, description="Finished trials (completed or pruned) to reach.")
+    trials: PosInt = Field(20, description="Finished trials (completed or pruned) per arm.")
     seeds: PosInt = Field(1, description="Runs per trial, at seed, seed + 1, ...; scored by mean.")
     epochs: PosInt | None = Field(None, description="Epochs per run (default train.epochs).")
+    fresh_seeds: Annotated[int, Field(ge=0, lt=INT_LIMIT)] = Field(
+        5,
+        description="Runs per arm of its best values on fresh seeds (after the tuning seeds), "
+        "compared in the paired report; 0: tuning only.",
+    )
     pruner: Literal["median", "hyperband", "none"] = Field(
         "median", description="Stops trials whose per-epoch validation value is bad."
     )
     startup_trials: Annotated[int, Field(ge=0, lt=INT_LIMIT)] = Field(
         5, description="Trials that finish before the median pruner prunes any."
     )
-    warmup_epochs: Annotated[int, Field(ge=0, lt=INT_LIMIT)] = Field(
-        5, description="Epochs a trial runs before it can be pruned."
+    prune_after: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.5,
+        description="Share of the epochs before which no trial is pruned (hyperband: its "
+        "minimum resource), so that noise that pays off late is not cut early.",
     )
 
 
@@ -654,9 +689,62 @@ UNUSED_BY_ARM = {
 }
 
 
+# The noise magnitudes: a search over one must be able to reach 0, the method's null.
+NOISE = (
+    "perturbation.fixed",
+    "perturbation.eps.exploration",
+    "perturbation.eps.convergence",
+    "perturbation.eps.fine_tuning",
+    "perturbation.base",
+)
+
+
+def arm_names(spec: Spec) -> list[str]:
+    """The arms a spec emits, in order: its variants, then baseline_<name> per extra baseline."""
+    return [*spec.variants, *(f"baseline_{name}" for name in sorted(spec.baselines))]
+
+
+def arm_kind(spec: Spec, arm: str) -> str:
+    """The variant an arm's script is: an extra baseline is a baseline."""
+    return arm if arm in spec.variants else "baseline"
+
+
+def arm_spec(spec: Spec, arm: str) -> Spec:
+    """The spec an arm's script is made from: an extra baseline's override merged in."""
+    if arm in spec.variants:
+        return spec
+    override = spec.baselines[arm.removeprefix("baseline_")].model_dump(exclude_none=True)
+    data = merge(Located(spec.model_dump(mode="json")), Located(override)).data
+    return Spec.model_validate(data)
+
+
+def _unused(kind: str, key: str) -> str | None:
+    """The prefix of `key` that the `kind` arm's script never reads, or None."""
+    return next((p for p in UNUSED_BY_ARM[kind] if key == p or key.startswith(p + ".")), None)
+
+
+def arm_space(spec: Spec, arm: str) -> dict[str, SearchDim]:
+    """The knobs one arm searches: the paths of tune.space its script reads, with
+    tune.arm_space's for it on top. Asking the method added to a tuned baseline, a method
+    arm searches its own knobs only (the baseline's come from the baseline's study)."""
+    tune, kind = spec.tune, arm_kind(spec, arm)
+    child = arm_spec(spec, arm)
+    out = {}
+    for key, dim in tune.space.items():
+        if _unused(kind, key) or isinstance(tune_field(child, key), str):
+            continue
+        if tune.question == "added_to_tuned_baseline" and kind != "baseline":
+            if not _unused("baseline", key):
+                continue
+        out[key] = dim
+    out.update(tune.arm_space.get(arm, {}))
+    return dict(sorted(out.items()))
+
+
 def tune_problems(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
-    """The tune section's checks: each path names a numeric or choice field the tuned arm
-    uses, and each range or choice is one that field accepts."""
+    """The tune section's checks: each arm exists and has knobs, each path names a numeric or
+    choice field that some arm uses, each range or choice is one that field accepts, and
+    every noise magnitude can reach 0."""
     tune = spec.tune
     if tune is None:
         return []
@@ -669,34 +757,72 @@ def tune_problems(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
                 "poor trials; a trial's runs must all run train.epochs)",
             )
         )
-    if tune.arm not in spec.variants:
+    known = arm_names(spec)
+    arms = []
+    for i, arm in enumerate(tune.arms):
+        if arm not in known:
+            message = f"{arm!r} is not an arm of this spec ({', '.join(known)})"
+            problems.append((("tune", "arms", i), message + did_you_mean(arm, known)))
+        elif arm in arms:
+            problems.append((("tune", "arms", i), f"{arm!r} is listed twice"))
+        else:
+            arms.append(arm)
+    if tune.question == "added_to_tuned_baseline" and "baseline" not in tune.arms:
         problems.append(
-            (
-                ("tune", "arm"),
-                f"{tune.arm!r} is not one of variants ({', '.join(spec.variants)})"
-                + did_you_mean(tune.arm, spec.variants),
-            )
+            (("tune", "arms"), "must list baseline: the method is added to the tuned baseline")
         )
     for key, dim in sorted(tune.space.items()):
-        where = ("tune", "space", key)
-        found = tune_field(spec, key)
-        if isinstance(found, str):
-            problems.append((where, found))
+        users = [a for a in arms if not _unused(arm_kind(spec, a), key)]
+        problems += _key_problems(spec, ("tune", "space", key), key, dim, users)
+    for arm, space in sorted(tune.arm_space.items()):
+        if arm not in arms:
+            problems.append((("tune", "arm_space", arm), "is not one of tune.arms"))
             continue
-        section, name = found
-        kind = field_kind(type(section).model_fields[name].annotation)
-        unused = [p for p in UNUSED_BY_ARM[tune.arm] if key == p or key.startswith(p + ".")]
-        if key == "seed":
-            problems.append((where, "tuning the seed picks luck, not settings"))
-        elif KIND_KEYS.get(tuple(key.split(".")[:-1])) == name:
-            problems.append((where, "chooses the kind of its section; tune that kind's fields"))
-        elif kind is None:
-            problems.append((where, "is neither a number nor a choice field: it cannot be tuned"))
-        elif unused:
-            problems.append((where, f"the {tune.arm} arm does not use {unused[0]}"))
-        else:
-            problems += _dim_problems(where, dim, kind, section, name)
+        for key, dim in sorted(space.items()):
+            where = ("tune", "arm_space", arm, key)
+            users = [] if _unused(arm_kind(spec, arm), key) else [arm]
+            problems += _key_problems(arm_spec(spec, arm), where, key, dim, users, arm)
+    if not problems:
+        for i, arm in enumerate(tune.arms):
+            if not arm_space(spec, arm):
+                problems.append((("tune", "arms", i), f"{arm} uses no path of tune.space"))
     return problems
+
+
+def _key_problems(spec: Spec, where: tuple, key: str, dim: SearchDim, users: list[str], arm=""):
+    """One search dimension's problems: `users` are the listed arms whose scripts read it."""
+    found = tune_field(spec, key)
+    if isinstance(found, str):
+        return [(where, found)]
+    section, name = found
+    kind = field_kind(type(section).model_fields[name].annotation)
+    if key == "seed":
+        return [(where, "tuning the seed picks luck, not settings")]
+    if KIND_KEYS.get(tuple(key.split(".")[:-1])) == name:
+        return [(where, "chooses the kind of its section; tune that kind's fields")]
+    if kind is None:
+        return [(where, "is neither a number nor a choice field: it cannot be tuned")]
+    if not users:
+        unused = arm and _unused(arm_kind(spec, arm), key)
+        if unused:
+            return [(where, f"the {arm_kind(spec, arm)} arm does not use {unused}")]
+        return [(where, f"no arm of tune.arms uses {key}")]
+    problems = _dim_problems(where, dim, kind, section, name)
+    if not problems and key in NOISE and not _reaches_zero(dim):
+        problems.append(
+            (
+                where,
+                "a noise magnitude must be able to reach 0 (no noise): add zero: true, "
+                "low: 0 or a 0 choice",
+            )
+        )
+    return problems
+
+
+def _reaches_zero(dim: SearchDim) -> bool:
+    if dim.choices is not None:
+        return 0 in dim.choices
+    return dim.zero or dim.low == 0
 
 
 def tune_field(spec: Spec, path: str) -> tuple[BaseModel, str] | str:
@@ -733,6 +859,8 @@ def _dim_problems(where: tuple, dim: SearchDim, kind: str, section: BaseModel, n
     if dim.choices is not None:
         if ranged:
             problems.append((where, "give either choices or low and high, not both"))
+        if dim.zero:
+            problems.append((where + ("zero",), "goes with a range; add 0 to the choices"))
         for i, value in enumerate(dim.choices):
             why = _field_error(section, name, value)
             if why:
