@@ -869,6 +869,8 @@ def tuned_yaml(s: Settings, info: dict[str, Any], path: Path) -> str:
     chosen = {**s.fixed, **best["params"]}
     for text in [*s.overrides, *arm_overrides(s, chosen)]:
         doc = merge(doc, parse_override(text))
+    if "tune" in doc.data:  # a tune: of a child replaces its parent's: the whole one, as run
+        doc.data["tune"] = s.doc.data["tune"]
     spec_file, folder = s.spec_path.resolve(), path.parent.resolve()
     related = os.path.commonpath([spec_file, folder]) != os.path.sep  # else the absolute path
     parent = os.path.relpath(spec_file, folder) if related else str(spec_file)

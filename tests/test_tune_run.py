@@ -31,7 +31,7 @@ tune:
   fresh_seeds: 0
   pruner: none
   space:
-    perturbation.eps.exploration: {low: 1.0e-4, high: 1.0e-1, log: true}
+    perturbation.eps.exploration: {low: 0, high: 1.0e-1}  # a noise range reaches 0
     phase_detector.patience: {low: 1, high: 4}
 """
 BASELINE = """\
