@@ -45,7 +45,12 @@ def test_a_misspelt_kind_gets_a_suggestion(write_spec):
         ["ablate", "SPEC", "-o", "OUT", "--arms", "baseline,fixd"],
         ["diff", "SPEC", "baseline", "fixd"],
         ["export", "SPEC", "fixd", "-o", "OUT/m.py"],
-        ["tune", "SPEC", "--set", "tune={arms: [fixd], space: {optimizer.lr: {low: 0.1, high: 1}}}"],
+        [
+            "tune",
+            "SPEC",
+            "--set",
+            "tune={arms: [fixd], space: {optimizer.lr: {low: 0.1, high: 1}}}",
+        ],
     ],
 )
 def test_an_arm_misspelt_on_the_command_line_gets_a_suggestion(write_spec, tmp_path, command):
