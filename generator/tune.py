@@ -270,6 +270,8 @@ def open_storage(s: Settings) -> tuple[Any, Path | None, str]:
         from sqlalchemy.engine import make_url
 
         shown = make_url(url).render_as_string(hide_password=True)
+        if s.storage is None:  # the default: as the -o given, not this machine's absolute path
+            shown = str(s.out / "study.db")
         local = None
         kwargs: dict[str, Any] = {}
         if url.startswith("sqlite:///"):
@@ -854,10 +856,12 @@ def ranking(curves: dict[str, Any], direction: str) -> dict[str, Any] | None:
         )
 
     final = ranked(top)
+    leads = [k for k in range(1, top + 1) if ranked(k)[0] != final[0]]
     return {
         "k": top,
         "order": final,
         "differs_at": [k for k in range(1, top) if ranked(k) != final],
+        "leader_from": max(leads, default=0) + 1,
     }
 
 
@@ -1085,7 +1089,8 @@ def _ranking_text(rank: dict[str, Any] | None) -> str:
     ks = ", ".join(map(str, rank["differs_at"]))
     return (
         f"Ranking at k = {rank['k']}: {order}; it does not hold across budgets: at k = {ks} the "
-        "ranking is another one."
+        f"ranking is another one. `{rank['order'][0]}` leads from k = {rank['leader_from']} on "
+        "(point estimates; see the bands)."
     )
 
 

@@ -137,7 +137,12 @@ def test_edges_scores_and_ranking():
         "x": {"n": 3, "expected": [0.5, 0.8, 0.9]},
         "y": {"n": 4, "expected": [0.6, 0.7, 0.8, 0.95]},
     }
-    assert tune.ranking(curves, "maximize") == {"k": 3, "order": ["x", "y"], "differs_at": [1]}
+    assert tune.ranking(curves, "maximize") == {
+        "k": 3,
+        "order": ["x", "y"],
+        "differs_at": [1],
+        "leader_from": 2,
+    }
 
 
 def named_test_keys(value, path=()):
