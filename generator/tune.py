@@ -651,7 +651,7 @@ class Tuner:
                 score(h[: r.epoch], self.s.tune.objective, target) for h in histories
             )
             r.trial.report(r.value, r.epoch)
-            if pruning and r.trial.should_prune():
+            if pruning and r.epoch < self.s.epochs and r.trial.should_prune():  # not the last
                 stop(r.procs)
                 self.finish(r.trial, TrialState.PRUNED, "pruned", reason=f"epoch {r.epoch}")
                 self.show(f"trial {r.number}: pruned at epoch {r.epoch} ({_fmt(r.value)})")
