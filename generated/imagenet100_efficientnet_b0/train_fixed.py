@@ -1427,7 +1427,7 @@ def train(args, rank, world, device, stop):
         log(rank, f"{line}  {record['elapsed_s']:.1f}s")
     if args.no_test:
         summary = finish("completed")
-        log(rank, f"done: val_acc final {summary['final_val_acc']:.4f}; no test; outputs in {out}")
+        log(rank, f"done: val_acc final {summary['final_val_acc']:.4f}; no test; in {out}")
         return 0
     # the test split, touched once: the final model and the best-val one (best.pt)
     summary = finish(

@@ -1332,7 +1332,7 @@ def train(args, rank, world, device, stop, experiment):
         )
     if args.no_test:
         summary = finish("completed")
-        log(rank, f"done: val_acc final {summary['final_val_acc']:.4f}; no test; outputs in {out}")
+        log(rank, f"done: val_acc final {summary['final_val_acc']:.4f}; no test; in {out}")
         return 0
     # the test split, touched once: the final model and the best-val one (best.pt)
     ema_test = ema.evaluate(data, batch_size, "test")
