@@ -30,11 +30,10 @@ from generator.generate import render
 from generator.launch import Task, command, thread_env
 from generator.loading import Located, changes
 from generator.output import Rendered, atomic_write, write_folder
-from generator.plan import arm_names
 from generator.progress import Progress
 from generator.render import check_arms, load_spec
 from generator.runs import FINISHED
-from generator.spec import Spec
+from generator.spec import Spec, arm_names
 
 POLL_S = 0.5
 LOCK = "run.lock"  # a run folder's lock, held by the process that writes it (the scripts)

@@ -19,6 +19,9 @@ from generator.spec import (
     OneCycleSchedule,
     SearchDim,
     Spec,
+    arm_kind,
+    arm_names,
+    arm_spec,
     baseline_overrides,
     input_shape,
 )
@@ -117,9 +120,43 @@ UNUSED_BY_ARM = {
 }
 
 
+# The noise magnitudes: a search over one must be able to reach 0, the method's null.
+NOISE = (
+    "perturbation.fixed",
+    "perturbation.eps.exploration",
+    "perturbation.eps.convergence",
+    "perturbation.eps.fine_tuning",
+    "perturbation.base",
+)
+
+
+def _unused(kind: str, key: str) -> str | None:
+    """The prefix of `key` that the `kind` arm's script never reads, or None."""
+    return next((p for p in UNUSED_BY_ARM[kind] if key == p or key.startswith(p + ".")), None)
+
+
+def arm_space(spec: Spec, arm: str) -> dict[str, SearchDim]:
+    """The knobs one arm searches: the paths of tune.space its script reads, with
+    tune.arm_space's for it on top. Asking the method added to a tuned baseline, a method
+    arm searches its own knobs only (the baseline's come from the baseline's study)."""
+    tune, kind = spec.tune, arm_kind(spec, arm)
+    child = arm_spec(spec, arm)
+    out = {}
+    for key, dim in tune.space.items():
+        if _unused(kind, key) or isinstance(tune_field(child, key), str):
+            continue
+        if tune.question == "added_to_tuned_baseline" and kind != "baseline":
+            if not _unused("baseline", key):
+                continue
+        out[key] = dim
+    out.update(tune.arm_space.get(arm, {}))
+    return dict(sorted(out.items()))
+
+
 def tune_problems(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
-    """The tune section's checks: each path names a numeric or choice field the tuned arm
-    uses, and each range or choice is one that field accepts."""
+    """The tune section's checks: each arm exists and has knobs, each path names a numeric or
+    choice field that some arm uses, each range or choice is one that field accepts, and
+    every noise magnitude can reach 0."""
     tune = spec.tune
     if tune is None:
         return []
@@ -132,34 +169,72 @@ def tune_problems(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
                 "poor trials; a trial's runs must all run train.epochs)",
             )
         )
-    if tune.arm not in spec.variants:
+    known = arm_names(spec)
+    arms = []
+    for i, arm in enumerate(tune.arms):
+        if arm not in known:
+            message = f"{arm!r} is not an arm of this spec ({', '.join(known)})"
+            problems.append((("tune", "arms", i), message + did_you_mean(arm, known)))
+        elif arm in arms:
+            problems.append((("tune", "arms", i), f"{arm!r} is listed twice"))
+        else:
+            arms.append(arm)
+    if tune.question == "added_to_tuned_baseline" and "baseline" not in tune.arms:
         problems.append(
-            (
-                ("tune", "arm"),
-                f"{tune.arm!r} is not one of variants ({', '.join(spec.variants)})"
-                + did_you_mean(tune.arm, spec.variants),
-            )
+            (("tune", "arms"), "must list baseline: the method is added to the tuned baseline")
         )
     for key, dim in sorted(tune.space.items()):
-        where = ("tune", "space", key)
-        found = tune_field(spec, key)
-        if isinstance(found, str):
-            problems.append((where, found))
+        users = [a for a in arms if not _unused(arm_kind(spec, a), key)]
+        problems += _key_problems(spec, ("tune", "space", key), key, dim, users)
+    for arm, space in sorted(tune.arm_space.items()):
+        if arm not in arms:
+            problems.append((("tune", "arm_space", arm), "is not one of tune.arms"))
             continue
-        section, name = found
-        kind = field_kind(type(section).model_fields[name].annotation)
-        unused = [p for p in UNUSED_BY_ARM[tune.arm] if key == p or key.startswith(p + ".")]
-        if key == "seed":
-            problems.append((where, "tuning the seed picks luck, not settings"))
-        elif KIND_KEYS.get(tuple(key.split(".")[:-1])) == name:
-            problems.append((where, "chooses the kind of its section; tune that kind's fields"))
-        elif kind is None:
-            problems.append((where, "is neither a number nor a choice field: it cannot be tuned"))
-        elif unused:
-            problems.append((where, f"the {tune.arm} arm does not use {unused[0]}"))
-        else:
-            problems += _dim_problems(where, dim, kind, section, name)
+        for key, dim in sorted(space.items()):
+            where = ("tune", "arm_space", arm, key)
+            users = [] if _unused(arm_kind(spec, arm), key) else [arm]
+            problems += _key_problems(arm_spec(spec, arm), where, key, dim, users, arm)
+    if not problems:
+        for i, arm in enumerate(tune.arms):
+            if not arm_space(spec, arm):
+                problems.append((("tune", "arms", i), f"{arm} uses no path of tune.space"))
     return problems
+
+
+def _key_problems(spec: Spec, where: tuple, key: str, dim: SearchDim, users: list[str], arm=""):
+    """One search dimension's problems: `users` are the listed arms whose scripts read it."""
+    found = tune_field(spec, key)
+    if isinstance(found, str):
+        return [(where, found)]
+    section, name = found
+    kind = field_kind(type(section).model_fields[name].annotation)
+    if key == "seed":
+        return [(where, "tuning the seed picks luck, not settings")]
+    if KIND_KEYS.get(tuple(key.split(".")[:-1])) == name:
+        return [(where, "chooses the kind of its section; tune that kind's fields")]
+    if kind is None:
+        return [(where, "is neither a number nor a choice field: it cannot be tuned")]
+    if not users:
+        unused = arm and _unused(arm_kind(spec, arm), key)
+        if unused:
+            return [(where, f"the {arm_kind(spec, arm)} arm does not use {unused}")]
+        return [(where, f"no arm of tune.arms uses {key}")]
+    problems = _dim_problems(where, dim, kind, section, name)
+    if not problems and key in NOISE and not _reaches_zero(dim):
+        problems.append(
+            (
+                where,
+                "a noise magnitude must be able to reach 0 (no noise): add zero: true, "
+                "low: 0 or a 0 choice",
+            )
+        )
+    return problems
+
+
+def _reaches_zero(dim: SearchDim) -> bool:
+    if dim.choices is not None:
+        return 0 in dim.choices
+    return dim.zero or dim.low == 0
 
 
 def tune_field(spec: Spec, path: str) -> tuple[BaseModel, str] | str:
@@ -196,6 +271,8 @@ def _dim_problems(where: tuple, dim: SearchDim, kind: str, section: BaseModel, n
     if dim.choices is not None:
         if ranged:
             problems.append((where, "give either choices or low and high, not both"))
+        if dim.zero:
+            problems.append((where + ("zero",), "goes with a range; add 0 to the choices"))
         for i, value in enumerate(dim.choices):
             why = _field_error(section, name, value)
             if why:

@@ -22,9 +22,8 @@ from generator.errors import SpecError, SpecErrors
 from generator.generate import render_all, render_spec
 from generator.launch import interrupt
 from generator.output import atomic_write, drift, write_folder
-from generator.plan import arm_names
 from generator.render import GenerationError, check_arms, load_spec
-from generator.spec import ARMS, Spec
+from generator.spec import ARMS, Spec, arm_names
 
 app = typer.Typer(
     name="perturbgen",
@@ -345,10 +344,14 @@ def _slurm_resources(gpus, cpus, partition, time_min, mem, account, qos, sbatch)
 def tune(
     spec: Annotated[Path, typer.Argument(help="A spec with a tune: section.", show_default=False)],
     trials: Annotated[
-        Optional[int], typer.Option(min=1, help="Finished trials to reach (default tune.trials).")
+        Optional[int],
+        typer.Option(min=1, help="Finished trials to reach per arm (default tune.trials)."),
     ] = None,
     workers: Annotated[
-        int, typer.Option(min=1, help="Trials at a time here; each gets cores / workers threads.")
+        int,
+        typer.Option(
+            min=1, help="Trials (or fresh runs) at a time here; each gets cores / workers threads."
+        ),
     ] = 1,
     storage: Annotated[
         Optional[str],
@@ -357,9 +360,12 @@ def tune(
             "(default: DIR/study.db). Processes sharing one storage share the study."
         ),
     ] = None,
-    study: Annotated[Optional[str], typer.Option(help="Study name (default NAME-ARM).")] = None,
+    study: Annotated[
+        Optional[str],
+        typer.Option(help="Study name prefix: each arm's is PREFIX-ARM (default NAME)."),
+    ] = None,
     out: Annotated[
-        Optional[Path], typer.Option("-o", "--out", help="Tune folder (default tune/NAME_ARM).")
+        Optional[Path], typer.Option("-o", "--out", help="Tune folder (default tune/NAME).")
     ] = None,
     set_: SetOpt = None,
     launcher: Annotated[
@@ -377,12 +383,14 @@ def tune(
     qos: QosOpt = None,
     sbatch: SbatchOpt = None,
 ) -> None:
-    """Tune one arm's settings with Optuna on the validation split (the spec's tune: section).
+    """Tune every arm of the spec's tune: section with the same budget, then compare them.
 
-    Writes DIR/tuned.yaml (the spec with the best values), DIR/tune_report.md and
-    DIR/tune.json. Rerunning the same command continues the study. With --launcher slurm
-    each trial's runs are Slurm tasks: a pruned trial's are cancelled, and so are the
-    running ones on Ctrl-C.
+    Each arm gets a study of its own on the validation split (its trials evaluate no test
+    metric); DIR/tuned/ARM.yaml is the spec with its best values, DIR/tune_report.md and
+    DIR/tune.json hold the studies and their budget curves. Then each arm's best values run
+    on fresh seeds (DIR/runs) and DIR/report/report.md is the paired report. Rerunning the
+    same command continues. With --launcher slurm each trial's runs are Slurm tasks: a pruned
+    trial's are cancelled, and so are the running ones on Ctrl-C.
     """
     from generator import slurm
     from generator import tune as tuning
@@ -416,15 +424,23 @@ def tune(
     except slurm.SlurmError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
-    best = info["best"]
-    if best is not None:
-        typer.echo(
-            f"best: trial {best['number']}, {info['objective']} {best['value']:.4g}; "
-            f"spec: {chosen.out / 'tuned.yaml'}"
-        )
-    typer.echo(f"report: {chosen.out / 'tune_report.md'}")
+    for arm, a in info["arms"].items():
+        if a["best"] is not None:
+            typer.echo(
+                f"{arm}: best trial {a['best']['number']}, {info['objective']} "
+                f"{a['best']['value']:.4g}; spec: {chosen.out / a['tuned']}"
+            )
+    typer.echo(f"tuning report: {chosen.out / 'tune_report.md'}")
+    if "report" in info:
+        typer.echo(f"report: {Path(info['report']) / 'report.md'}")
     if why == "others":
-        typer.echo("the rest of the budget is running in other processes on this study")
+        typer.echo(
+            "the rest of a budget is running in other processes on these studies; rerun the "
+            "same command for the fresh seeds once they end"
+        )
+    if why == "no baseline":
+        typer.echo("stopped: the baseline has no completed trial to add the method to", err=True)
+        raise typer.Exit(1)
     if why == "failures":
         typer.echo(
             f"stopped: {tuning.MAX_FAILURES_IN_A_ROW} trials in a row failed; see their "

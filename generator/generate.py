@@ -11,7 +11,7 @@ from generator import __version__
 from generator.export import golden_sources
 from generator.loading import Located
 from generator.output import Rendered
-from generator.plan import ReadmeModel, RenderModel, arm_names, plan, spec_hash
+from generator.plan import ReadmeModel, RenderModel, plan, spec_hash
 from generator.render import (
     check_arms,
     format_sources,
@@ -20,7 +20,7 @@ from generator.render import (
     render_readme,
     script_source,
 )
-from generator.spec import Spec
+from generator.spec import Spec, arm_names
 
 
 def render_spec(

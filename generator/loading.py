@@ -295,7 +295,13 @@ def load_file(path: Path, display: str | None = None, _stack: tuple[Path, ...] =
     parent_display = str(Path(display).parent / parent)
     if problem := _not_a_spec_file(resolved):  # said where the child names it
         raise SpecErrors([SpecError(display, line, "extends", f"{parent_display}: {problem}")])
-    return merge(load_file(resolved, parent_display, chain), doc)
+    base = load_file(resolved, parent_display, chain)
+    if "tune" in doc.data:  # a child's search replaces its parent's whole, never merges into it
+        _drop_below(base.origins, ("tune",))
+        base = Located(
+            {k: v for k, v in base.data.items() if k != "tune"}, base.origins, base.files
+        )
+    return merge(base, doc)
 
 
 def parse_override(text: str) -> Located:

@@ -350,11 +350,6 @@ def factory_refs(spec: Spec) -> tuple[str, ...]:
     )
 
 
-def arm_names(spec: Spec) -> list[str]:
-    """The arms a spec emits, in order: its variants, then baseline_<name> per extra baseline."""
-    return [*spec.variants, *(f"baseline_{name}" for name in sorted(spec.baselines))]
-
-
 def plan(spec: Spec, doc: Located) -> list[RenderModel]:
     """One RenderModel per arm: the spec's variants, then its extra baselines by name."""
     arms: list[tuple[str, str, Spec, str]] = [(v, v, spec, "") for v in spec.variants]

@@ -19,8 +19,8 @@ from generator.checks import validate
 from generator.errors import SpecError, SpecErrors
 from generator.loading import Located, load_file, merge, parse_override
 from generator.messages import did_you_mean
-from generator.plan import ReadmeModel, RenderModel, arm_names
-from generator.spec import Spec
+from generator.plan import ReadmeModel, RenderModel
+from generator.spec import Spec, arm_names
 
 BLACK_MODE = black.Mode(line_length=99, target_versions={black.TargetVersion.PY311})
 

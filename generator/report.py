@@ -427,18 +427,24 @@ def render(report: dict[str, Any], out: Path) -> None:
 def preload() -> None:
     """Import what build() needs (scipy.stats, matplotlib: seconds of start-up) ahead of
     time, e.g. in a thread while the runs train, so that the report follows their end."""
-    from generator import plots
     from scipy import stats as _  # noqa: F401
+
+    from generator import plots
 
     plots.pyplot()
 
 
-def build(root: Path, out: Path | None = None) -> tuple[Path, dict[str, Any]]:
-    """Write report.json, report.md and the plots for the runs under root."""
+def build(
+    root: Path, out: Path | None = None, tuning: dict[str, Any] | None = None
+) -> tuple[Path, dict[str, Any]]:
+    """Write report.json, report.md and the plots for the runs under root; `tuning` (from
+    perturbgen tune: the question asked, trials per arm, tuning seeds) is stored beside."""
     runs = find_runs(root)
     if all(run.absent for run in runs):  # expected runs alone: nothing ran, nothing to report
         raise NoRuns(f"no run folders (with config.json) under {root}")
     out = out or root / "report"
     report = aggregate(runs)
+    if tuning is not None:
+        report["tuning"] = tuning
     write(report, out)
     return out, report

@@ -315,8 +315,24 @@ def _section_md(spec: str, k: int, count: int, data: dict[str, Any]) -> list[str
     return lines + [""]
 
 
+TUNING = {
+    "same_budget": "(a) each arm tuned with the same budget",
+    "added_to_tuned_baseline": "(b) the method added to a tuned baseline",
+}
+
+
 def markdown(report: dict[str, Any]) -> str:
-    lines = ["# Ablation report", "", PROTOCOL]
+    lines = ["# Ablation report", ""]
+    if "tuning" in report:  # the runs of perturbgen tune's fresh seeds
+        t = report["tuning"]
+        lines += [
+            f"Each arm runs its own tuned values: question {TUNING[t['question']]}, "
+            f"{t['trials_per_arm']} finished trials per arm on the validation split of seeds "
+            f"{t['tuning_seeds']}; these runs use other seeds. The studies: "
+            f"[tune_report.md]({t['tune_report']}).",
+            "",
+        ]
+    lines.append(PROTOCOL)
     for spec, data in report["specs"].items():
         count = len(data["sections"])
         for k, section in enumerate(data["sections"], 1):

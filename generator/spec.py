@@ -487,31 +487,66 @@ class SearchDim(Section):
     choices: list[Choice] | None = Field(
         None, min_length=1, description="Categorical: one of these values."
     )
+    zero: bool = Field(
+        False,
+        description="Also try exactly 0 (an on/off choice beside the range): the null of a "
+        "noise magnitude, reachable from a log range.",
+    )
+
+
+QUESTIONS = ("same_budget", "added_to_tuned_baseline")
 
 
 class Tune(Section):
-    """`perturbgen tune`: Optuna over one arm's fields, scored on the validation split."""
+    """`perturbgen tune`: every listed arm tuned with Optuna on the validation split, the
+    same number of finished trials each, then compared on fresh seeds."""
 
-    arm: Arm = Field(description="The arm whose script every trial runs (one of variants).")
+    arms: list[Name] = Field(
+        min_length=1,
+        description="The arms to compare (variants and baseline_<name> extra baselines); "
+        "each gets a study of its own.",
+    )
+    question: Literal[QUESTIONS] = Field(
+        "same_budget",
+        description="same_budget: each arm tuned over the shared knobs and its own, with the "
+        "same budget (the benchmark view). added_to_tuned_baseline: baseline tuned first, then "
+        "each method arm tunes its own knobs only, on the baseline's tuned values, with the "
+        "same budget (the ablation view).",
+    )
     space: dict[str, SearchDim] = Field(
-        min_length=1, description="Dotted spec path -> its range or choices."
+        min_length=1,
+        description="Dotted spec path -> its range or choices, declared once: each arm "
+        "searches the paths its script reads.",
+    )
+    arm_space: dict[Name, dict[str, SearchDim]] = Field(
+        {},
+        description="Per arm: ranges that replace or add to space for that arm (e.g. an extra "
+        "baseline's optimizer.lr).",
     )
     objective: Literal["best_val_acc", "final_val_acc", "epochs_to_target"] = Field(
-        "best_val_acc",
-        description="Validation accuracy (best or final epoch; maximized) or epochs until "
-        "validation accuracy reaches train.target_accuracy (minimized; never = epochs + 1).",
+        "final_val_acc",
+        description="Validation accuracy of the final epoch (the endpoint's; maximized) or of "
+        "the best one, or epochs until validation accuracy reaches train.target_accuracy "
+        "(minimized; never = epochs + 1).",
     )
-    trials: PosInt = Field(20, description="Finished trials (completed or pruned) to reach.")
+    trials: PosInt = Field(20, description="Finished trials (completed or pruned) per arm.")
     seeds: PosInt = Field(1, description="Runs per trial, at seed, seed + 1, ...; scored by mean.")
     epochs: PosInt | None = Field(None, description="Epochs per run (default train.epochs).")
+    fresh_seeds: Annotated[int, Field(ge=0, lt=INT_LIMIT)] = Field(
+        5,
+        description="Runs per arm of its best values on fresh seeds (after the tuning seeds), "
+        "compared in the paired report; 0: tuning only.",
+    )
     pruner: Literal["median", "hyperband", "none"] = Field(
         "median", description="Stops trials whose per-epoch validation value is bad."
     )
     startup_trials: Annotated[int, Field(ge=0, lt=INT_LIMIT)] = Field(
         5, description="Trials that finish before the median pruner prunes any."
     )
-    warmup_epochs: Annotated[int, Field(ge=0, lt=INT_LIMIT)] = Field(
-        5, description="Epochs a trial runs before it can be pruned."
+    prune_after: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.5,
+        description="Share of the epochs before which no trial is pruned (hyperband: its "
+        "minimum resource), so that noise that pays off late is not cut early.",
     )
 
 
@@ -543,6 +578,25 @@ DATASET_SHAPES: dict[str, tuple[tuple[int, ...], int]] = {
     "cifar10": ((3, 32, 32), 10),
     "cifar100": ((3, 32, 32), 100),
 }
+def arm_names(spec: Spec) -> list[str]:
+    """The arms a spec emits, in order: its variants, then baseline_<name> per extra baseline."""
+    return [*spec.variants, *(f"baseline_{name}" for name in sorted(spec.baselines))]
+
+
+def arm_kind(spec: Spec, arm: str) -> str:
+    """The variant an arm's script is: an extra baseline is a baseline."""
+    return arm if arm in spec.variants else "baseline"
+
+
+def arm_spec(spec: Spec, arm: str) -> Spec:
+    """The spec an arm's script is made from: an extra baseline's override merged in."""
+    if arm in spec.variants:
+        return spec
+    override = spec.baselines[arm.removeprefix("baseline_")].model_dump(exclude_none=True)
+    data = merge(Located(spec.model_dump(mode="json")), Located(override)).data
+    return Spec.model_validate(data)
+
+
 IMAGE_MODELS = ("resnet18", "vgg16", "efficientnet_b0", "torchvision", "timm")
 
 

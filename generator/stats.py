@@ -252,3 +252,36 @@ def stein_n(sd: float, n0: int, half_width: float, alpha: float = ALPHA) -> int:
 
     t = float(stats.t.ppf(1 - alpha / 2, n0 - 1))
     return max(n0, math.ceil((t * sd / half_width) ** 2))
+
+
+def expected_max(scores: list[float]) -> list[float]:
+    """The expected best of k trials drawn with replacement from the N observed scores, for
+    k = 1..N (Dodge et al. 2019, "Show Your Work"): with v_(1) <= ... <= v_(N),
+    E[max_k] = sum_i v_(i) ((i/N)^k - ((i - 1)/N)^k)."""
+    v = sorted(scores)
+    n = len(v)
+    return [
+        math.fsum(x * ((i / n) ** k - ((i - 1) / n) ** k) for i, x in enumerate(v, 1))
+        for k in range(1, n + 1)
+    ]
+
+
+def expected_max_band(
+    scores: list[float], level: float = 1 - ALPHA, resamples: int = 1000, seed: int = 0
+) -> tuple[list[float], list[float]]:
+    """The percentile bootstrap band of expected_max over the N trials: each resample draws
+    N scores with replacement (from a fixed seed); per k, the (1 - level)/2 and
+    (1 + level)/2 quantiles of its curve."""
+    import numpy as np
+
+    n = len(scores)
+    if n == 0:
+        return [], []
+    rng = np.random.default_rng(seed)
+    v = np.sort(rng.choice(np.asarray(scores, dtype=float), size=(resamples, n)), axis=1)
+    i = np.arange(1, n + 1) / n
+    k = np.arange(1, n + 1)[:, None]
+    weights = i[None, :] ** k - (i[None, :] - 1 / n) ** k  # k x N
+    curves = v @ weights.T  # resamples x k
+    low, high = np.quantile(curves, [(1 - level) / 2, (1 + level) / 2], axis=0)
+    return low.tolist(), high.tolist()

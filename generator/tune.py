@@ -1,4 +1,6 @@
-"""perturbgen tune: Optuna over a spec's `tune:` section; every trial is a real run of one arm.
+"""perturbgen tune: every arm of a spec's `tune:` section tuned with Optuna, the same number of
+finished trials each, then each arm's best values run on fresh seeds and compared in the
+paired report. Every trial is a real run of one arm.
 
 A trial is the spec with the sampled values applied as `--set` overrides and validated like
 any spec (an invalid sample is pruned, never run); its arm is generated into the trial's
@@ -7,25 +9,31 @@ task per seed. The tuner follows each run's metrics.jsonl (on a cluster, through
 filesystem), reports every epoch's validation value to Optuna, and stops a trial the pruner
 rejects (SIGTERM locally, scancel on Slurm).
 
-Only validation values are read: every JSON object is read without its test keys, and of
+A trial's runs take --no-test: they evaluate and write no test metric. The tuner reads
+validation values only besides: every JSON object is read without its test keys, and of
 metrics.jsonl only `epoch` and the `val_*` fields are kept, so no test value can reach the
 objective, the pruner or the report.
 
 Layout of a tune folder:
-    DIR/study.db                   the default storage (SQLite)
+    DIR/study.db                   the default storage (SQLite): a study per arm, NAME-ARM
     DIR/trials/STUDY/NNNN/         one trial: scripts/ (its arm) and seed<S>/ (its runs);
                                    on Slurm also slurm.json (its task ids) and slurm/ (logs)
-    DIR/tuned.yaml                 the spec that extends the original with the best values
-    DIR/tune_report.md, tune.json  the study, for people and for machines
-    DIR/plots/*.png                Optuna's plots
+    DIR/tuned/ARM.yaml             per arm, the spec that extends the original with its best
+                                   values (and every --set given to tune)
+    DIR/tune_report.md, tune.json  the studies and their budget curves, for people and machines
+    DIR/plots/                     budget_curves.png; ARM/: Optuna's plots of each study
+    DIR/runs/ARM/seed<S>/          each arm's best values on the fresh seeds (test touched once)
+    DIR/report/                    the paired report of those runs (report.md, report.json)
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
+import math
 import os
 import socket
 import statistics
@@ -33,17 +41,18 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import optuna
 import yaml
 from optuna.trial import TrialState
 
-from generator import forkserver, slurm
+from generator import forkserver, slurm, stats
 from generator.ablate import lock_holder, thread_env
+from generator.checks import arm_space, field_kind, tune_field, validate
 from generator.errors import SpecError, SpecErrors
 from generator.factories import python_path, spec_folders
 from generator.generate import render
@@ -54,15 +63,16 @@ from generator.plan import spec_hash
 from generator.plots import save_png
 from generator.progress import Progress
 from generator.runs import outcome
-from generator.slurm import SlurmRun
-from generator.checks import field_kind, tune_field, validate
-from generator.spec import OBJECTIVES, Spec, Tune
+from generator.spec import OBJECTIVES, QUESTIONS, SearchDim, Spec, Tune, arm_kind, arm_spec
 
 POLL_S = 0.25
 HEARTBEAT_S = 10  # RDB storages: a trial whose process sent none for 6 of these is failed
 MAX_FAILURES_IN_A_ROW = 3
 HELD_OUT = "test"  # keys that start with this are test metrics: never read
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+ZERO = ":zero"  # the on/off switch of a range with zero: true; its value True means 0
+NO_TEST = "--no-test"  # a trial's runs evaluate and write no test metric
+EDGE = 0.02  # a best value within this share of its range (log range: in log space) of a bound
 
 
 def read_json(text: str) -> Any:
@@ -124,6 +134,9 @@ class Settings:
     storage: str | None  # None: DIR/study.db
     workers: int
     resources: slurm.Resources | None = None  # None: local processes; else Slurm tasks
+    arm: str = ""  # the arm this study tunes ("" for the whole invocation)
+    space: dict[str, SearchDim] = field(default_factory=dict)  # that arm's knobs
+    fixed: dict[str, Any] = field(default_factory=dict)  # values another study chose for it
 
     @property
     def epochs(self) -> int:
@@ -134,20 +147,31 @@ class Settings:
         return [self.spec.seed + k for k in range(self.tune.seeds)]
 
     @property
+    def fresh_seeds(self) -> list[int]:
+        """The seeds of the final comparison: after the tuning seeds, so never one of them."""
+        start = self.spec.seed + self.tune.seeds
+        return [start + k for k in range(self.tune.fresh_seeds)]
+
+    @property
     def direction(self) -> str:
         return OBJECTIVES[self.tune.objective]
 
     def fingerprint(self) -> str:
-        """What must match for a rerun to continue a study: all but the budget."""
-        tune = self.tune.model_dump(mode="json", exclude={"trials"})
-        text = json.dumps({"spec": spec_hash(self.spec), "tune": tune}, sort_keys=True)
+        """What must match for a rerun to continue a study: all but the budget and the
+        arms and fresh seeds of the whole comparison."""
+        text = json.dumps({**self.compared(), "spec": spec_hash(self.spec)}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
 
     def compared(self) -> dict[str, Any]:
         """What the fingerprint covers, as values: a refusal shows what differs."""
         return {
             "spec": self.spec.model_dump(mode="json", exclude={"extends"}),
-            "tune": self.tune.model_dump(mode="json", exclude={"trials"}),
+            "tune": self.tune.model_dump(
+                mode="json", exclude={"trials", "arms", "fresh_seeds", "arm_space", "space"}
+            ),
+            "arm": self.arm,
+            "space": {k: v.model_dump(mode="json") for k, v in self.space.items()},
+            "fixed": self.fixed,
         }
 
 
@@ -168,18 +192,49 @@ def settings(
             [SpecError(str(spec_path), None, "tune", "the spec has no tune section to run")]
         )
     tune = spec.tune if trials is None else spec.tune.model_copy(update={"trials": trials})
-    name = study or f"{spec.name}-{tune.arm}"
-    folder = out or Path("tune") / f"{spec.name}_{tune.arm}"
+    name = study or spec.name
+    folder = out or Path("tune") / spec.name
     return Settings(
         spec_path, spec, doc, list(overrides), tune, folder, name, storage, workers, resources
     )
 
 
+def for_arm(s: Settings, arm: str, fixed: dict[str, Any]) -> Settings:
+    """One arm's study: its knobs, the values fixed for it, and the study NAME-ARM."""
+    space = arm_space(s.spec, arm)
+    name = f"{s.study_name}-{arm}"
+    return dataclasses.replace(s, arm=arm, space=space, fixed=fixed, study_name=name)
+
+
+def order(tune: Tune) -> list[str]:
+    """The arms in the order they are tuned: baseline first when the others build on it."""
+    if tune.question == "added_to_tuned_baseline":
+        return ["baseline", *(a for a in tune.arms if a != "baseline")]
+    return list(tune.arms)
+
+
+def values(params: dict[str, Any]) -> dict[str, Any]:
+    """A trial's parameters as spec values: a range whose zero switch is on is 0."""
+    out = {k: v for k, v in params.items() if not k.endswith(ZERO)}
+    out.update({k.removesuffix(ZERO): 0.0 for k, v in params.items() if k.endswith(ZERO) and v})
+    return dict(sorted(out.items()))
+
+
+def arm_overrides(s: Settings, chosen: dict[str, Any]) -> list[str]:
+    """--set texts that give the arm these values: an extra baseline's go to its override."""
+    prefix = "" if s.arm in s.spec.variants else f"baselines.{s.arm.removeprefix('baseline_')}."
+    return [f"{prefix}{key}={json.dumps(value)}" for key, value in sorted(chosen.items())]
+
+
 def distributions(s: Settings) -> dict[str, optuna.distributions.BaseDistribution]:
-    """The search space as Optuna distributions, in a fixed order."""
+    """The search space as Optuna distributions, in a fixed order; a range with zero: true
+    gets an on/off switch KEY:zero beside it."""
     out: dict[str, optuna.distributions.BaseDistribution] = {}
-    for key, dim in sorted(s.tune.space.items()):
-        section, name = tune_field(s.spec, key)
+    spec = arm_spec(s.spec, s.arm)
+    for key, dim in sorted(s.space.items()):
+        section, name = tune_field(spec, key)
+        if dim.zero:
+            out[key + ZERO] = optuna.distributions.CategoricalDistribution([False, True])
         if dim.choices is not None:
             out[key] = optuna.distributions.CategoricalDistribution(dim.choices)
         elif field_kind(type(section).model_fields[name].annotation) == "int":
@@ -207,6 +262,8 @@ def open_storage(s: Settings) -> tuple[Any, Path | None, str]:
         from sqlalchemy.engine import make_url
 
         shown = make_url(url).render_as_string(hide_password=True)
+        if s.storage is None:  # the default: as the -o given, not this machine's absolute path
+            shown = str(s.out / "study.db")
         local = None
         kwargs: dict[str, Any] = {}
         if url.startswith("sqlite:///"):
@@ -244,15 +301,18 @@ def exclusive(path: Path):
         yield
 
 
+def prune_from(s: Settings) -> int:
+    """The first epoch at which a trial may be pruned: none before tune.prune_after of them."""
+    return max(1, math.ceil(s.tune.prune_after * s.epochs))
+
+
 def make_pruner(s: Settings) -> optuna.pruners.BasePruner:
-    if s.tune.pruner == "median":
+    if s.tune.pruner == "median":  # Optuna prunes from step n_warmup_steps on
         return optuna.pruners.MedianPruner(
-            n_startup_trials=s.tune.startup_trials, n_warmup_steps=s.tune.warmup_epochs
+            n_startup_trials=s.tune.startup_trials, n_warmup_steps=prune_from(s)
         )
     if s.tune.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(
-            min_resource=max(1, s.tune.warmup_epochs), max_resource=s.epochs
-        )
+        return optuna.pruners.HyperbandPruner(min_resource=prune_from(s), max_resource=s.epochs)
     return optuna.pruners.NopPruner()
 
 
@@ -298,7 +358,7 @@ def _alive(owner: str) -> bool:
 
 def run_command(script: Path, run: Path, seed: int, epochs: int) -> list[str]:
     command = [sys.executable, str(script), "--seed", str(seed), "--out", str(run)]
-    return command + ["--epochs", str(epochs)]
+    return command + ["--epochs", str(epochs), NO_TEST]
 
 
 def launch(
@@ -334,7 +394,7 @@ class Running:
     trial: optuna.Trial
     folder: Path
     runs: list[Path]
-    procs: list[subprocess.Popen | SlurmRun]
+    procs: list[subprocess.Popen | slurm.SlurmRun]
     started: float = field(default_factory=time.time)
     epoch: int = 0  # epochs reported to Optuna
     value: float | None = None  # the latest reported value
@@ -402,6 +462,11 @@ class Tuner:
     def trials(self) -> list[optuna.trial.FrozenTrial]:
         return self.study.get_trials(deepcopy=False)
 
+    def trial_id(self, number: int) -> int:
+        """The storage's id of a trial of this study (Optuna's public storage API)."""
+        study_id = self.storage.get_study_id_from_name(self.s.study_name)
+        return self.storage.get_trial_id_from_study_id_trial_number(study_id, number)
+
     def counts(self, trials=None) -> dict[str, int]:
         trials = self.trials() if trials is None else trials
         states = [t.state for t in trials]
@@ -423,7 +488,8 @@ class Tuner:
             if t.state != TrialState.RUNNING or t.number in own or not owner:
                 continue
             if owner.startswith(me) or not _alive(owner):  # mine but not running: a crash
-                self.finish(optuna.Trial(self.study, t._trial_id), TrialState.FAIL, "lost")
+                lost = optuna.Trial(self.study, self.trial_id(t.number))
+                self.finish(lost, TrialState.FAIL, "lost")
                 cancel_tasks(Path(t.user_attrs.get("folder", "")))
 
     def finish(self, trial, state, outcome: str, value=None, reason: str = "") -> None:
@@ -462,8 +528,8 @@ class Tuner:
             self.show(f"trial {trial.number}: not started: {held[0]}")
             return None
         doc = self.s.doc
-        for key, value in sorted(trial.params.items()):
-            doc = merge(doc, parse_override(f"{key}={json.dumps(value)}"))
+        for text in arm_overrides(self.s, {**self.s.fixed, **values(trial.params)}):
+            doc = merge(doc, parse_override(text))
         try:
             spec = validate(doc, str(self.s.spec_path))
         except SpecErrors as exc:
@@ -471,9 +537,9 @@ class Tuner:
             self.finish(trial, TrialState.PRUNED, "invalid", reason=reason)
             self.show(f"trial {trial.number}: invalid sample, pruned: {reason}")
             return None
-        rendered = render(spec, doc, self.s.spec_path, [self.s.tune.arm])
+        rendered = render(spec, doc, self.s.spec_path, [self.s.arm])
         write_folder(Rendered("scripts", rendered.files), folder)
-        script = folder / "scripts" / f"train_{self.s.tune.arm}.py"
+        script = folder / "scripts" / f"train_{self.s.arm}.py"
         try:
             procs = self.start(trial.number, folder, script, runs)
         except slurm.SlurmError as exc:
@@ -520,7 +586,7 @@ class Tuner:
                 score(h[: r.epoch], self.s.tune.objective, target) for h in histories
             )
             r.trial.report(r.value, r.epoch)
-            if pruning and r.trial.should_prune():
+            if pruning and r.epoch < self.s.epochs and r.trial.should_prune():  # not the last
                 stop(r.procs)
                 self.finish(r.trial, TrialState.PRUNED, "pruned", reason=f"epoch {r.epoch}")
                 self.show(f"trial {r.number}: pruned at epoch {r.epoch} ({_fmt(r.value)})")
@@ -529,7 +595,7 @@ class Tuner:
         if not bad and None in codes:
             if time.time() - r.beat > HEARTBEAT_S:  # RDB storages: this trial's process lives
                 with contextlib.suppress(Exception):
-                    self.storage.record_heartbeat(r.trial._trial_id)
+                    self.storage.record_heartbeat(self.trial_id(r.number))
                 r.beat = time.time()
             return False
         stop(r.procs)  # a failed seed ends its trial
@@ -597,7 +663,40 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def trial_score(row: dict[str, Any], direction: str, epochs: int) -> float | None:
+    """A finished trial's score on its budget curve: a completed trial's value; a pruned one's
+    last reported value (where it was stopped), or, with none (an invalid sample or a
+    divergence), the worst value there is; None for a trial that does not count."""
+    if row["state"] == "complete":
+        return row["value"]
+    if row["state"] != "pruned":
+        return None
+    reported = row["intermediate"]
+    if reported:
+        return reported[max(reported, key=int)]
+    return 0.0 if direction == "maximize" else float(epochs + 1)
+
+
+def edges(space: dict[str, SearchDim], chosen: dict[str, Any]) -> dict[str, str]:
+    """The chosen values at an edge of their range ("low" or "high"): within EDGE of the
+    range from a bound (in log space for a log range); 0 from a zero switch is no edge."""
+    out = {}
+    for key, dim in sorted(space.items()):
+        value = chosen.get(key)
+        if dim.choices is not None or value is None or (dim.zero and value == 0):
+            continue
+        scale = math.log if dim.log else float
+        low, high, x = scale(dim.low), scale(dim.high), scale(value)
+        share = (x - low) / (high - low)
+        if share <= EDGE:
+            out[key] = "low"
+        elif share >= 1 - EDGE:
+            out[key] = "high"
+    return out
+
+
 def summarize(tuner: Tuner) -> dict[str, Any]:
+    """One arm's study: counts, best trial, every trial, and its budget curve's scores."""
     s, study = tuner.s, tuner.study
     trials = sorted(tuner.trials(), key=lambda t: t.number)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -612,7 +711,7 @@ def summarize(tuner: Tuner) -> dict[str, Any]:
                 "outcome": t.user_attrs.get("outcome", t.state.name.lower()),
                 "reason": t.user_attrs.get("reason", ""),
                 "value": t.value,
-                "params": dict(sorted(t.params.items())),
+                "params": values(t.params),
                 "epochs": max(t.intermediate_values, default=0),
                 "intermediate": {str(k): v for k, v in sorted(t.intermediate_values.items())},
                 "duration_s": (end - t.datetime_start).total_seconds() if end else None,
@@ -625,30 +724,20 @@ def summarize(tuner: Tuner) -> dict[str, Any]:
         if ended
         else None
     )
+    scores = [trial_score(r, s.direction, s.epochs) for r in rows]
+    chosen = values(best.params) if best else {}
     return {
-        "spec": str(s.spec_path),
-        "spec_name": s.spec.name,
-        "arm": s.tune.arm,
+        "arm": s.arm,
         "study": s.study_name,
-        "storage": tuner.shown_storage,
-        "objective": s.tune.objective,
-        "direction": s.direction,
-        "budget": {"trials": s.tune.trials, "seeds": s.seeds, "epochs": s.epochs},
-        "pruner": s.tune.pruner,
-        "space": {k: v.model_dump(exclude_none=True) for k, v in sorted(s.tune.space.items())},
+        "space": {k: v.model_dump(exclude_none=True) for k, v in s.space.items()},
+        "fixed": s.fixed,
         "counts": tuner.counts(trials),
         "trial_seconds": sum(r["duration_s"] or 0.0 for r in rows),
         "span_seconds": span.total_seconds() if span else None,
-        "best": (
-            {
-                "number": best.number,
-                "value": best.value,
-                "params": dict(sorted(best.params.items())),
-            }
-            if best
-            else None
-        ),
+        "best": ({"number": best.number, "value": best.value, "params": chosen} if best else None),
+        "edges": edges(s.space, chosen),
         "importances": _importances(study, len(complete)),
+        "scores": [x for x in scores if x is not None],
         "trials": rows,
     }
 
@@ -657,66 +746,166 @@ def _importances(study: optuna.Study, complete: int) -> dict[str, float] | None:
     if complete < 2 or len(study.best_trial.params) < 1:
         return None
     try:
-        return {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
+        found = optuna.importance.get_param_importances(study)
     except (ValueError, RuntimeError, ZeroDivisionError):
         return None
+    return {k: float(v) for k, v in found.items()}
 
 
-def tuned_yaml(tuner: Tuner, info: dict[str, Any]) -> str:
-    """A spec that extends the tuned one and sets the best values (and the run's --set ones)."""
-    s, best = tuner.s, info["best"]
-    values = Located({})
-    for text in s.overrides:
-        values = merge(values, parse_override(text))
-    for key, value in best["params"].items():
-        values = merge(values, parse_override(f"{key}={json.dumps(value)}"))
-    spec_file, out = s.spec_path.resolve(), s.out.resolve()
-    related = os.path.commonpath([spec_file, out]) != os.path.sep  # else the absolute path
-    parent = os.path.relpath(spec_file, out) if related else str(spec_file)
+def budget_curves(arms: dict[str, dict[str, Any]], direction: str) -> dict[str, Any]:
+    """Per arm with scores: the expected best value after k = 1..N trials and its 95 %
+    bootstrap band (for a minimized objective, the expected lowest)."""
+    sign = 1.0 if direction == "maximize" else -1.0
+    out = {}
+    for arm, info in arms.items():
+        scores = [sign * x for x in info["scores"]]
+        if not scores:
+            continue
+        low, high = stats.expected_max_band(scores)
+        out[arm] = {
+            "n": len(scores),
+            "expected": [sign * x for x in stats.expected_max(scores)],
+            "low": [sign * x for x in (low if sign > 0 else high)],
+            "high": [sign * x for x in (high if sign > 0 else low)],
+        }
+    return out
+
+
+def ranking(curves: dict[str, Any], direction: str) -> dict[str, Any] | None:
+    """The arms ranked by expected best at the largest budget all of them reached, and the
+    budgets k at which the ranking of the point estimates is another one."""
+    if len(curves) < 2:
+        return None
+    top = min(c["n"] for c in curves.values())
+
+    def ranked(k: int) -> list[str]:
+        return sorted(
+            curves, key=lambda a: curves[a]["expected"][k - 1], reverse=direction == "maximize"
+        )
+
+    final = ranked(top)
+    leads = [k for k in range(1, top + 1) if ranked(k)[0] != final[0]]
+    return {
+        "k": top,
+        "order": final,
+        "differs_at": [k for k in range(1, top) if ranked(k) != final],
+        "leader_from": max(leads, default=0) + 1,
+    }
+
+
+def tuned_yaml(s: Settings, info: dict[str, Any], path: Path) -> str:
+    """A spec that extends the tuned one and sets every --set given to tune, the values fixed
+    for this arm (the tuned baseline's, when the method is added to it) and its best ones."""
+    best = info["best"]
+    doc = Located({})
+    chosen = {**s.fixed, **best["params"]}
+    for text in [*s.overrides, *arm_overrides(s, chosen)]:
+        doc = merge(doc, parse_override(text))
+    if "tune" in doc.data:  # a tune: of a child replaces its parent's: the whole one, as run
+        doc.data["tune"] = s.doc.data["tune"]
+    spec_file, folder = s.spec_path.resolve(), path.parent.resolve()
+    related = os.path.commonpath([spec_file, folder]) != os.path.sep  # else the absolute path
+    parent = os.path.relpath(spec_file, folder) if related else str(spec_file)
     seeds = ", ".join(map(str, s.seeds))
     header = (
-        f"# Made by `perturbgen tune` (study {s.study_name}): the best of "
+        f"# Made by `perturbgen tune` (study {s.study_name}): arm {s.arm}, the best of "
         f"{info['counts']['complete']} completed trials,\n"
         f"# trial {best['number']}: {s.tune.objective} {_fmt(best['value'])} ({s.direction}d), "
         f"the mean over seeds {seeds} at {s.epochs} epochs.\n"
-        "# Tuning picked these values on those seeds: compare arms on fresh ones, e.g.\n"
-        f"# perturbgen ablate THIS_FILE --set seed={s.spec.seed + 100}\n"
+        "# Tuning picked these values on those seeds: compare arms on fresh ones (tune does).\n"
     )
-    body = yaml.safe_dump({"extends": parent, **values.data}, sort_keys=False)
+    body = yaml.safe_dump({"extends": parent, **doc.data}, sort_keys=False)
     return header + body
 
 
-def write_outputs(tuner: Tuner) -> dict[str, Any]:
-    """DIR/tune.json, DIR/tune_report.md, DIR/plots/ and, once a trial completed, tuned.yaml.
+def write_outputs(s: Settings, tuners: dict[str, Tuner]) -> dict[str, Any]:
+    """DIR/tune.json, DIR/tune_report.md, DIR/plots/ and, per arm with a completed trial,
+    DIR/tuned/ARM.yaml.
 
-    Under a lock in DIR: processes that share the study write them one at a time, each from
+    Under a lock in DIR: processes that share the studies write them one at a time, each from
     the storage as it is then, so that the last writer leaves the latest state."""
     from generator.render import load_spec
 
-    out = tuner.s.out
+    out = s.out
     out.mkdir(parents=True, exist_ok=True)
     with exclusive(out / ".outputs.lock"):
-        info = summarize(tuner)
-        if info["best"] is not None:
-            text = tuned_yaml(tuner, info)
-            atomic_write(out / "tuned.yaml", text)
-            load_spec(out / "tuned.yaml")  # it must be a valid spec: a failure here is a bug
-        info["plots"] = _plots(tuner.study, out / "plots", info["counts"]["complete"])
-        atomic_write(out / "tune.json", json.dumps(info, indent=2) + "\n")
-        atomic_write(out / "tune_report.md", report_markdown(info))
-    return info
+        arms = {}
+        for arm, tuner in tuners.items():
+            info = arms[arm] = summarize(tuner)
+            info["tuned"] = None
+            if info["best"] is not None:
+                path = out / "tuned" / f"{arm}.yaml"
+                path.parent.mkdir(exist_ok=True)
+                atomic_write(path, tuned_yaml(tuner.s, info, path))
+                load_spec(path)  # it must be a valid spec: a failure here is a bug
+                info["tuned"] = f"tuned/{arm}.yaml"
+            complete = info["counts"]["complete"]
+            info["plots"] = _plots(tuner.study, out / "plots" / arm, complete)
+        curves = budget_curves(arms, s.direction)
+        shown = next(iter(tuners.values())).shown_storage if tuners else None
+        combined = {
+            "spec": str(s.spec_path),
+            "spec_name": s.spec.name,
+            "question": s.tune.question,
+            "storage": shown,
+            "objective": s.tune.objective,
+            "direction": s.direction,
+            "budget": {
+                "trials": s.tune.trials,
+                "seeds": s.seeds,
+                "epochs": s.epochs,
+                "fresh_seeds": s.fresh_seeds,
+            },
+            "pruner": s.tune.pruner,
+            "prune_from": prune_from(s) if s.tune.pruner != "none" else None,
+            "arms": arms,
+            "curves": curves,
+            "ranking": ranking(curves, s.direction),
+            "budget_plot": None,
+        }
+        if curves:
+            _budget_plot(combined, out / "plots" / "budget_curves.png")
+            combined["budget_plot"] = "plots/budget_curves.png"
+        atomic_write(out / "tune.json", json.dumps(combined, indent=2) + "\n")
+        atomic_write(out / "tune_report.md", report_markdown(combined))
+    return combined
+
+
+def _budget_plot(info: dict[str, Any], path: Path) -> None:
+    """The budget curves of every arm in one plot, each with its bootstrap band."""
+    from generator.plots import pyplot
+
+    plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for arm, c in info["curves"].items():
+        ks = range(1, c["n"] + 1)
+        (line,) = ax.plot(ks, c["expected"], marker=".", label=f"{arm} (N={c['n']})")
+        ax.fill_between(ks, c["low"], c["high"], alpha=0.15, color=line.get_color())
+    label = info["objective"].replace("_", " ")
+    ax.set(
+        xlabel="trials k (finished, per arm)",
+        ylabel=f"expected best {label}",
+        title=f"{info['spec_name']}: expected best after k trials, 95 % bootstrap band",
+    )
+    ax.grid(alpha=0.3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
 
 
 def _plots(study: optuna.Study, folder: Path, complete: int) -> dict[str, str]:
     """Optuna's matplotlib plots, by file name; each one that cannot be drawn is skipped."""
     if complete < 1:
         return {}
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as ovm
 
+    from generator.plots import pyplot
+
+    plt = pyplot()
     folder.mkdir(parents=True, exist_ok=True)
     plots = {
         "optimization_history.png": ("optimization history", ovm.plot_optimization_history),
@@ -732,49 +921,143 @@ def _plots(study: optuna.Study, folder: Path, complete: int) -> dict[str, str]:
             except (ValueError, RuntimeError, ZeroDivisionError):
                 continue
         figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
+        if hasattr(axes, "flat"):  # one panel per parameter: room for each one's labels
+            _spread(figure, list(axes.flat))
         save_png(figure, folder / name, dpi=100)
         plt.close(figure)
         made[name] = title
     return made
 
 
+def _spread(figure: Any, panels: list[Any]) -> None:
+    """Optuna's slice plot puts a panel per parameter side by side in a fixed width, so that
+    the dotted names and tick labels overprint: give each panel 3.2 inches, wrap the names
+    at their dots, label the major ticks only and tilt them."""
+    from matplotlib.ticker import NullFormatter
+
+    figure.set_size_inches(3.2 * len(panels) + 2.0, 4.5)
+    for ax in panels:
+        ax.set_xlabel(ax.get_xlabel().replace(".", ".\n"), fontsize=8)
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.tick_params(axis="x", labelrotation=35, labelsize=7)
+
+
+QUESTION_TEXT = {
+    "same_budget": "(a) each arm tuned with the same budget (the benchmark view): every arm "
+    "searched the shared knobs and its own",
+    "added_to_tuned_baseline": "(b) the method added to a tuned baseline (the ablation view): "
+    "baseline tuned first; each method arm searched its own knobs only, on the baseline's "
+    "tuned values, with the same budget",
+}
+
+
 def report_markdown(info: dict[str, Any]) -> str:
-    counts, budget, best = info["counts"], info["budget"], info["best"]
-    params = list(info["space"])
+    budget, arms = info["budget"], info["arms"]
+    pruning = (
+        "no pruner"
+        if info["prune_from"] is None
+        else f"{info['pruner']} pruner, no trial pruned before epoch {info['prune_from']}"
+    )
     lines = [
-        f"# Tuning `{info['spec_name']}`, arm `{info['arm']}`",
+        f"# Tuning `{info['spec_name']}`: {', '.join(f'`{a}`' for a in arms)}",
         "",
-        f"Study `{info['study']}` in `{info['storage']}`, from `{info['spec']}`. Objective: "
+        f"Question: {QUESTION_TEXT[info['question']]}.",
+        "",
+        f"From `{info['spec']}`, studies in `{info['storage']}`. Objective: "
         f"`{info['objective']}` ({info['direction']}d) on the validation split, the mean over "
         f"seeds {budget['seeds']} at {budget['epochs']} epochs per run; TPE sampler, "
-        f"{info['pruner']} pruner. The tuner reads validation metrics only: no test value "
-        "reaches the objective, the pruner or this report.",
+        f"{pruning}. Budget: {budget['trials']} finished trials per arm, a pruned trial "
+        "counted as finished for every arm alike. Trials' runs evaluate no test metric "
+        "(`--no-test`) and the tuner reads validation metrics only.",
         "",
-        f"Trials: {counts['complete'] + counts['pruned']} finished of a budget of "
-        f"{budget['trials']} ({counts['complete']} completed, {counts['pruned']} pruned), "
-        f"{counts['failed']} failed or interrupted (not counted), {counts['running']} running. "
-        f"Time in trials: {info['trial_seconds']:.0f} s"
+        "| arm | finished | completed | pruned | failed | best trial | "
+        f"`{info['objective']}` | at an edge of its range |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for arm, a in arms.items():
+        c, best = a["counts"], a["best"]
+        flagged = ", ".join(f"`{k}` ({v}): widen the range" for k, v in a["edges"].items())
+        lines.append(
+            f"| `{arm}` | {c['complete'] + c['pruned']} | {c['complete']} | {c['pruned']} | "
+            f"{c['failed']} | {'-' if best is None else best['number']} | "
+            f"{'-' if best is None else _fmt(best['value'])} | {flagged or '-'} |"
+        )
+    lines += ["", "## Budget curves", ""]
+    if info["budget_plot"]:
+        lines += [
+            "The expected best validation value after k finished trials, from each arm's "
+            "trials (Dodge et al. 2019; a pruned trial scores the value it was stopped at), "
+            "with a 95 % bootstrap band over the trials.",
+            "",
+            f"![budget curves]({info['budget_plot']})",
+            "",
+        ]
+        lines.append(_ranking_text(info["ranking"]))
+    else:
+        lines.append("No trial has finished yet.")
+    fresh = budget["fresh_seeds"]
+    lines += ["", "## Fresh seeds", ""]
+    lines.append(
+        f"Each arm's best values ran on seeds {fresh}, none of them a tuning seed, each run "
+        "evaluating the test split once: [report/report.md](report/report.md)."
+        if fresh
+        else "None: tune.fresh_seeds is 0 (tuning only)."
+    )
+    for arm, a in arms.items():
+        lines += _arm_markdown(arm, a, info["objective"])
+    return "\n".join(lines) + "\n"
+
+
+def _ranking_text(rank: dict[str, Any] | None) -> str:
+    if rank is None:
+        return "One arm: no ranking."
+    order = " > ".join(f"`{a}`" for a in rank["order"])
+    if not rank["differs_at"]:
+        return f"Ranking at k = {rank['k']}: {order}; it holds at every budget k = 1..{rank['k']}."
+    ks = ", ".join(map(str, rank["differs_at"]))
+    return (
+        f"Ranking at k = {rank['k']}: {order}; it does not hold across budgets: at k = {ks} the "
+        f"ranking is another one. `{rank['order'][0]}` leads from k = {rank['leader_from']} on "
+        "(point estimates; see the bands)."
+    )
+
+
+def _arm_markdown(arm: str, info: dict[str, Any], objective: str) -> list[str]:
+    counts, best = info["counts"], info["best"]
+    params = list(info["space"])
+    lines = [
+        "",
+        f"## Arm `{arm}` (study `{info['study']}`)",
+        "",
+        f"Trials: {counts['complete'] + counts['pruned']} finished ({counts['complete']} "
+        f"completed, {counts['pruned']} pruned), {counts['failed']} failed or interrupted "
+        f"(not counted), {counts['running']} running. Time in trials: "
+        f"{info['trial_seconds']:.0f} s"
         + (
             f"; first start to last end: {info['span_seconds']:.0f} s."
             if info["span_seconds"] is not None
             else "."
         ),
-        "",
-        "## Best trial",
-        "",
     ]
+    if info["fixed"]:
+        fixed = ", ".join(f"`{k}` = {_fmt(v)}" for k, v in info["fixed"].items())
+        lines += ["", f"Fixed at the tuned baseline's values: {fixed}."]
+    lines += ["", "### Best trial", ""]
     if best is None:
         lines.append("No trial has completed yet.")
     else:
         lines += [
-            f"Trial {best['number']}: `{info['objective']}` = {_fmt(best['value'])}. "
-            "`tuned.yaml` is the spec with these values:",
+            f"Trial {best['number']}: `{objective}` = {_fmt(best['value'])}. "
+            f"`{info['tuned']}` is the spec with these values:",
             "",
-            "| parameter | value |",
-            "|---|---|",
-            *(f"| `{k}` | {_fmt(v)} |" for k, v in best["params"].items()),
+            "| parameter | value | range |",
+            "|---|---|---|",
         ]
-    lines += ["", "## Parameter importances", ""]
+        for k, v in best["params"].items():
+            edge = info["edges"].get(k)
+            note = f"at its {edge} edge: widen the range" if edge else ""
+            lines.append(f"| `{k}` | {_fmt(v)} | {note} |")
+    lines += ["", "### Parameter importances", ""]
     if info["importances"] is None:
         lines.append("Not computed: it needs at least two completed trials.")
     else:
@@ -786,11 +1069,11 @@ def report_markdown(info: dict[str, Any]) -> str:
             *(f"| `{k}` | {v:.3f} |" for k, v in info["importances"].items()),
         ]
     if info.get("plots"):
-        lines += ["", "## Plots", ""]
-        lines += [f"![{title}](plots/{name})" for name, title in info["plots"].items()]
+        lines += ["", "### Plots", ""]
+        lines += [f"![{title}](plots/{arm}/{name})" for name, title in info["plots"].items()]
     lines += [
         "",
-        "## Trials",
+        "### Trials",
         "",
         "| # | state | value | epochs | seconds | "
         + " | ".join(f"`{p}`" for p in params)
@@ -808,7 +1091,7 @@ def report_markdown(info: dict[str, Any]) -> str:
             row["reason"].replace("|", "\\|"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 # --- progress ------------------------------------------------------------------------------
@@ -838,7 +1121,7 @@ class Display(Progress):
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         best = tuner.study.best_trial if complete else None
         title = (
-            f"{counts['complete'] + counts['pruned']}/{self.s.tune.trials} trials "
+            f"{self.s.arm}: {counts['complete'] + counts['pruned']}/{self.s.tune.trials} trials "
             f"({counts['complete']} completed, {counts['pruned']} pruned, "
             f"{counts['failed']} failed)"
             + (f"; best {_fmt(best.value)} (trial {best.number})" if best else "")
@@ -853,23 +1136,79 @@ class Display(Progress):
         self.live.update(table)
 
 
+# --- the comparison ------------------------------------------------------------------------
+
+
 def tune(s: Settings) -> tuple[str, dict[str, Any]]:
-    """Run the study to its budget and write its outputs: (why it stopped, tune.json's data).
-    Ctrl-C (KeyboardInterrupt) stops the running trials, marks them failed, writes the
-    outputs and re-raises."""
-    with warnings.catch_warnings(), Display(s) as display:
+    """Run every arm's study to its budget, write the outputs, then run each arm's best
+    values on the fresh seeds and write the paired report: (why it stopped, tune.json's
+    data). Ctrl-C (KeyboardInterrupt) stops the running trials or runs, marks the trials
+    failed, writes the outputs and re-raises."""
+    tuners: dict[str, Tuner] = {}
+    why = "done"
+    with warnings.catch_warnings():
         # Optuna warns that heartbeats and ask/tell are experimental together: they work
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
         warnings.filterwarnings("ignore", "Target and region quantiles", UserWarning)
-        tuner = Tuner(s, display.line)
-        display.line(
-            f"study {s.study_name} in {tuner.shown_storage}: {s.tune.trials} trials of "
-            f"{s.tune.arm} ({len(s.seeds)} seed(s), {s.epochs} epochs), "
-            f"{s.workers} at a time"
-        )
         try:
-            why = tuner.run(display.poll)
+            for arm in order(s.tune):
+                fixed = {}
+                if s.tune.question == QUESTIONS[1] and arm_kind(s.spec, arm) != "baseline":
+                    base = tuners["baseline"].study
+                    if not any(t.state == TrialState.COMPLETE for t in base.get_trials()):
+                        why = "no baseline"
+                        break
+                    fixed = values(base.best_trial.params)
+                a = for_arm(s, arm, fixed)
+                with Display(a) as display:
+                    tuner = tuners[arm] = Tuner(a, display.line)
+                    display.line(
+                        f"study {a.study_name} in {tuner.shown_storage}: {a.tune.trials} trials "
+                        f"of {arm} ({len(a.seeds)} seed(s), {a.epochs} epochs), "
+                        f"{a.workers} at a time"
+                    )
+                    ended = tuner.run(display.poll)
+                if ended == "failures":
+                    why = ended
+                    break
+                if ended == "others" and why == "done":
+                    why = ended  # the next arm meanwhile; no fresh seeds from this process
         finally:
-            info = write_outputs(tuner)
+            info = write_outputs(s, tuners)
+    if why == "done" and s.fresh_seeds:
+        info["report"] = str(fresh_comparison(s, info))
     return why, info
+
+
+def fresh_comparison(s: Settings, info: dict[str, Any]) -> Path:
+    """Each arm's tuned spec on the fresh seeds, DIR/runs/ARM/seed<S> (a finished run is
+    kept, an interrupted one resumed), then the paired report in DIR/report."""
+    from generator import ablate
+    from generator import report as reporting
+    from generator.render import load_spec
+
+    runs = s.out / "runs"
+    jobs = []
+    for arm in s.tune.arms:
+        tuned = s.out / info["arms"][arm]["tuned"]
+        spec, doc = load_spec(tuned)
+        write_folder(Rendered(arm, render(spec, doc, tuned, [arm]).files), runs / "scripts")
+        script = runs / "scripts" / arm / f"train_{arm}.py"
+        folders = spec_folders(doc)
+        jobs += [
+            ablate.Job(arm, seed, script, runs / arm / f"seed{seed}", import_paths=folders)
+            for seed in s.fresh_seeds
+        ]
+    threads = max(1, (os.cpu_count() or 1) // s.workers)
+    print(f"fresh seeds {s.fresh_seeds}: {len(jobs)} runs, {s.workers} at a time", flush=True)
+    with Progress(len(jobs)) as progress:
+        ablate.run_all(jobs, s.workers, [], threads, progress.update)
+    context = {
+        "question": s.tune.question,
+        "trials_per_arm": s.tune.trials,
+        "tuning_seeds": s.seeds,
+        "tune_report": "../tune_report.md",
+    }
+    out, _ = reporting.build(runs, s.out / "report", tuning=context)
+    return out

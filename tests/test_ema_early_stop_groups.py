@@ -109,7 +109,7 @@ def test_bad_fields_are_one_line_errors(write_spec, old, new, line, message):
 
 def test_early_stop_is_refused_in_a_spec_to_tune(write_spec):
     text = MINIMAL.replace("epochs: 2,", "epochs: 2, early_stop: {patience: 3},")
-    path = write_spec(text + "tune: {arm: fixed, space: {optimizer.lr: {low: 0.01, high: 1}}}\n")
+    path = write_spec(text + "tune: {arms: [fixed], space: {optimizer.lr: {low: 0.01, high: 1}}}\n")
     message = (
         "train.early_stop: must be left out of a spec that perturbgen tune searches (its "
         "pruner stops poor trials; a trial's runs must all run train.epochs)"

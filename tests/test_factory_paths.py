@@ -17,8 +17,9 @@ from generator.render import load_spec
 
 TUNE = """\
 tune:
-  arm: baseline
+  arms: [baseline]
   trials: 1
+  fresh_seeds: 0
   epochs: 1
   pruner: none
   space:
@@ -77,10 +78,10 @@ def test_tune_runs_trials_with_the_spec_s_factories_and_its_tuned_spec_runs_too(
     out = tmp_path / "tuned"
     result = cli("tune", spec, "-o", out, cwd=tmp_path)
     assert result.exit_code == 0, result.output
-    info = json.loads((out / "tune.json").read_text())
+    info = json.loads((out / "tune.json").read_text())["arms"]["baseline"]
     assert info["counts"]["complete"] == 1, info["trials"]
     # tuned.yaml sits in another folder and extends the spec: its factories are found
-    result = cli("validate", "--import", out / "tuned.yaml", cwd=tmp_path)
+    result = cli("validate", "--import", out / "tuned" / "baseline.yaml", cwd=tmp_path)
     assert result.exit_code == 0, result.output
 
 

@@ -45,7 +45,12 @@ def test_a_misspelt_kind_gets_a_suggestion(write_spec):
         ["ablate", "SPEC", "-o", "OUT", "--arms", "baseline,fixd"],
         ["diff", "SPEC", "baseline", "fixd"],
         ["export", "SPEC", "fixd", "-o", "OUT/m.py"],
-        ["tune", "SPEC", "--set", "tune.arm=fixd", "--set", "tune.space={}"],
+        [
+            "tune",
+            "SPEC",
+            "--set",
+            "tune={arms: [fixd], space: {optimizer.lr: {low: 0.1, high: 1}}}",
+        ],
     ],
 )
 def test_an_arm_misspelt_on_the_command_line_gets_a_suggestion(write_spec, tmp_path, command):
@@ -89,9 +94,9 @@ def test_ablate_into_a_folder_of_another_spec_names_each_difference(write_spec, 
 
 
 def test_tuned_yaml_keeps_the_tune_values_given_with_set(write_spec, tmp_path):
-    tune = "tune: {arm: baseline, trials: 1, pruner: none, space: {optimizer.lr: {low: 0.01, high: 0.1}}}\n"
+    tune = "tune: {arms: [baseline], trials: 1, fresh_seeds: 0, pruner: none, space: {optimizer.lr: {low: 0.01, high: 0.1}}}\n"
     spec, out = write_spec(MINIMAL + tune), tmp_path / "t"
     result = cli("tune", spec, "-o", out, "--set", "tune.epochs=1", "--set", "seed=3")
     assert result.exit_code == 0, result.output
-    tuned, _ = load_spec(out / "tuned.yaml")
+    tuned, _ = load_spec(out / "tuned" / "baseline.yaml")
     assert tuned.tune.epochs == 1 and tuned.seed == 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 
@@ -269,3 +270,42 @@ def test_stein_total():
     for n0, half_width in ((1, 0.3), (5, 0.0)):
         with pytest.raises(ValueError, match="needs a pilot of n0 >= 2 and a half-width > 0"):
             stats.stein_n(0.5, n0, half_width)
+
+
+# --- tuning budgets (Dodge et al. 2019) --------------------------------------------------------
+
+
+def test_expected_max_is_the_mean_of_the_best_of_k_draws_enumerated():
+    """N = 4 scores with a tie: every one of the N^k ordered draws with replacement, k = 1..4
+    (256 draws at k = 4), gives the exact expectation of the best of k."""
+    scores = [0.71, 0.9, 0.64, 0.9]
+    enumerated = [
+        statistics.fmean(max(draw) for draw in itertools.product(scores, repeat=k))
+        for k in range(1, 5)
+    ]
+    assert stats.expected_max(scores) == pytest.approx(enumerated, abs=1e-12)
+
+
+def test_expected_max_of_hits_and_misses_is_one_minus_all_misses():
+    """m ones among N = 10 scores, the others 0: the best of k is 1 unless all k draws miss,
+    so E[max_k] = 1 - ((N - m) / N)^k, for every k = 1..10."""
+    scores = [0.0] * 7 + [1.0] * 3
+    closed = [1 - 0.7**k for k in range(1, 11)]
+    assert stats.expected_max(scores) == pytest.approx(closed, abs=1e-12)
+    assert stats.expected_max(scores)[0] == pytest.approx(statistics.fmean(scores))
+
+
+def test_the_bootstrap_band_holds_the_curve_and_is_reproducible():
+    """N = 20 scores: the band is ordered, spans the point estimate at every k (the
+    resamples' curves scatter around it), collapses for constant scores and is the same from
+    the same seed."""
+    rng = np.random.default_rng(1)
+    scores = list(rng.uniform(0.8, 0.95, size=20))
+    low, high = stats.expected_max_band(scores)
+    curve = stats.expected_max(scores)
+    assert len(low) == len(high) == 20
+    assert all(lo <= c <= hi for lo, c, hi in zip(low, curve, high, strict=True))
+    assert high[-1] <= max(scores) and low[0] >= min(scores)
+    assert stats.expected_max_band(scores) == (low, high)
+    flat_low, flat_high = stats.expected_max_band([0.9] * 5)
+    assert flat_low == pytest.approx([0.9] * 5) and flat_high == pytest.approx([0.9] * 5)

@@ -26,20 +26,22 @@ variants: [baseline, full]
 """
 FULL = """\
 tune:
-  arm: full
+  arms: [full]
   trials: 3
+  fresh_seeds: 0
   pruner: none
   space:
-    perturbation.eps.exploration: {low: 1.0e-4, high: 1.0e-1, log: true}
+    perturbation.eps.exploration: {low: 0, high: 1.0e-1}  # a noise range reaches 0
     phase_detector.patience: {low: 1, high: 4}
 """
 BASELINE = """\
 tune:
-  arm: baseline
+  arms: [baseline]
   trials: 2
+  fresh_seeds: 0
   pruner: PRUNER
   startup_trials: 1
-  warmup_epochs: 0
+  prune_after: 0
   space:
     optimizer.lr: {low: 1.0e-6, high: 1.0, log: true}
 """
@@ -79,7 +81,7 @@ def test_tune_end_to_end_then_continue(tmp_path):
     assert result.output.count(": start (") == 3
     first = trials(out, "tiny-full")
     assert [t.state for t in first] == [optuna.trial.TrialState.COMPLETE] * 3
-    info = json.loads((out / "tune.json").read_text())
+    info = json.loads((out / "tune.json").read_text())["arms"]["full"]
     assert info["counts"] == {"complete": 3, "pruned": 0, "failed": 0, "running": 0}
     best = max(first, key=lambda t: t.value)
     assert info["best"]["value"] == best.value and info["best"]["number"] == best.number
@@ -88,9 +90,9 @@ def test_tune_end_to_end_then_continue(tmp_path):
         assert (run / "scripts" / "train_full.py").is_file()
         assert json.loads((run / "seed0" / "summary.json").read_text())["epochs"] == 2
 
-    # tuned.yaml: a valid spec that extends the original and sets the best values
-    tuned = out / "tuned.yaml"
-    assert "extends: ../spec.yaml" in tuned.read_text()
+    # tuned/full.yaml: a valid spec that extends the original and sets the best values
+    tuned = out / "tuned" / "full.yaml"
+    assert "extends: ../../spec.yaml" in tuned.read_text()
     assert cli("validate", tuned).exit_code == 0
     loaded, _ = load_spec(tuned)
     assert loaded.perturbation.eps.exploration == best.params["perturbation.eps.exploration"]
@@ -103,9 +105,11 @@ def test_tune_end_to_end_then_continue(tmp_path):
     )
 
     report = (out / "tune_report.md").read_text()
-    for heading in ("## Best trial", "## Parameter importances", "## Plots", "## Trials"):
+    for heading in ("### Best trial", "### Parameter importances", "### Plots", "### Trials"):
         assert heading in report
-    assert {"optimization_history.png", "slice.png"} <= {p.name for p in (out / "plots").iterdir()}
+    plots = {p.name for p in (out / "plots" / "full").iterdir()}
+    assert {"optimization_history.png", "slice.png"} <= plots
+    assert (out / "plots" / "budget_curves.png").is_file()
 
     # the same command, with a bigger budget, continues the study: one more trial
     again = cli("tune", spec, "-o", out, "--trials", "4")
@@ -118,10 +122,10 @@ def test_tune_end_to_end_then_continue(tmp_path):
     assert cli("tune", spec, "-o", out, "--trials", "4").output.count(": start (") == 0
 
     # another search space is another study: refused, not mixed in
-    changed = cli("tune", spec, "-o", out, "--set", "tune.objective=final_val_acc")
+    changed = cli("tune", spec, "-o", out, "--set", "tune.objective=best_val_acc")
     assert changed.exit_code == 2 and (
         "was made from another spec or search space "
-        "(tune.objective: 'best_val_acc' -> 'final_val_acc'); use another --study or -o"
+        "(tune.objective: 'final_val_acc' -> 'best_val_acc'); use another --study or -o"
     ) in " ".join(changed.output.split())
 
 
@@ -140,7 +144,7 @@ def test_two_processes_on_one_storage_share_the_budget(tmp_path):
     for folder in folders:  # each trial ran once: one run, one set of metrics
         run = out / "trials" / "tiny-full" / folder / "seed0"
         assert (run / "train.log").read_text().count("$ ") == 1
-    assert json.loads((out / "tune.json").read_text())["counts"]["complete"] == 4
+    assert json.loads((out / "tune.json").read_text())["arms"]["full"]["counts"]["complete"] == 4
 
 
 def test_pruning_stops_a_trial_whose_validation_value_is_bad(tmp_path):
@@ -198,7 +202,7 @@ def test_interrupted_and_killed_trials_do_not_count(tmp_path):
         ("FAIL", "lost"),
         ("COMPLETE", "completed"),
     ]
-    info = json.loads((out / "tune.json").read_text())
+    info = json.loads((out / "tune.json").read_text())["arms"]["baseline"]
     assert info["counts"] == {"complete": 1, "pruned": 0, "failed": 2, "running": 0}
     assert info["best"]["number"] == 2
     assert "2 failed or interrupted (not counted)" in (out / "tune_report.md").read_text()

@@ -1,6 +1,6 @@
 """`tune --launcher slurm` against a real single-node Slurm (the `slurm_cluster` fixture):
 each trial's runs are Slurm tasks, a pruned trial's task is cancelled on the cluster, and
-the study ends with tuned.yaml as locally."""
+the study ends with tuned/baseline.yaml as locally."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def test_trials_run_as_slurm_tasks_and_a_pruned_one_is_cancelled(slurm_cluster, 
     good, bad = trials(out, "tiny-baseline")
     assert good.state == optuna.trial.TrialState.COMPLETE and good.value > 0.8
     assert bad.state == optuna.trial.TrialState.PRUNED and bad.user_attrs["outcome"] == "pruned"
-    assert (out / "tuned.yaml").is_file()
+    assert (out / "tuned" / "baseline.yaml").is_file()
 
     folder = out / "trials" / "tiny-baseline"
     ids = {}

@@ -16,10 +16,10 @@ from generator.render import load_spec
 TUNED = MINIMAL.replace("[baseline, fixed]", "[baseline, fixed, full]")
 SPACE = """\
 tune:
-  arm: full
+  arms: [full]
   space:
     phase_detector.thresholds.tau1: {low: 0.2, high: 0.9}
-    perturbation.eps.exploration: {low: 1.0e-4, high: 1.0e-2, log: true}
+    perturbation.eps.exploration: {low: 1.0e-4, high: 1.0e-2, log: true, zero: true}
     phase_detector.patience: {low: 1, high: 5}
     perturbation.apply_to: {choices: [all, weights]}
 """
@@ -39,8 +39,9 @@ def test_a_valid_space_becomes_optuna_distributions(write_spec):
     path = write_spec(TUNED + SPACE)
     assert cli("validate", path).exit_code == 0
     spec, doc = load_spec(path)
-    s = tune.settings(spec, doc, path, [], None, 1, None, None, None)
+    s = tune.for_arm(tune.settings(spec, doc, path, [], None, 1, None, None, None), "full", {})
     space = tune.distributions(s)
+    assert space["perturbation.eps.exploration:zero"].choices == (False, True)
     assert space["phase_detector.thresholds.tau1"] == optuna.distributions.FloatDistribution(
         0.2, 0.9
     )
@@ -48,13 +49,14 @@ def test_a_valid_space_becomes_optuna_distributions(write_spec):
     assert space["phase_detector.patience"] == optuna.distributions.IntDistribution(1, 5)
     assert space["perturbation.apply_to"].choices == ("all", "weights")
     assert (s.tune.trials, s.epochs, s.seeds, s.direction) == (20, 2, [0], "maximize")
-    assert s.out == Path("tune/tiny_full") and s.study_name == "tiny-full"
+    assert s.out == Path("tune/tiny") and s.study_name == "tiny-full"
+    assert s.fresh_seeds == [1, 2, 3, 4, 5]  # after the tuning seeds: never one of them
 
 
 def test_each_bad_dimension_is_named_with_its_line(write_spec):
     bad = """\
 tune:
-  arm: full
+  arms: [full]
   space:
     phase_detector.thresholds.tau1: {low: 0, high: 0.9}
     phase_detector.thresholds.tau9: {low: 0.1, high: 0.9}
@@ -74,7 +76,7 @@ tune:
         ":10: tune.space.phase_detector.thresholds.tau1.low: must be > 0 (got 0)",
         ":11: tune.space.phase_detector.thresholds.tau9: phase_detector.thresholds has no field"
         " 'tau9'; did you mean 'tau4'?",
-        ":12: tune.space.perturbation.fixed: the full arm does not use perturbation.fixed",
+        ":12: tune.space.perturbation.fixed: no arm of tune.arms uses perturbation.fixed",
         ":13: tune.space.perturbation.apply_to.choices[1]: must be one of 'all' or 'weights' "
         "(got 'some')",
         ":14: tune.space.phase_detector.patience.high: patience is an integer field (got 5.5)",
@@ -92,7 +94,9 @@ tune:
 
 
 def test_objective_and_budget_are_checked(write_spec):
-    got = errors_of(write_spec, "tune: {arm: full, objective: best_acc, trials: 0, space: {}}\n")
+    got = errors_of(
+        write_spec, "tune: {arms: [full], objective: best_acc, trials: 0, space: {}}\n"
+    )
     assert [line.split(": ", 1)[1] for line in got] == [
         "tune.objective: must be one of 'best_val_acc', 'final_val_acc' or 'epochs_to_target' "
         "(got 'best_acc'); did you mean 'best_val_acc'?",
@@ -101,21 +105,21 @@ def test_objective_and_budget_are_checked(write_spec):
     ]
 
 
-def test_the_tuned_arm_must_be_emitted(write_spec):
-    text = "tune:\n  arm: schedule_only\n  space:\n    perturbation.base: {low: 0, high: 1}\n"
+def test_the_tuned_arms_must_be_emitted(write_spec):
+    text = "tune:\n  arms: [full, schedule_only, full]\n  space:\n    perturbation.base: {low: 0, high: 1}\n"
     assert errors_of(write_spec, text) == [
-        ":8: tune.arm: 'schedule_only' is not one of variants (baseline, fixed, full)"
+        ":8: tune.arms[1]: 'schedule_only' is not an arm of this spec (baseline, fixed, full)",
+        ":8: tune.arms[2]: 'full' is listed twice",
+        ":10: tune.space.perturbation.base: no arm of tune.arms uses perturbation.base",
     ]
 
 
 def test_baseline_knobs_can_be_tuned_and_perturbation_ones_cannot(write_spec):
-    text = (
-        "tune:\n  arm: baseline\n  space:\n    optimizer.lr: {low: 1.0e-3, high: 1, log: true}\n"
-    )
+    text = "tune:\n  arms: [baseline]\n  space:\n    optimizer.lr: {low: 1.0e-3, high: 1, log: true}\n"
     assert cli("validate", write_spec(TUNED + text)).exit_code == 0
     got = errors_of(write_spec, text + "    perturbation.decay: {low: 0, high: 1}\n")
     assert got == [
-        ":11: tune.space.perturbation.decay: the baseline arm does not use perturbation"
+        ":11: tune.space.perturbation.decay: no arm of tune.arms uses perturbation.decay"
     ]
 
 
@@ -123,8 +127,8 @@ def test_set_reaches_the_tune_section_and_it_leaves_the_scripts_alone(write_spec
     path = write_spec(TUNED + SPACE)
     spec, _ = load_spec(path, ["tune.trials=7"])
     assert spec.tune.trials == 7
-    result = cli("validate", path, "--set", "tune.arm=baseline")
-    assert "the baseline arm does not use" in result.output  # its checks run on the override
+    result = cli("validate", path, "--set", "tune.arms=[baseline]")
+    assert "no arm of tune.arms uses" in result.output  # its checks run on the override
     # tune: is not part of the scripts: the same bytes with and without it
     plain = tmp_path / "plain.yaml"
     plain.write_text(TUNED)
@@ -138,16 +142,23 @@ def test_set_reaches_the_tune_section_and_it_leaves_the_scripts_alone(write_spec
 def test_the_committed_schema_describes_tune():
     schema = json.loads((REPO / "specs" / "spec.schema.json").read_text())
     assert "tune" in schema["properties"]
-    assert set(schema["$defs"]["Tune"]["properties"]) >= {"arm", "space", "objective", "trials"}
+    assert set(schema["$defs"]["Tune"]["properties"]) >= {
+        "arms",
+        "question",
+        "space",
+        "arm_space",
+        "fresh_seeds",
+        "prune_after",
+    }
 
 
 def test_the_example_tune_specs_validate():
     specs = sorted((REPO / "specs" / "tune").glob("*.yaml"))
-    assert [p.name for p in specs] == ["mnist1d_cnn_baseline.yaml", "mnist1d_cnn_full.yaml"]
+    assert [p.name for p in specs] == ["mnist1d_cnn_fair.yaml"]
     result = cli("validate", *specs)
     assert result.exit_code == 0, result.output
-    budgets = {load_spec(p)[0].tune.trials for p in specs}
-    assert len(budgets) == 1  # the same budget for the method and its baseline
+    spec = load_spec(specs[0])[0]
+    assert set(spec.tune.arms) == {*spec.variants, "baseline_adam"}  # every arm, tuned
 
 
 # --- the objective ---------------------------------------------------------------------------
@@ -240,8 +251,9 @@ def test_journal_and_bad_storages(write_spec, tmp_path):
     spec, doc = load_spec(path)
     journal = f"journal:{tmp_path / 'j' / 'study.log'}"
     s = tune.settings(spec, doc, path, [], 3, 1, journal, "shared", tmp_path / "t")
+    s = tune.for_arm(s, "full", {})
     tuner = tune.Tuner(s, print)
-    assert tuner.local == tmp_path / "j" / "study.log" and tuner.study.study_name == "shared"
+    assert tuner.local == tmp_path / "j" / "study.log" and tuner.study.study_name == "shared-full"
     assert tuner.study.user_attrs["fingerprint"] == s.fingerprint()
     tune.Tuner(s, print)  # a second process opens the same study
     (tmp_path / "file").write_text("")
@@ -264,6 +276,7 @@ def test_a_serial_tune_samples_the_same_values_again(write_spec):
     def samples(seed: int) -> list[dict]:
         spec, doc = load_spec(path, [f"seed={seed}"])
         s = tune.settings(spec, doc, path, [], None, 1, None, None, None)
+        s = tune.for_arm(s, "full", {})
         study = optuna.create_study(direction="maximize")
         out = []
         for n in range(4):

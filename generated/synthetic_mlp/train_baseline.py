@@ -592,6 +592,11 @@ def build_parser():
         action="store_true",
         help="tiny synthetic data of the same shape, at most 2 epochs",
     )
+    parser.add_argument(
+        "--no-test",
+        action="store_true",
+        help="evaluate and write no test metric (perturbgen tune's trials)",
+    )
     return parser
 
 
@@ -911,6 +916,8 @@ def train(args, rank, world, device, stop):
 
     def finish(status, test=None):
         summary = summarize(state["history"], status, state["step"], elapsed(), test)
+        if args.no_test:  # a tuning trial: not even an empty test key
+            summary = {k: v for k, v in summary.items() if "test" not in k}
         if world > 1:  # every rank's parameter hash, so that drift between replicas shows
             replicas = [None] * world
             fingerprint = replica_fingerprint(model, state["step"])
@@ -1023,6 +1030,10 @@ def train(args, rank, world, device, stop):
             f"  val_loss {val_loss:.4f}  val_acc {val_acc:.4f}  lr {lr:.3g}"
         )
         log(rank, f"{line}  {record['elapsed_s']:.1f}s")
+    if args.no_test:
+        summary = finish("completed")
+        log(rank, f"done: val_acc final {summary['final_val_acc']:.4f}; no test; in {out}")
+        return 0
     # the test split, touched once: the final model and the best-val one (best.pt)
     summary = finish(
         "completed", evaluate_test(forward, data, batch_size, out / "best.pt", device)
