@@ -30,12 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 LONG = [
-    "perturbgen tune specs/tune/mnist1d_cnn_baseline.yaml -o tune/baseline --workers 2",
-    "perturbgen tune docs/results/mnist1d_fair/full_tune.yaml -o tune/full --workers 2",
-    (
-        "perturbgen ablate tune/full/tuned.yaml --arms baseline,full --seeds 5 --set seed=100 "
-        "-o runs/fair"
-    ),
+    "perturbgen tune specs/tune/mnist1d_cnn_fair.yaml --trials 20 --workers 2 -o tune/fair",
 ]
 
 NOT_RUN = {
