@@ -394,6 +394,7 @@ def tune(
     """
     from generator import slurm
     from generator import tune as tuning
+    from generator import tune_space
 
     _check_launcher(launcher)
     resources = None
@@ -404,7 +405,7 @@ def tune(
     with _exits(spec):
         loaded, doc = load_spec(spec, set_ or [])
         factories.require(loaded, doc, spec)  # before a trial starts or a task is submitted
-        chosen = tuning.settings(
+        chosen = tune_space.settings(
             loaded, doc, spec, set_ or [], trials, workers, storage, study, out, resources
         )
     signal.signal(signal.SIGTERM, interrupt)  # stops the trials like Ctrl-C does
