@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import statistics
 import sys
@@ -44,7 +45,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from generator import launch, slurm
+from generator import factories, launch, slurm
 from generator.ablate import lock_holder
 from generator.checks import validate
 from generator.errors import SpecError, SpecErrors
@@ -66,6 +67,7 @@ from generator.tune_space import (
     make_pruner,
     order,
     sampler,
+    settings,
     values,
 )
 from generator.tune_storage import HEARTBEAT_S, alive, file_lock, open_storage, owner
@@ -433,6 +435,16 @@ class Display(Progress):
 # --- the comparison ------------------------------------------------------------------------
 
 
+def prepare(spec_path: Path, overrides: list[str], **options: Any) -> Settings:
+    """The spec loaded, its own factories importable (before a trial starts or a task is
+    submitted), and the invocation's settings (`options`: those of tune_space.settings)."""
+    from generator.render import load_spec
+
+    spec, doc = load_spec(spec_path, overrides)
+    factories.require(spec, doc, spec_path)
+    return settings(spec, doc, spec_path, overrides, **options)
+
+
 def tune(s: Settings) -> tuple[str, dict[str, Any]]:
     """Run every arm's study to its budget, write the outputs, then run each arm's best
     values on the fresh seeds and write the paired report: (why it stopped, tune.json's
@@ -440,6 +452,8 @@ def tune(s: Settings) -> tuple[str, dict[str, Any]]:
     failed, writes the outputs and re-raises."""
     tuners: dict[str, Tuner] = {}
     why = "done"
+    signal.signal(signal.SIGTERM, launch.interrupt)  # stops the trials like Ctrl-C does
+    signal.signal(signal.SIGHUP, launch.interrupt)
     with warnings.catch_warnings():
         # Optuna warns that heartbeats and ask/tell are experimental together: they work
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
