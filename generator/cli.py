@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import json
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -20,10 +18,10 @@ import typer
 from generator import factories
 from generator.errors import SpecError, SpecErrors
 from generator.generate import render_all, render_spec
-from generator.launch import interrupt
+from generator.loading import spec_files
 from generator.output import atomic_write, drift, write_folder
 from generator.render import GenerationError, check_arms, load_spec
-from generator.spec import ARMS, Spec, arm_names
+from generator.spec import ARMS, arm_names, schema_text
 
 app = typer.Typer(
     name="perturbgen",
@@ -66,19 +64,6 @@ EPS_TEXT = {  # arm: (eps(t), phase detector, decay in phase), for `variants`
     "schedule_only": ("eps_base * exp(-lambda * t)", "-", "yes"),
     "full": ("eps_phase[p] * exp(-lambda * t_p)", "yes", "yes"),
 }
-
-
-def _spec_files(paths: list[Path]) -> tuple[list[Path], list[SpecError]]:
-    files, errors = [], []
-    for path in paths:
-        if path.is_dir():
-            found = sorted(p for p in path.glob("*.yaml") if p.is_file())
-            if not found:
-                errors.append(SpecError(str(path), None, "", "folder holds no *.yaml spec"))
-            files += found
-        else:
-            files.append(path)
-    return files, errors
 
 
 @contextlib.contextmanager
@@ -124,7 +109,7 @@ def generate(
     ] = False,
 ) -> None:
     """Render every arm of each spec into OUT/<spec name>/."""
-    files, errors = _spec_files(specs)
+    files, errors = spec_files(specs)
     loaded = []
     for path in files:
         with _exits(path):
@@ -402,13 +387,8 @@ def tune(
             gpus_per_run, cpus_per_run, partition, time_min, mem, account, qos, sbatch
         )
     with _exits(spec):
-        loaded, doc = load_spec(spec, set_ or [])
-        factories.require(loaded, doc, spec)  # before a trial starts or a task is submitted
-        chosen = tuning.settings(
-            loaded, doc, spec, set_ or [], trials, workers, storage, study, out, resources
-        )
-    signal.signal(signal.SIGTERM, interrupt)  # stops the trials like Ctrl-C does
-    signal.signal(signal.SIGHUP, interrupt)
+        options = dict(trials=trials, workers=workers, storage=storage, study=study, out=out)
+        chosen = tuning.prepare(spec, set_ or [], resources=resources, **options)
     try:
         with _exits(chosen.out):
             why, info = tuning.tune(chosen)
@@ -476,10 +456,8 @@ def report(
     if from_ is not None:
         report_dir = out or from_.parent
         try:
-            data = json.loads(from_.read_text())
             with _exits(report_dir):
-                report_dir.mkdir(parents=True, exist_ok=True)
-                reporting.render(data, report_dir)
+                reporting.rerender(from_, report_dir)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             typer.echo(f"error: {from_}: not a report.json ({exc.__class__.__name__})", err=True)
             raise typer.Exit(2) from None
@@ -509,7 +487,7 @@ def validate(
     ] = False,
 ) -> None:
     """Check specs and print every problem as FILE:LINE: path: message."""
-    files, errors = _spec_files(specs)
+    files, errors = spec_files(specs)
     for path in files:
         try:
             spec, doc = load_spec(path, set_ or [])
@@ -539,14 +517,6 @@ def schema(
         with _exits(out):
             atomic_write(out, text)
         typer.echo(f"wrote {out}")
-
-
-def schema_text() -> str:
-    document = {
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        **Spec.model_json_schema(),
-    }
-    return json.dumps(document, indent=2) + "\n"
 
 
 @app.command()

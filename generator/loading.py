@@ -320,3 +320,17 @@ def parse_override(text: str) -> Located:
     path = tuple(parts)
     origins = {path[:n]: (where, None) for n in range(1, len(path) + 1)}
     return Located(nested, origins)
+
+
+def spec_files(paths: list[Path]) -> tuple[list[Path], list[SpecError]]:
+    """The spec files that command-line paths name: a file, or a folder's *.yaml files."""
+    files, errors = [], []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(p for p in path.glob("*.yaml") if p.is_file())
+            if not found:
+                errors.append(SpecError(str(path), None, "", "folder holds no *.yaml spec"))
+            files += found
+        else:
+            files.append(path)
+    return files, errors

@@ -424,6 +424,13 @@ def render(report: dict[str, Any], out: Path) -> None:
     atomic_write(out / "report.md", report_md.markdown(report))
 
 
+def rerender(report_json: Path, out: Path) -> None:
+    """report.md and the plots in `out` from a report.json alone."""
+    data = json.loads(report_json.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    render(data, out)
+
+
 def preload() -> None:
     """Import what build() needs (scipy.stats, matplotlib: seconds of start-up) ahead of
     time, e.g. in a thread while the runs train, so that the report follows their end."""

@@ -3,6 +3,7 @@ messages.py words pydantic's errors)."""
 
 from __future__ import annotations
 
+import json
 import keyword
 import math
 import re
@@ -578,6 +579,8 @@ DATASET_SHAPES: dict[str, tuple[tuple[int, ...], int]] = {
     "cifar10": ((3, 32, 32), 10),
     "cifar100": ((3, 32, 32), 100),
 }
+
+
 def arm_names(spec: Spec) -> list[str]:
     """The arms a spec emits, in order: its variants, then baseline_<name> per extra baseline."""
     return [*spec.variants, *(f"baseline_{name}" for name in sorted(spec.baselines))]
@@ -620,3 +623,12 @@ def baseline_overrides(spec: Spec, doc: Located) -> list[tuple[str, list[str], d
         sections = {k: v for k, v in override.model_dump().items() if v is not None}
         out.append((name, sorted(sections), merge(base, Located(sections)).data))
     return out
+
+
+def schema_text() -> str:
+    """The spec's JSON Schema, as committed in specs/spec.schema.json."""
+    document = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        **Spec.model_json_schema(),
+    }
+    return json.dumps(document, indent=2) + "\n"

@@ -12,7 +12,7 @@ from pathlib import Path
 from conftest import cli
 from test_custom import FACTORIES, SPEC
 
-from generator import ablate, factories, slurm, tune
+from generator import ablate, factories, slurm, tune, tune_space
 from generator.render import load_spec
 
 TUNE = """\
@@ -111,7 +111,7 @@ def test_slurm_tasks_of_ablate_and_tune_get_the_spec_folders_on_their_pythonpath
     jobs = ablate.make_jobs(tmp_path / "abl", ["baseline"], [0], factories.spec_folders(doc))
     launcher = slurm.Launcher(tmp_path / "abl", slurm.Resources())
     slurm.run_ablation(jobs, launcher, [], 1, lambda *a: None, wait=False)
-    s = tune.settings(
+    s = tune_space.settings(
         loaded, doc, child, [], None, 1, None, None, tmp_path / "t", slurm.Resources()
     )
     tuner = tune.Tuner.__new__(tune.Tuner)

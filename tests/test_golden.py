@@ -14,7 +14,7 @@ from conftest import GENERATED, REPO, SPECS, cli
 
 from generator import render
 from generator.plan import plan
-from generator.cli import schema_text
+from generator.spec import schema_text
 
 REFRESH = "perturbgen generate specs -o generated"
 

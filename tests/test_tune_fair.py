@@ -10,7 +10,7 @@ from pathlib import Path
 import optuna
 from conftest import cli
 
-from generator import tune
+from generator import tune_report, tune_space
 from generator.render import load_spec
 from generator.checks import arm_space
 from generator.spec import SearchDim
@@ -128,17 +128,17 @@ def test_edges_scores_and_ranking():
         "d": SearchDim(choices=[1, 2]),
     }
     chosen = {"a": 1.05e-4, "b": 0.99, "c": 0.0, "d": 2}
-    assert tune.edges(space, chosen) == {"a": "low", "b": "high"}
-    assert tune.edges(space, {"a": 1e-3, "b": 0.5}) == {}
+    assert tune_space.edges(space, chosen) == {"a": "low", "b": "high"}
+    assert tune_space.edges(space, {"a": 1e-3, "b": 0.5}) == {}
     row = {"state": "pruned", "value": None, "intermediate": {"2": 0.4, "10": 0.6}}
-    assert tune.trial_score(row, "maximize", 20) == 0.6  # where it was stopped
-    assert tune.trial_score({**row, "intermediate": {}}, "maximize", 20) == 0.0
-    assert tune.trial_score({**row, "state": "fail"}, "maximize", 20) is None
+    assert tune_report.trial_score(row, "maximize", 20) == 0.6  # where it was stopped
+    assert tune_report.trial_score({**row, "intermediate": {}}, "maximize", 20) == 0.0
+    assert tune_report.trial_score({**row, "state": "fail"}, "maximize", 20) is None
     curves = {
         "x": {"n": 3, "expected": [0.5, 0.8, 0.9]},
         "y": {"n": 4, "expected": [0.6, 0.7, 0.8, 0.95]},
     }
-    assert tune.ranking(curves, "maximize") == {
+    assert tune_report.ranking(curves, "maximize") == {
         "k": 3,
         "order": ["x", "y"],
         "differs_at": [1],
@@ -254,11 +254,11 @@ def test_no_trial_is_pruned_before_the_stated_share_of_the_epochs(write_spec):
         "pruner: none", "pruner: median\n  prune_after: 0.5"
     )
     spec, doc = load_spec(write_spec(text.replace("epochs: 1,", "epochs: 60,")))
-    s = tune.for_arm(
-        tune.settings(spec, doc, Path("x"), [], None, 1, None, None, None), "baseline", {}
+    s = tune_space.for_arm(
+        tune_space.settings(spec, doc, Path("x"), [], None, 1, None, None, None), "baseline", {}
     )
-    assert tune.prune_from(s) == 30
-    study = optuna.create_study(direction="maximize", pruner=tune.make_pruner(s))
+    assert tune_space.prune_from(s) == 30
+    study = optuna.create_study(direction="maximize", pruner=tune_space.make_pruner(s))
     for _ in range(5):
         trial = study.ask()
         for epoch in range(1, 61):

@@ -10,7 +10,7 @@ import optuna
 import pytest
 from conftest import MINIMAL, REPO, cli
 
-from generator import tune
+from generator import tune, tune_space
 from generator.render import load_spec
 
 TUNED = MINIMAL.replace("[baseline, fixed]", "[baseline, fixed, full]")
@@ -39,8 +39,8 @@ def test_a_valid_space_becomes_optuna_distributions(write_spec):
     path = write_spec(TUNED + SPACE)
     assert cli("validate", path).exit_code == 0
     spec, doc = load_spec(path)
-    s = tune.for_arm(tune.settings(spec, doc, path, [], None, 1, None, None, None), "full", {})
-    space = tune.distributions(s)
+    s = tune_space.for_arm(tune_space.settings(spec, doc, path, [], None, 1, None, None, None), "full", {})
+    space = tune_space.distributions(s)
     assert space["perturbation.eps.exploration:zero"].choices == (False, True)
     assert space["phase_detector.thresholds.tau1"] == optuna.distributions.FloatDistribution(
         0.2, 0.9
@@ -227,18 +227,20 @@ def test_test_values_never_reach_the_objective(tmp_path):
 
 
 def test_the_tuner_names_no_test_key():
-    """Every string in generator/tune.py that starts with "test" is the one HELD_OUT
-    constant, which only removes such keys: the code cannot ask for a test metric."""
+    """Every string in the tuner's modules (generator/tune*.py) that starts with "test" is
+    the one HELD_OUT constant, which only removes such keys: the code cannot ask for a test
+    metric."""
     source = (REPO / "generator" / "tune.py").read_text()
     literals = [
-        node
-        for node in ast.walk(ast.parse(source))
+        (path.name, node.value, node.lineno)
+        for path in sorted((REPO / "generator").glob("tune*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
         if isinstance(node, ast.Constant)
         and isinstance(node.value, str)
         and node.value.lower().startswith("test")
     ]
-    assert [(n.value, n.lineno) for n in literals] == [
-        ("test", source[: source.index('HELD_OUT = "test"')].count("\n") + 1)
+    assert literals == [
+        ("tune.py", "test", source[: source.index('HELD_OUT = "test"')].count("\n") + 1)
     ]
     assert source.count("HELD_OUT") == 2  # defined, and used once: in read_json's filter
 
@@ -250,8 +252,8 @@ def test_journal_and_bad_storages(write_spec, tmp_path):
     path = write_spec(TUNED + SPACE)
     spec, doc = load_spec(path)
     journal = f"journal:{tmp_path / 'j' / 'study.log'}"
-    s = tune.settings(spec, doc, path, [], 3, 1, journal, "shared", tmp_path / "t")
-    s = tune.for_arm(s, "full", {})
+    s = tune_space.settings(spec, doc, path, [], 3, 1, journal, "shared", tmp_path / "t")
+    s = tune_space.for_arm(s, "full", {})
     tuner = tune.Tuner(s, print)
     assert tuner.local == tmp_path / "j" / "study.log" and tuner.study.study_name == "shared-full"
     assert tuner.study.user_attrs["fingerprint"] == s.fingerprint()
@@ -275,13 +277,13 @@ def test_a_serial_tune_samples_the_same_values_again(write_spec):
 
     def samples(seed: int) -> list[dict]:
         spec, doc = load_spec(path, [f"seed={seed}"])
-        s = tune.settings(spec, doc, path, [], None, 1, None, None, None)
-        s = tune.for_arm(s, "full", {})
+        s = tune_space.settings(spec, doc, path, [], None, 1, None, None, None)
+        s = tune_space.for_arm(s, "full", {})
         study = optuna.create_study(direction="maximize")
         out = []
         for n in range(4):
-            study.sampler = tune.sampler(s, n)
-            trial = study.ask(tune.distributions(s))
+            study.sampler = tune_space.sampler(s, n)
+            trial = study.ask(tune_space.distributions(s))
             study.tell(trial, trial.params["phase_detector.thresholds.tau1"])  # any result
             out.append(trial.params)
         return out
