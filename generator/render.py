@@ -24,6 +24,7 @@ import jinja2
 from generator import __version__
 from generator.errors import SpecError, SpecErrors
 from generator.loading import Located, load_file, merge, parse_override
+from generator.method import source as method_source
 from generator.plan import ReadmeModel, RenderModel, arm_names, plan, spec_hash
 from generator.spec import Spec, did_you_mean, validate
 
@@ -72,6 +73,9 @@ def environment() -> jinja2.Environment:
         autoescape=False,
     )
     env.filters["pyrepr"] = pyrepr
+    # the method's own Python (generator/method/), emitted as it is: the generator's source,
+    # never user text
+    env.globals["method_source"] = method_source
     return env
 
 

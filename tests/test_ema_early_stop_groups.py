@@ -17,7 +17,7 @@ from test_static import arm_differences, ruff_names
 from generator.errors import SpecErrors
 from generator.plan import plan
 from generator.render import load_spec
-from generator.report import load_run
+from generator.runs import load_run
 
 # a model with batch norm (buffers, norm parameters) and biases, as a user's factory
 BN_NET = """\

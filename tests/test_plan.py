@@ -47,6 +47,23 @@ def test_baseline_has_no_perturbation(write_spec):
     assert {"EPS_FIXED", "APPLY_TO", "NOISE_SCALE", "KERNEL"} <= set(names(fixed))
 
 
+def test_each_perturbing_arm_names_its_policy_file():
+    """The eps(t) policy is a file of generator/method/ picked by the arm; its constructor
+    keywords are constants of the arm; the detector is there iff the policy needs it."""
+    models = models_for(REPO / "specs" / "mnist1d_cnn.yaml")
+    expected = {
+        "baseline": ("", (), False),
+        "fixed": ("eps_fixed", ("eps_fixed",), False),
+        "phase_only": ("eps_phase", ("eps_phase",), True),
+        "schedule_only": ("eps_schedule", ("eps_base", "decay"), False),
+        "full": ("eps_full", ("eps_phase", "decay"), True),
+    }
+    for arm, (policy, arguments, detector) in expected.items():
+        m = models[arm]
+        assert (m.policy, m.policy_arguments, m.detector) == (policy, arguments, detector), arm
+        assert {a.upper() for a in arguments} <= set(names(m)), arm
+
+
 def test_constants_follow_the_spec(write_spec):
     models = models_for(write_spec(), ["perturbation.fixed=0.02", "perturbation.scale=lr"])
     values = {c.name: c.value for c in models["fixed"].constants}

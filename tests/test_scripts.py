@@ -46,6 +46,7 @@ def test_smoke_run(script, tmp_path):
         "summary.json",
         "last.pt",
         "best.pt",
+        "run.lock",  # names the process that wrote the folder (one writer per run folder)
         script.name,
         *logged,  # the example that logs writes to TensorBoard only
     }

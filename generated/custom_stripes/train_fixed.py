@@ -52,6 +52,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import sys
 import time
 import warnings
@@ -114,7 +115,7 @@ EPS_FIXED = 0.001  # noise std, parameter units
 
 
 def derived_seed(seed, stream, index=0):
-    """An independent 63-bit seed for one random stream (init, data order, dropout, ...)."""
+    """An independent 63-bit seed for one random stream (init, data order, noise, ...)."""
     digest = hashlib.sha256(f"{seed}:{stream}:{index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
@@ -426,6 +427,19 @@ def lr_at(step, total_steps, warmup_steps, steps_per_epoch):
 
 # ----------------------------------------------------------------------------------------
 # Perturbation
+# (the method's one source is perturbgen's generator/method/, emitted here as it is)
+
+
+class Epsilon:
+    """eps(t) = eps_fixed"""
+
+    needs_detector = False
+
+    def __init__(self, eps_fixed):
+        self.eps_fixed = eps_fixed
+
+    def __call__(self, step, detector):
+        return self.eps_fixed
 
 
 BLOCK = 1024  # elements per Triton program
@@ -450,14 +464,28 @@ if triton is not None:
         tl.store(p_ptr + offs, p + eps * tl.randn(key, offs), mask=mask)
 
 
+def noise_add(flat, n_noise, eps, key):
+    """The kernel's launcher: flat[:n_noise] += eps * xi, xi from Philox under `key`."""
+    grid = (triton.cdiv(n_noise, BLOCK),)
+    noise_add_kernel[grid](flat, n_noise, eps, key, BLOCK=BLOCK)
+
+
+def add_noise(part, eps):
+    """The torch path and the kernel's reference: target += eps * xi for one slice
+    (generator, scratch, target), xi ~ N(0, I) from the slice's generator."""
+    generator, scratch, target = part
+    scratch.normal_(generator=generator)
+    target.add_(scratch, alpha=eps)
+
+
 def pick_kernel(name, device):
-    """'torch' or 'triton' for --kernel auto|torch|triton: triton needs the package and CUDA
+    """'torch' or 'triton' for kernel auto|torch|triton: triton needs the package and CUDA
     (or TRITON_INTERPRET=1, Triton's CPU interpreter, for tests)."""
     usable = triton is not None and (
         device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
     )
     if name == "triton" and not usable:
-        fail(
+        raise ValueError(
             "--kernel triton needs the triton package and a CUDA device "
             f"(triton {'missing' if triton is None else 'present'}, device {device})"
         )
@@ -467,17 +495,12 @@ def pick_kernel(name, device):
 NOISE_STREAMS = 2  # slices of xi, a generator each (and, on big CPU models, a thread each)
 
 
-def add_noise(part, eps):
-    """target += eps * xi for one slice: (generator, scratch, target)."""
-    generator, scratch, target = part
-    scratch.normal_(generator=generator)
-    target.add_(scratch, alpha=eps)
-
-
 class Perturbation:
-    """Adds eps(t) * xi to the chosen parameters after each real optimizer step.
+    """Adds epsilon(t) * xi to the chosen parameters after each real optimizer step.
 
-    eps(t) = eps_fixed
+    `epsilon(step, detector)` is the arm's eps(t) (an Epsilon policy); `detector` a
+    PhaseDetector in the arms that have one, else None; `apply_to` "all" or "weights"
+    (tensors with ndim >= 2); `scale` "absolute" or "lr" (eps follows lr_t / lr_0).
     xi ~ N(0, I) comes from generators of its own, seeded from the run seed and used for
     nothing else, so the noise stream does not depend on data order or init; their state is
     saved in checkpoints so that a resumed run draws exactly the noise it would have drawn.
@@ -487,15 +510,32 @@ class Perturbation:
     on the CPU: Gaussian sampling there runs on one core, and it is most of the noise's cost.
     """
 
-    def __init__(self, model, seed, device, kernel, rank=0, world=1):
+    def __init__(
+        self,
+        model,
+        seed,
+        device,
+        kernel,
+        epsilon,
+        detector=None,
+        apply_to="all",
+        scale="absolute",
+        lr_0=None,
+        rank=0,
+        world=1,
+    ):
+        self.epsilon_of, self.detector = epsilon, detector
+        self.scale, self.lr_0 = scale, lr_0
+        self.rank, self.world = rank, world
         params = list(model.parameters())
-        self.n_noise = sum(p.numel() for p in params if APPLY_TO == "all" or p.ndim >= 2)
+        self.model_params = params
+        self.n_noise = sum(p.numel() for p in params if apply_to == "all" or p.ndim >= 2)
         # every parameter is a view into one storage (flatten_parameters): all of it, flat
         storage = params[0].untyped_storage()
         if any(p.untyped_storage().data_ptr() != storage.data_ptr() for p in params):
             raise ValueError("Perturbation needs flatten_parameters(model) first")
         self.flat = params[0].new_empty(0).set_(storage, 0, (sum(p.numel() for p in params),))
-        self.kernel, self.generators = kernel, []
+        self.kernel, self.generators, self.pool = kernel, [], None
         if kernel == "torch":
             self.generators = [
                 torch.Generator(device=device).manual_seed(derived_seed(seed, "noise", i))
@@ -519,24 +559,59 @@ class Perturbation:
     def epsilon(self, step, lr):
         """eps(t) for optimizer step `step` (0-based), taken at learning rate `lr`; in the
         phase arms, with the phase as decided after this step's detector sample."""
-        eps = EPS_FIXED
-        return eps * lr / LR if NOISE_SCALE == "lr" else eps
+        eps = self.epsilon_of(step, self.detector)
+        return eps * lr / self.lr_0 if self.scale == "lr" else eps
 
-    def step(self, optimizer_step, step, lr, loss):
+    def before_step(self, grad_norm=None):
+        """On a sample step, before the optimizer step: the gradient norm (the one gradient
+        clipping measured, before it clipped, if given) and a snapshot. Only rank 0 samples:
+        after DDP's all-reduce every rank holds the same gradients."""
+        if self.rank != 0:
+            return None
+        if grad_norm is None:
+            grads = [p.grad for p in self.model_params if p.grad is not None]
+            grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        return grad_norm, self.flat.clone()
+
+    def observe(self, step, sample, loss):
+        """After the optimizer step, before the noise: one detector sample, one host sync."""
+        g = d = None
+        if self.rank == 0:
+            grad_norm, before = sample
+            update_norm = torch.linalg.vector_norm(self.flat - before)
+            g, d = torch.stack([grad_norm.float(), update_norm.float()]).tolist()
+            loss = float(loss)
+        return self.decide(step, g, d, loss)
+
+    def decide(self, step, g, d, loss):
+        """The detector's decision on rank 0; under DDP broadcast as one integer."""
+        change = self.detector.observe(step, g, d, loss) if self.rank == 0 else None
+        if self.world > 1:
+            phase = torch.tensor([self.detector.phase], device=self.flat.device)
+            dist.broadcast(phase, 0)
+            if int(phase) != self.detector.phase:
+                self.detector.phase, self.detector.phase_start = int(phase), step
+        return change
+
+    def step(self, optimizer_step, step, lr, loss, grad_norm=None):
         """optimizer_step(), then (on a sample step) the detector's sample, then the noise, with
         the eps decided after that sample: (eps, phase change or None). optimizer_step()
         returning False means the grad scaler skipped the step, which is no step: no sample,
-        no noise, and (None, None) back."""
+        no noise, and (None, None) back. `loss` is the step's training loss (a tensor or a
+        number), read only on sample steps; grad_norm, if given, the gradient's global norm
+        before clipping, which the detector then samples."""
+        sampling = self.detector is not None and self.detector.due(step)
+        sample = self.before_step(grad_norm) if sampling else None
         if optimizer_step() is False:
             return None, None
-        return self.apply(step, lr), None
+        change = self.observe(step, sample, loss) if sampling else None
+        return self.apply(step, lr), change
 
     @torch.no_grad()
     def apply(self, step, lr):
         eps = self.epsilon(step, lr)
         if eps > 0 and self.kernel == "triton":
-            grid = (triton.cdiv(self.n_noise, BLOCK),)
-            noise_add_kernel[grid](self.flat, self.n_noise, eps, self.key_base | step, BLOCK=BLOCK)
+            noise_add(self.flat, self.n_noise, eps, self.key_base | step)
         elif eps > 0 and self.pool is not None:
             list(self.pool.map(add_noise, self.slices, [eps] * len(self.slices)))
         elif eps > 0:
@@ -546,13 +621,48 @@ class Perturbation:
 
     def state_dict(self):
         state = {"kernel": self.kernel, "generators": [g.get_state() for g in self.generators]}
+        if self.detector is not None:
+            state["detector"] = self.detector.state_dict()
         return state
 
     def load_state_dict(self, state):
         if state["kernel"] != self.kernel:
-            fail(f"the checkpoint was made with --kernel {state['kernel']}; resume with it")
+            raise ValueError(
+                f"the checkpoint was made with --kernel {state['kernel']}; resume with it"
+            )
         for generator, saved in zip(self.generators, state["generators"], strict=True):
             generator.set_state(saved)
+        if self.detector is not None:
+            self.detector.load_state_dict(state["detector"])
+
+
+def kernel_for(name, device):
+    """The noise kernel --kernel NAME asks for; one that cannot run here is exit 2."""
+    try:
+        return pick_kernel(name, device)
+    except ValueError as exc:
+        fail(str(exc))
+
+
+def make_perturbation(model, seed, device, kernel, rank=0, world=1):
+    """This arm's Perturbation, with the spec's settings."""
+    detector = None  # this arm's eps(t) needs no phase
+    epsilon = Epsilon(
+        eps_fixed=EPS_FIXED,
+    )
+    return Perturbation(
+        model,
+        seed,
+        device,
+        kernel,
+        epsilon,
+        detector,
+        apply_to=APPLY_TO,
+        scale=NOISE_SCALE,
+        lr_0=LR,
+        rank=rank,
+        world=world,
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -696,8 +806,9 @@ class MetricsLog:
     """metrics.jsonl, one line appended per epoch (after that epoch's last.pt, if any),
     made durable with each last.pt and at the end.
 
-    It only ever grows by the next epoch. It starts as the records the run continues from (those of last.pt when resuming, so
-    lines of epochs after the checkpoint are dropped: they are trained again). A failed
+    It only ever grows by the next epoch. It starts as the records the run continues from
+    (those of last.pt when resuming, so lines of epochs after the checkpoint are dropped:
+    they are trained again). A failed
     write cuts the file back to what it held before, so no torn line is ever left behind.
     """
 
@@ -1035,6 +1146,20 @@ def evaluate_test(model, data, batch_size, best_path, device):
     return final, evaluate(best, data, batch_size, "test")
 
 
+def first_at_target(history, target):
+    """The first epoch record (a dict with "val_acc") at or above `target`, else None."""
+    return next((h for h in history if h["val_acc"] >= target), None)
+
+
+def cv_pct(losses):
+    """Sample std / mean * 100 of the validation losses (None below two losses, if one is
+    missing or non-finite, or if the mean is not positive)."""
+    if len(losses) < 2 or any(v is None or not math.isfinite(v) for v in losses):
+        return None
+    mean = statistics.fmean(losses)
+    return 100 * statistics.stdev(losses) / mean if mean > 0 else None
+
+
 def summarize(history, status, step, elapsed_s, test=None):
     """summary.json: best and final accuracy, time to target, stability of the val loss,
     and (completed runs only) the test split's numbers, measured once at the end;
@@ -1042,13 +1167,8 @@ def summarize(history, status, step, elapsed_s, test=None):
     accs = [h["val_acc"] for h in history]
     best = max(history, key=lambda h: h["val_acc"], default=None)  # the first best: best.pt
     (test_loss, test_acc), (best_loss, best_acc) = test or ((None, None), (None, None))
-    reached = next((h for h in history if h["val_acc"] >= TARGET_ACCURACY), None)
+    reached = first_at_target(history, TARGET_ACCURACY)
     losses = [h["val_loss"] for h in history[-STABILITY_WINDOW:]]
-    cv = None
-    if len(losses) >= 2 and all(math.isfinite(v) for v in losses):
-        mean = sum(losses) / len(losses)
-        std = math.sqrt(sum((v - mean) ** 2 for v in losses) / (len(losses) - 1))
-        cv = 100 * std / mean if mean > 0 else None
     return {
         "spec": SPEC_NAME,
         "arm": ARM,
@@ -1066,7 +1186,7 @@ def summarize(history, status, step, elapsed_s, test=None):
         "epochs_to_target": reached["epoch"] if reached else None,
         "steps_to_target": reached["step"] if reached else None,
         "seconds_to_target": reached["train_s"] if reached else None,  # training steps only
-        "val_loss_cv_pct": cv,  # sample std / mean * 100 over the last epochs below
+        "val_loss_cv_pct": cv_pct(losses),  # sample std / mean * 100 over the last epochs below
         "cv_epochs": len(losses),
         "elapsed_s": elapsed_s,
     }
@@ -1125,7 +1245,7 @@ def train(args, rank, world, device, stop):
         "device": str(device),
         "world_size": world,
         "smoke": args.smoke,
-        "kernel": pick_kernel(args.kernel, device),
+        "kernel": kernel_for(args.kernel, device),
         "amp": "none",
         "compile": False,
         "torch": str(torch.__version__),
@@ -1174,7 +1294,7 @@ def train(args, rank, world, device, stop):
     # dropout and drop-path draw from the global generators: a stream of each rank's own
     torch.manual_seed(derived_seed(args.seed, "dropout", rank))
     # the same noise seed on every rank and no rank offset: replicas stay bit-identical
-    perturbation = Perturbation(model, args.seed, device, config["kernel"], rank, world)
+    perturbation = make_perturbation(model, args.seed, device, config["kernel"], rank, world)
     forward = model
     if world > 1:
         forward = DistributedDataParallel(
