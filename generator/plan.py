@@ -97,6 +97,12 @@ class RenderModel:
         return bool(self.factory_refs)
 
     @property
+    def data_source(self) -> str:
+        """The dataset's template, templates/data/<data_source>.py.jinja: CIFAR-10 and
+        CIFAR-100 share one reader."""
+        return "cifar" if self.dataset in ("cifar10", "cifar100") else self.dataset
+
+    @property
     def loader_data(self) -> bool:
         """Whether examples come through a DataLoader (image folders, custom datasets)
         rather than as tensors held whole on the device."""

@@ -136,3 +136,26 @@ def test_features_that_are_off_are_out_of_the_spec_hash(write_spec):
     assert sorted(ON) == sorted(f"{s}.{k}" for s, f in LATER_FEATURES.items() for k in f)
     for key, value in ON.items():
         assert spec_hash(load_spec(path, [f"{key}={value}"])[0]) != plain, key
+
+
+def test_every_variant_has_its_own_template_file():
+    """Architectures, datasets and eps policies are files picked by a render-model field
+    (arch, data_source, policy), not branches of a chain: each one the spec allows has one."""
+    import typing
+
+    from generator.method import HERE as METHOD, POLICIES
+    from generator.render import templates_dir
+    from generator.spec import Data, Model
+
+    def literals(union, field):
+        members = typing.get_args(typing.get_args(union)[0])
+        return {typing.get_args(m.model_fields[field].annotation)[0] for m in members}
+
+    templates = templates_dir()
+    for arch in literals(Model, "arch"):
+        assert (templates / "model" / f"{arch}.py.jinja").is_file(), arch
+    for dataset in literals(Data, "dataset"):
+        source = "cifar" if dataset.startswith("cifar") else dataset
+        assert (templates / "data" / f"{source}.py.jinja").is_file(), dataset
+    for module in POLICIES.values():
+        assert (METHOD / f"{module}.py").is_file(), module

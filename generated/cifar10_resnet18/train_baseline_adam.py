@@ -185,6 +185,11 @@ def load_cifar(root):
     return (*read(train_files), *read(test_files))
 
 
+def load_splits(root, seed, device, rank, world):
+    """The spec's train, val and test splits (load_data's, outside --smoke)."""
+    return TensorData(*load_cifar(root), VAL_SIZE, device, rank, world)
+
+
 def random_crop_flip(x, generator):
     """Standard CIFAR augmentation on a batch: 4-pixel zero pad, random crop, random flip."""
     n, _, h, w = x.shape
@@ -256,7 +261,7 @@ def load_data(root, smoke, seed, device, rank=0, world=1):
     if smoke:  # 16 examples each
         train, test = synthetic_split(32, 1, 1.0), synthetic_split(16, 3, 1.0)
         return TensorData(*train, *test, 16, device, rank, world)
-    return TensorData(*load_cifar(root), VAL_SIZE, device, rank, world)
+    return load_splits(root, seed, device, rank, world)
 
 
 # ----------------------------------------------------------------------------------------

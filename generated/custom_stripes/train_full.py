@@ -181,77 +181,6 @@ def split_record(train_size, val_indices, test_size):
     }
 
 
-def shard(indices, rank, world):
-    """This rank's part of a global batch: under DDP every rank takes a contiguous slice of
-    the same global batch, so the global batch, its order and a resume mid-epoch are those
-    of a single-process run."""
-    return indices.tensor_split(world)[rank] if world > 1 else indices
-
-
-class TensorData:
-    """A dataset held whole as tensors on the training device: the dataset's training split
-    (x, y) less the VAL_SIZE examples set aside for validation, and its test split."""
-
-    def __init__(self, x, y, x_test, y_test, val_size, device, rank, world):
-        train, val = split_off_val(len(y), val_size)
-        self.splits = split_record(len(train), val, len(y_test))
-        self.x_train, self.y_train = x[train].to(device), y[train].to(device)
-        self.eval_sets = {  # under DDP each rank evaluates every world-th example
-            "val": (x[val][rank::world].to(device), y[val][rank::world].to(device)),
-            "test": (x_test[rank::world].to(device), y_test[rank::world].to(device)),
-        }
-        self.train_size, self.rank, self.world = len(self.x_train), rank, world
-
-    def train_batches(self, order, first, batch_size, seed, epoch):
-        """Batches `first`, `first + 1`, ... of the epoch whose example order is `order`."""
-        for batch in range(first, (len(order) + batch_size - 1) // batch_size):
-            idx = order[batch * batch_size : (batch + 1) * batch_size]
-            idx = shard(idx, self.rank, self.world).to(self.x_train.device)
-            x = self.x_train[idx]
-            yield x, self.y_train[idx]
-
-    def eval_batches(self, split, batch_size):
-        """Batches of this rank's part of split "val" or "test"."""
-        x, y = self.eval_sets[split]
-        for i in range(0, len(x), batch_size):
-            yield x[i : i + batch_size], y[i : i + batch_size]
-
-
-def import_factory(reference, key):
-    """The object a 'module:attribute' reference names. The module is imported by name, so
-    it must be installed or on PYTHONPATH (perturbgen ablate puts the spec's folder there)."""
-    module_name, _, attribute = reference.partition(":")
-    try:
-        obj = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        fail(
-            f"{key} {reference!r}: no module named {exc.name!r} (install it, or put its "
-            "folder on PYTHONPATH)"
-        )
-    for part in attribute.split("."):
-        if not hasattr(obj, part):
-            fail(f"{key} {reference!r}: {obj.__name__} has no attribute {part!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        fail(f"{key} {reference!r} is a {type(obj).__name__}, not a callable")
-    return obj
-
-
-def call_factory(factory, reference, key, *args, **kwargs):
-    """factory(*args, **kwargs), after checking that its signature accepts them."""
-    try:
-        inspect.signature(factory).bind(*args, **kwargs)
-    except TypeError as exc:
-        fail(f"{key} {reference!r} cannot be called with {call_text(args, kwargs)}: {exc}")
-    except ValueError:  # no signature to inspect (some builtins): just call it
-        pass
-    return factory(*args, **kwargs)
-
-
-def call_text(args, kwargs):
-    return "(" + ", ".join([*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())]) + ")"
-
-
 class CheckedSplit(torch.utils.data.Dataset):
     """Examples `indices` of one split of the data factory's, each checked on the way out:
     (x, y) with x a float32 tensor of INPUT_SHAPE and y an int class, or (None, message)."""
@@ -327,6 +256,82 @@ def custom_splits(root):
     )
 
 
+def load_splits(root, seed, device, rank, world):
+    """The spec's train, val and test splits (load_data's, outside --smoke)."""
+    return LoaderData(*custom_splits(root), device, rank, world, seed)
+
+
+def shard(indices, rank, world):
+    """This rank's part of a global batch: under DDP every rank takes a contiguous slice of
+    the same global batch, so the global batch, its order and a resume mid-epoch are those
+    of a single-process run."""
+    return indices.tensor_split(world)[rank] if world > 1 else indices
+
+
+class TensorData:
+    """A dataset held whole as tensors on the training device: the dataset's training split
+    (x, y) less the VAL_SIZE examples set aside for validation, and its test split."""
+
+    def __init__(self, x, y, x_test, y_test, val_size, device, rank, world):
+        train, val = split_off_val(len(y), val_size)
+        self.splits = split_record(len(train), val, len(y_test))
+        self.x_train, self.y_train = x[train].to(device), y[train].to(device)
+        self.eval_sets = {  # under DDP each rank evaluates every world-th example
+            "val": (x[val][rank::world].to(device), y[val][rank::world].to(device)),
+            "test": (x_test[rank::world].to(device), y_test[rank::world].to(device)),
+        }
+        self.train_size, self.rank, self.world = len(self.x_train), rank, world
+
+    def train_batches(self, order, first, batch_size, seed, epoch):
+        """Batches `first`, `first + 1`, ... of the epoch whose example order is `order`."""
+        for batch in range(first, (len(order) + batch_size - 1) // batch_size):
+            idx = order[batch * batch_size : (batch + 1) * batch_size]
+            idx = shard(idx, self.rank, self.world).to(self.x_train.device)
+            x = self.x_train[idx]
+            yield x, self.y_train[idx]
+
+    def eval_batches(self, split, batch_size):
+        """Batches of this rank's part of split "val" or "test"."""
+        x, y = self.eval_sets[split]
+        for i in range(0, len(x), batch_size):
+            yield x[i : i + batch_size], y[i : i + batch_size]
+
+
+def import_factory(reference, key):
+    """The object a 'module:attribute' reference names. The module is imported by name, so
+    it must be installed or on PYTHONPATH (perturbgen ablate puts the spec's folder there)."""
+    module_name, _, attribute = reference.partition(":")
+    try:
+        obj = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        fail(
+            f"{key} {reference!r}: no module named {exc.name!r} (install it, or put its "
+            "folder on PYTHONPATH)"
+        )
+    for part in attribute.split("."):
+        if not hasattr(obj, part):
+            fail(f"{key} {reference!r}: {obj.__name__} has no attribute {part!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        fail(f"{key} {reference!r} is a {type(obj).__name__}, not a callable")
+    return obj
+
+
+def call_factory(factory, reference, key, *args, **kwargs):
+    """factory(*args, **kwargs), after checking that its signature accepts them."""
+    try:
+        inspect.signature(factory).bind(*args, **kwargs)
+    except TypeError as exc:
+        fail(f"{key} {reference!r} cannot be called with {call_text(args, kwargs)}: {exc}")
+    except ValueError:  # no signature to inspect (some builtins): just call it
+        pass
+    return factory(*args, **kwargs)
+
+
+def call_text(args, kwargs):
+    return "(" + ", ".join([*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())]) + ")"
+
+
 def collate(samples):
     """A batch, or (None, message) when an example could not be read or is malformed."""
     unreadable = [label for x, label in samples if x is None]
@@ -384,7 +389,7 @@ def load_data(root, smoke, seed, device, rank=0, world=1):
     if smoke:  # 16 examples each
         train, test = synthetic_split(32, 1, 1.0), synthetic_split(16, 3, 1.0)
         return TensorData(*train, *test, 16, device, rank, world)
-    return LoaderData(*custom_splits(root), device, rank, world, seed)
+    return load_splits(root, seed, device, rank, world)
 
 
 # ----------------------------------------------------------------------------------------

@@ -204,6 +204,11 @@ def load_mnist1d(root):
     return (*checked(f"{path} (train)", *train), *checked(f"{path} (test)", *test))
 
 
+def load_splits(root, seed, device, rank, world):
+    """The spec's train, val and test splits (load_data's, outside --smoke)."""
+    return TensorData(*load_mnist1d(root), VAL_SIZE, device, rank, world)
+
+
 def shard(indices, rank, world):
     """This rank's part of a global batch: under DDP every rank takes a contiguous slice of
     the same global batch, so the global batch, its order and a resume mid-epoch are those
@@ -245,7 +250,7 @@ def load_data(root, smoke, seed, device, rank=0, world=1):
     if smoke:  # 16 examples each
         train, test = synthetic_split(32, 1, 1.0), synthetic_split(16, 3, 1.0)
         return TensorData(*train, *test, 16, device, rank, world)
-    return TensorData(*load_mnist1d(root), VAL_SIZE, device, rank, world)
+    return load_splits(root, seed, device, rank, world)
 
 
 # ----------------------------------------------------------------------------------------

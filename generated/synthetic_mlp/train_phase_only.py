@@ -162,6 +162,14 @@ def split_record(train_size, val_indices, test_size):
     }
 
 
+def load_splits(root, seed, device, rank, world):
+    """The spec's train, val and test splits (load_data's, outside --smoke)."""
+    # train and val come from one draw, test from another: three disjoint splits
+    train = synthetic_split(TRAIN_SIZE + VAL_SIZE, 1, SYNTHETIC_NOISE)
+    test = synthetic_split(TEST_SIZE, 3, SYNTHETIC_NOISE)
+    return TensorData(*train, *test, VAL_SIZE, device, rank, world)
+
+
 def shard(indices, rank, world):
     """This rank's part of a global batch: under DDP every rank takes a contiguous slice of
     the same global batch, so the global batch, its order and a resume mid-epoch are those
@@ -203,10 +211,7 @@ def load_data(root, smoke, seed, device, rank=0, world=1):
     if smoke:  # 16 examples each
         train, test = synthetic_split(32, 1, 1.0), synthetic_split(16, 3, 1.0)
         return TensorData(*train, *test, 16, device, rank, world)
-    # train and val come from one draw, test from another: three disjoint splits
-    train = synthetic_split(TRAIN_SIZE + VAL_SIZE, 1, SYNTHETIC_NOISE)
-    test = synthetic_split(TEST_SIZE, 3, SYNTHETIC_NOISE)
-    return TensorData(*train, *test, VAL_SIZE, device, rank, world)
+    return load_splits(root, seed, device, rank, world)
 
 
 # ----------------------------------------------------------------------------------------
