@@ -352,10 +352,10 @@ class LoaderData:
             pin_memory=self.device.type == "cuda",
             generator=torch.Generator().manual_seed(seed),
         )
-        for x, y in loader:
+        for x, y in loader:  # pinned on CUDA: the copies overlap the step before
             if x is None:
                 fail(y)
-            yield x.to(self.device, non_blocking=True), y.to(self.device)
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def train_batches(self, order, first, batch_size, seed, epoch):
         self.train_set.epoch = epoch  # workers start per epoch and see it
