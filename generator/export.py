@@ -72,6 +72,11 @@ class ExportModel:
     policy_arguments: tuple[str, ...]  # its constructor keywords, settings of the module
 
     @property
+    def perturbation_class(self) -> str:
+        """The method's class the arm builds: with the detector's samples, or the noise alone."""
+        return "SampledPerturbation" if self.detector else "Perturbation"
+
+    @property
     def detector(self) -> bool:
         return policy(self.kind).needs_detector
 

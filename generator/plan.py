@@ -124,6 +124,11 @@ class RenderModel:
         return {name: TRACKER_PACKAGES[name] for name in self.loggers}
 
     @property
+    def perturbation_class(self) -> str:
+        """The method's class the arm builds: with the detector's samples, or the noise alone."""
+        return "SampledPerturbation" if self.detector else "Perturbation"
+
+    @property
     def detector(self) -> bool:
         """Whether the script holds the phase detector: its eps(t) policy needs the phase
         (phase_only and full)."""

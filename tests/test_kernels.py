@@ -89,17 +89,9 @@ def test_two_perturbations_with_different_settings_in_one_process():
     """The method's classes take their settings as arguments: a fixed-eps and a schedule
     Perturbation live side by side, each with its own eps(t), scale and apply_to."""
     cpu = torch.device("cpu")
-    a = noise.Perturbation(flat_linear(8), 0, cpu, "torch", eps_fixed.Epsilon(0.5))
-    b = noise.Perturbation(
-        flat_linear(8),
-        0,
-        cpu,
-        "torch",
-        eps_schedule.Epsilon(1.0, 0.5),
-        apply_to="weights",
-        scale="lr",
-        lr_0=0.1,
-    )
+    a = noise.Perturbation(flat_linear(8), 0, cpu, "torch", eps_fixed.Epsilon(0.5), None, "all")
+    schedule = eps_schedule.Epsilon(1.0, 0.5)
+    b = noise.Perturbation(flat_linear(8), 0, cpu, "torch", schedule, None, "weights", lr_0=0.1)
     assert a.epsilon(3, 0.05) == 0.5  # absolute: the learning rate plays no part
     assert b.epsilon(2, 0.05) == pytest.approx(math.exp(-1.0) * 0.5)  # lr 0.05 / lr_0 0.1
     assert (a.n_noise, b.n_noise) == (9, 8)  # b leaves the bias alone

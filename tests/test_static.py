@@ -82,9 +82,15 @@ def test_script_reads_like_a_script(script):
 ARM_NAMES = {
     "baseline": set(),
     "fixed": {"Perturbation", "Epsilon", "EPS_FIXED"},
-    "phase_only": {"Perturbation", "Epsilon", "PhaseDetector", "EPS_PHASE", "EVERY", "WINDOW"},
+    "phase_only": {
+        "Perturbation", "SampledPerturbation", "Epsilon", "PhaseDetector", "EPS_PHASE",
+        "EVERY", "WINDOW",
+    },
     "schedule_only": {"Perturbation", "Epsilon", "EPS_BASE", "DECAY"},
-    "full": {"Perturbation", "Epsilon", "PhaseDetector", "EPS_PHASE", "DECAY", "EVERY", "WINDOW"},
+    "full": {
+        "Perturbation", "SampledPerturbation", "Epsilon", "PhaseDetector", "EPS_PHASE",
+        "DECAY", "EVERY", "WINDOW",
+    },
 }
 
 

@@ -452,7 +452,8 @@ class Perturbation:
 
     `epsilon(step, detector)` is the arm's eps(t) (an Epsilon policy); `detector` a
     PhaseDetector in the arms that have one, else None; `apply_to` "all" or "weights"
-    (tensors with ndim >= 2); `scale` "absolute" or "lr" (eps follows lr_t / lr_0).
+    (tensors with ndim >= 2); `lr_0` None for noise scale "absolute", else the reference
+    learning rate of noise scale "lr" (eps follows lr_t / lr_0).
     xi ~ N(0, I) comes from generators of its own, seeded from the run seed and used for
     nothing else, so the noise stream does not depend on data order or init; their state is
     saved in checkpoints so that a resumed run draws exactly the noise it would have drawn.
@@ -463,21 +464,9 @@ class Perturbation:
     """
 
     def __init__(
-        self,
-        model,
-        seed,
-        device,
-        kernel,
-        epsilon,
-        detector=None,
-        apply_to="all",
-        scale="absolute",
-        lr_0=None,
-        rank=0,
-        world=1,
+        self, model, seed, device, kernel, epsilon, detector, apply_to, lr_0=None, rank=0, world=1
     ):
-        self.epsilon_of, self.detector = epsilon, detector
-        self.scale, self.lr_0 = scale, lr_0
+        self.epsilon_of, self.detector, self.lr_0 = epsilon, detector, lr_0
         self.rank, self.world = rank, world
         params = list(model.parameters())
         self.model_params = params
@@ -512,52 +501,15 @@ class Perturbation:
         """eps(t) for optimizer step `step` (0-based), taken at learning rate `lr`; in the
         phase arms, with the phase as decided after this step's detector sample."""
         eps = self.epsilon_of(step, self.detector)
-        return eps * lr / self.lr_0 if self.scale == "lr" else eps
+        return eps if self.lr_0 is None else eps * lr / self.lr_0
 
-    def before_step(self, grad_norm=None):
-        """On a sample step, before the optimizer step: the gradient norm (the one gradient
-        clipping measured, before it clipped, if given) and a snapshot. Only rank 0 samples:
-        after DDP's all-reduce every rank holds the same gradients."""
-        if self.rank != 0:
-            return None
-        if grad_norm is None:
-            grads = [p.grad for p in self.model_params if p.grad is not None]
-            grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        return grad_norm, self.flat.clone()
-
-    def observe(self, step, sample, loss):
-        """After the optimizer step, before the noise: one detector sample, one host sync."""
-        g = d = None
-        if self.rank == 0:
-            grad_norm, before = sample
-            update_norm = torch.linalg.vector_norm(self.flat - before)
-            g, d = torch.stack([grad_norm.float(), update_norm.float()]).tolist()
-            loss = float(loss)
-        return self.decide(step, g, d, loss)
-
-    def decide(self, step, g, d, loss):
-        """The detector's decision on rank 0; under DDP broadcast as one integer."""
-        change = self.detector.observe(step, g, d, loss) if self.rank == 0 else None
-        if self.world > 1:
-            phase = torch.tensor([self.detector.phase], device=self.flat.device)
-            dist.broadcast(phase, 0)
-            if int(phase) != self.detector.phase:
-                self.detector.phase, self.detector.phase_start = int(phase), step
-        return change
-
-    def step(self, optimizer_step, step, lr, loss, grad_norm=None):
-        """optimizer_step(), then (on a sample step) the detector's sample, then the noise, with
-        the eps decided after that sample: (eps, phase change or None). optimizer_step()
-        returning False means the grad scaler skipped the step, which is no step: no sample,
-        no noise, and (None, None) back. `loss` is the step's training loss (a tensor or a
-        number), read only on sample steps; grad_norm, if given, the gradient's global norm
-        before clipping, which the detector then samples."""
-        sampling = self.detector is not None and self.detector.due(step)
-        sample = self.before_step(grad_norm) if sampling else None
+    def step(self, optimizer_step, step, lr, loss=None, grad_norm=None):
+        """optimizer_step(), then the noise: (eps, None). optimizer_step() returning False
+        means the grad scaler skipped the step, which is no step: no noise, (None, None)
+        back. loss and grad_norm are what a detector samples (SampledPerturbation)."""
         if optimizer_step() is False:
             return None, None
-        change = self.observe(step, sample, loss) if sampling else None
-        return self.apply(step, lr), change
+        return self.apply(step, lr), None
 
     @torch.no_grad()
     def apply(self, step, lr):
@@ -603,18 +555,9 @@ def make_perturbation(model, seed, device, kernel, rank=0, world=1):
         eps_base=EPS_BASE,
         decay=DECAY,
     )
+    lr_0 = LR if NOISE_SCALE == "lr" else None  # noise scale "lr": eps follows lr_t / lr_0
     return Perturbation(
-        model,
-        seed,
-        device,
-        kernel,
-        epsilon,
-        detector,
-        apply_to=APPLY_TO,
-        scale=NOISE_SCALE,
-        lr_0=LR,
-        rank=rank,
-        world=world,
+        model, seed, device, kernel, epsilon, detector, APPLY_TO, lr_0, rank, world
     )
 
 

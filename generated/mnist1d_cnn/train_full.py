@@ -511,7 +511,8 @@ class Perturbation:
 
     `epsilon(step, detector)` is the arm's eps(t) (an Epsilon policy); `detector` a
     PhaseDetector in the arms that have one, else None; `apply_to` "all" or "weights"
-    (tensors with ndim >= 2); `scale` "absolute" or "lr" (eps follows lr_t / lr_0).
+    (tensors with ndim >= 2); `lr_0` None for noise scale "absolute", else the reference
+    learning rate of noise scale "lr" (eps follows lr_t / lr_0).
     xi ~ N(0, I) comes from generators of its own, seeded from the run seed and used for
     nothing else, so the noise stream does not depend on data order or init; their state is
     saved in checkpoints so that a resumed run draws exactly the noise it would have drawn.
@@ -522,21 +523,9 @@ class Perturbation:
     """
 
     def __init__(
-        self,
-        model,
-        seed,
-        device,
-        kernel,
-        epsilon,
-        detector=None,
-        apply_to="all",
-        scale="absolute",
-        lr_0=None,
-        rank=0,
-        world=1,
+        self, model, seed, device, kernel, epsilon, detector, apply_to, lr_0=None, rank=0, world=1
     ):
-        self.epsilon_of, self.detector = epsilon, detector
-        self.scale, self.lr_0 = scale, lr_0
+        self.epsilon_of, self.detector, self.lr_0 = epsilon, detector, lr_0
         self.rank, self.world = rank, world
         params = list(model.parameters())
         self.model_params = params
@@ -571,7 +560,51 @@ class Perturbation:
         """eps(t) for optimizer step `step` (0-based), taken at learning rate `lr`; in the
         phase arms, with the phase as decided after this step's detector sample."""
         eps = self.epsilon_of(step, self.detector)
-        return eps * lr / self.lr_0 if self.scale == "lr" else eps
+        return eps if self.lr_0 is None else eps * lr / self.lr_0
+
+    def step(self, optimizer_step, step, lr, loss=None, grad_norm=None):
+        """optimizer_step(), then the noise: (eps, None). optimizer_step() returning False
+        means the grad scaler skipped the step, which is no step: no noise, (None, None)
+        back. loss and grad_norm are what a detector samples (SampledPerturbation)."""
+        if optimizer_step() is False:
+            return None, None
+        return self.apply(step, lr), None
+
+    @torch.no_grad()
+    def apply(self, step, lr):
+        eps = self.epsilon(step, lr)
+        if eps > 0 and self.kernel == "triton":
+            noise_add(self.flat, self.n_noise, eps, self.key_base | step)
+        elif eps > 0 and self.pool is not None:
+            list(self.pool.map(add_noise, self.slices, [eps] * len(self.slices)))
+        elif eps > 0:
+            for part in self.slices:
+                add_noise(part, eps)
+        return eps
+
+    def state_dict(self):
+        state = {"kernel": self.kernel, "generators": [g.get_state() for g in self.generators]}
+        if self.detector is not None:
+            state["detector"] = self.detector.state_dict()
+        return state
+
+    def load_state_dict(self, state):
+        if state["kernel"] != self.kernel:
+            raise ValueError(
+                f"the checkpoint was made with --kernel {state['kernel']}; resume with it"
+            )
+        for generator, saved in zip(self.generators, state["generators"], strict=True):
+            generator.set_state(saved)
+        if self.detector is not None:
+            self.detector.load_state_dict(state["detector"])
+
+
+class SampledPerturbation(Perturbation):
+    """Perturbation whose step also feeds the phase detector: on every `detector.every`-th
+    optimizer step the gradient norm, the norm of the optimizer's own update and the loss,
+    taken on rank 0 (after DDP's all-reduce every rank holds the same gradients) and
+    decided there; under DDP the phase is broadcast as one integer. Only sample steps
+    read anything from the device."""
 
     def before_step(self, grad_norm=None):
         """On a sample step, before the optimizer step: the gradient norm (the one gradient
@@ -611,40 +644,12 @@ class Perturbation:
         no noise, and (None, None) back. `loss` is the step's training loss (a tensor or a
         number), read only on sample steps; grad_norm, if given, the gradient's global norm
         before clipping, which the detector then samples."""
-        sampling = self.detector is not None and self.detector.due(step)
+        sampling = self.detector.due(step)
         sample = self.before_step(grad_norm) if sampling else None
         if optimizer_step() is False:
             return None, None
         change = self.observe(step, sample, loss) if sampling else None
         return self.apply(step, lr), change
-
-    @torch.no_grad()
-    def apply(self, step, lr):
-        eps = self.epsilon(step, lr)
-        if eps > 0 and self.kernel == "triton":
-            noise_add(self.flat, self.n_noise, eps, self.key_base | step)
-        elif eps > 0 and self.pool is not None:
-            list(self.pool.map(add_noise, self.slices, [eps] * len(self.slices)))
-        elif eps > 0:
-            for part in self.slices:
-                add_noise(part, eps)
-        return eps
-
-    def state_dict(self):
-        state = {"kernel": self.kernel, "generators": [g.get_state() for g in self.generators]}
-        if self.detector is not None:
-            state["detector"] = self.detector.state_dict()
-        return state
-
-    def load_state_dict(self, state):
-        if state["kernel"] != self.kernel:
-            raise ValueError(
-                f"the checkpoint was made with --kernel {state['kernel']}; resume with it"
-            )
-        for generator, saved in zip(self.generators, state["generators"], strict=True):
-            generator.set_state(saved)
-        if self.detector is not None:
-            self.detector.load_state_dict(state["detector"])
 
 
 def kernel_for(name, device):
@@ -673,18 +678,9 @@ def make_perturbation(model, seed, device, kernel, rank=0, world=1):
         eps_phase=EPS_PHASE,
         decay=DECAY,
     )
-    return Perturbation(
-        model,
-        seed,
-        device,
-        kernel,
-        epsilon,
-        detector,
-        apply_to=APPLY_TO,
-        scale=NOISE_SCALE,
-        lr_0=LR,
-        rank=rank,
-        world=world,
+    lr_0 = LR if NOISE_SCALE == "lr" else None  # noise scale "lr": eps follows lr_t / lr_0
+    return SampledPerturbation(
+        model, seed, device, kernel, epsilon, detector, APPLY_TO, lr_0, rank, world
     )
 
 
