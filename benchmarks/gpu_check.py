@@ -15,7 +15,8 @@ and the step-time cost of the method.
                  batch 128, each noise kernel (arms interleaved in rounds, medians)
 
 It writes DIR/gpu_check.json and DIR/gpu_check.md (default DIR: runs/gpu_check) and exits
-1 if any run failed or a resume was not exact. The dry run uses synthetic_mlp for (a) and
+1 if any run failed or a resume was not exact. Each run starts afresh: the scripts and run
+folders of an earlier check in DIR (OUTPUTS) are removed first, so it can be run again. The dry run uses synthetic_mlp for (a) and
 (b), sizes of a few thousand for (c) and ResNet-18 at batch 2 with the torch kernel for (d).
 """
 
@@ -27,6 +28,7 @@ import io
 import json
 import os
 import runpy
+import shutil
 import statistics
 import subprocess
 import sys
@@ -34,6 +36,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+OUTPUTS = ("scripts", "arms", "deterministic", "resume")  # what a check writes under DIR
 SPECS = sorted((REPO / "specs").glob("*.yaml"))
 
 
@@ -326,6 +329,8 @@ def main(argv=None):
     device = "cpu" if args.dry_run else "cuda"
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    for name in OUTPUTS:  # an earlier check's runs would refuse a second one
+        shutil.rmtree(out / name, ignore_errors=True)
     started = time.perf_counter()
     kernels = ["torch", "triton"]
     report = {

@@ -39,7 +39,10 @@ STATS = "generator/stats.py"
 # modules generation never imports: a change to them leaves generated/ as it is
 OUTSIDE_GENERATION = {"generator/report.py", STATS}
 
-PERTURBATION = "templates/_perturbation.py.jinja"
+DETECTOR = "generator/method/detector.py"
+EPS_FULL = "generator/method/eps_full.py"
+NOISE = "generator/method/noise.py"
+SUMMARY = "generator/method/summary.py"  # the scripts' summary and the report share it
 TRAINING = "templates/_training.py.jinja"
 DETECTOR_TESTS = "tests/test_detector.py::"
 STATS_TESTS = "tests/test_stats.py::"
@@ -47,8 +50,8 @@ TREE_TESTS = (
     "tests/test_phase_tree.py::test_each_comparison_of_the_tree_at_its_threshold",
     "tests/test_phase_tree.py::test_the_tree_compares_each_statistic_with_its_own_threshold",
 )
-FINE_TUNING_RULE = "if grad_var < TAU3 and param_delta < TAU4 and smooth_low:"
-EXPLORATION_RULE = "if grad_var > TAU1 and param_delta > TAU2 and smooth_high:"
+FINE_TUNING_RULE = "if grad_var < tau3 and param_delta < tau4 and smooth_low:"
+EXPLORATION_RULE = "if grad_var > tau1 and param_delta > tau2 and smooth_high:"
 HOLM_STEP = "running = max(running, min(1.0, (len(ranked) - i) * p))"
 
 
@@ -65,70 +68,70 @@ MUTANTS = [
     # --- the method (issue 30's table) ---
     Mutant(
         "decay_half_t_p",
-        PERTURBATION,
-        "math.exp(-DECAY * (step - self.detector.phase_start))",
-        "math.exp(-DECAY * (step - self.detector.phase_start) / 2)",
+        EPS_FULL,
+        "-self.decay * (step - detector.phase_start)",
+        "-self.decay * (step - detector.phase_start) / 2",
         (DETECTOR_TESTS + "test_eps_of_each_arm_follows_its_formula",),
     ),
     Mutant(
         "tau3_tau4_swapped",
-        PERTURBATION,
+        DETECTOR,
         FINE_TUNING_RULE,
-        "if grad_var < TAU4 and param_delta < TAU3 and smooth_low:",
+        "if grad_var < tau4 and param_delta < tau3 and smooth_low:",
         TREE_TESTS,
     ),
     Mutant(
         "grad_var_le_tau3",
-        PERTURBATION,
+        DETECTOR,
         FINE_TUNING_RULE,
-        "if grad_var <= TAU3 and param_delta < TAU4 and smooth_low:",
+        "if grad_var <= tau3 and param_delta < tau4 and smooth_low:",
         TREE_TESTS,
     ),
     Mutant(
         "tau1_tau2_swapped",
-        PERTURBATION,
+        DETECTOR,
         EXPLORATION_RULE,
-        "if grad_var > TAU2 and param_delta > TAU1 and smooth_high:",
+        "if grad_var > tau2 and param_delta > tau1 and smooth_high:",
         TREE_TESTS,
     ),
     Mutant(
         "grad_var_ge_tau1",
-        PERTURBATION,
+        DETECTOR,
         EXPLORATION_RULE,
-        "if grad_var >= TAU1 and param_delta > TAU2 and smooth_high:",
+        "if grad_var >= tau1 and param_delta > tau2 and smooth_high:",
         TREE_TESTS,
     ),
     Mutant(
         "loss_smooth_le_tau_smooth",
-        PERTURBATION,
-        "smooth_low = TAU_SMOOTH is None or loss_smooth < TAU_SMOOTH",
-        "smooth_low = TAU_SMOOTH is None or loss_smooth <= TAU_SMOOTH",
+        DETECTOR,
+        "smooth_low = self.tau_smooth is None or loss_smooth < self.tau_smooth",
+        "smooth_low = self.tau_smooth is None or loss_smooth <= self.tau_smooth",
         TREE_TESTS,
     ),
     Mutant(
         "patience_one_vote_late",
-        PERTURBATION,
-        "if self.votes < PATIENCE:",
-        "if self.votes <= PATIENCE:",
+        DETECTOR,
+        "if self.votes < self.patience:",
+        "if self.votes <= self.patience:",
         ("tests/test_phase_tree.py::test_patience_and_monotonic_on_scripted_windows",),
     ),
     Mutant(
         "noise_std_eps_squared",
-        PERTURBATION,
+        NOISE,
         "target.add_(scratch, alpha=eps)",
         "target.add_(scratch, alpha=eps * eps)",
         (DETECTOR_TESTS + "test_applied_noise_has_std_eps",),
     ),
     Mutant(
         "loss_smooth_first_difference",
-        PERTURBATION,
+        DETECTOR,
         "abs(loss[i] - 2 * loss[i - 1] + loss[i - 2])",
         "abs(loss[i] - loss[i - 1])",
         (DETECTOR_TESTS + "test_statistics_of_the_window",),
     ),
     Mutant(
         "noise_rng_not_restored",
-        PERTURBATION,
+        NOISE,
         "generator.set_state(saved)",
         "generator.get_state()",
         (DETECTOR_TESTS + "test_resume_restores_the_detector_and_schedule_exactly",),
@@ -158,11 +161,28 @@ MUTANTS = [
         ("tests/test_step_features.py::test_micro_batches_give_the_big_batch_gradient",),
     ),
     Mutant(
-        "script_cv_divides_by_n",
-        TRAINING,
-        "std = math.sqrt(sum((v - mean) ** 2 for v in losses) / (len(losses) - 1))",
-        "std = math.sqrt(sum((v - mean) ** 2 for v in losses) / len(losses))",
-        ("tests/test_scripts.py::test_summary_cv_is_the_sample_cv_of_the_last_window",),
+        "cv_divides_by_n",  # the scripts' summary.json and the report's CV: one source
+        SUMMARY,
+        "return 100 * statistics.stdev(losses) / mean",
+        "return 100 * statistics.pstdev(losses) / mean",
+        (
+            "tests/test_scripts.py::test_summary_cv_is_the_sample_cv_of_the_last_window",
+            STATS_TESTS + "test_cv_and_detrended_cv",
+        ),
+    ),
+    Mutant(
+        "cv_of_one_loss",
+        SUMMARY,
+        "if len(losses) < 2 or",
+        "if len(losses) < 1 or",
+        (STATS_TESTS + "test_cv_and_detrended_cv",),
+    ),
+    Mutant(
+        "cv_of_a_negative_mean",
+        SUMMARY,
+        "/ mean if mean > 0 else None",
+        "/ mean if mean != 0 else None",
+        (STATS_TESTS + "test_cv_and_detrended_cv",),
     ),
     # --- the verdict's statistics (generator/stats.py), each against scipy or a closed form ---
     *(
@@ -429,24 +449,6 @@ MUTANTS = [
                 ),
                 "return list(probabilities)",
                 "test_km_median_and_its_interval",
-            ),
-            (
-                "cv_ddof_0",
-                "return 100 * statistics.stdev(losses) / mean",
-                "return 100 * statistics.pstdev(losses) / mean",
-                "test_cv_and_detrended_cv",
-            ),
-            (
-                "cv_of_one_loss",
-                "if len(losses) < 2 or",
-                "if len(losses) < 1 or",
-                "test_cv_and_detrended_cv",
-            ),
-            (
-                "cv_of_a_negative_mean",
-                "/ mean if mean > 0 else None",
-                "/ mean if mean != 0 else None",
-                "test_cv_and_detrended_cv",
             ),
             (
                 "detrended_cv_df_n_minus_1",

@@ -42,8 +42,8 @@ class Arm:
         ns["flatten_parameters"](self.model)  # as the script does, in every arm
         self.lr = ns["LR"]
         self.perturbation = None
-        if "Perturbation" in ns:
-            self.perturbation = ns["Perturbation"](self.model, 0, device, kernel)
+        if "make_perturbation" in ns:
+            self.perturbation = ns["make_perturbation"](self.model, 0, device, kernel)
         self.optimizer = ns["build_optimizer"](self.model)
         self.x = torch.randn(batch, *ns["INPUT_SHAPE"], device=device)
         self.y = torch.randint(ns["NUM_CLASSES"], (batch,), device=device)

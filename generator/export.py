@@ -1,8 +1,10 @@
 """Export: one perturbing arm as a standalone module for training loops that already exist.
 
-The module is rendered from the scripts' own Perturbation section (templates/
-_perturbation.py.jinja, included as it is) plus a drop-in class and two callbacks
-(templates/adaptive_perturbation.py.jinja), so the drop-in and the scripts cannot drift.
+The module holds the method from its one source (generator/method/, emitted as it is into
+the scripts too) plus a drop-in class and two callbacks (templates/
+adaptive_perturbation.py.jinja), so the drop-in and the scripts cannot drift. Each instance
+builds its policy and detector from its own settings: instances with different settings
+live side by side in one process.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import jinja2
 
 from generator.errors import SpecError, SpecErrors
 from generator.messages import did_you_mean
+from generator.method import policy
 from generator.plan import Constant, RenderModel, plan
 from generator.render import BLACK_MODE, GenerationError, environment, load_spec
 
@@ -65,11 +68,17 @@ class ExportModel:
     module: str
     constants: tuple[Constant, ...]  # the EXPORTED ones the arm defines, in that order
     overridable: tuple[str, ...]  # their constructor keywords, without `seed`
-    logs: bool = False  # the module holds no experiment logging (the scripts' ExperimentLog)
+    policy: str  # the eps(t) policy's module under generator/method/
+    policy_arguments: tuple[str, ...]  # its constructor keywords, settings of the module
+
+    @property
+    def perturbation_class(self) -> str:
+        """The method's class the arm builds: with the detector's samples, or the noise alone."""
+        return "SampledPerturbation" if self.detector else "Perturbation"
 
     @property
     def detector(self) -> bool:
-        return self.kind in ("phase_only", "full")
+        return policy(self.kind).needs_detector
 
     def value(self, name: str):
         return next(c.value for c in self.constants if c.name == name)
@@ -82,9 +91,6 @@ class ExportModel:
     @property
     def reference_lr(self) -> float:
         return self.value("LR")
-
-    # the module's detector measures the gradient norm itself, at optimizer.step()
-    detector_takes_norm = False
 
 
 def export_model(arm: RenderModel, module: str = MODULE) -> ExportModel:
@@ -103,6 +109,8 @@ def export_model(arm: RenderModel, module: str = MODULE) -> ExportModel:
         module=module,
         constants=constants,
         overridable=tuple(c.name.lower() for c in constants if c.name not in FIXED),
+        policy=arm.policy,
+        policy_arguments=arm.policy_arguments,
     )
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from generator import __version__
 from generator.loading import Located
+from generator.method import POLICIES, policy, policy_arguments
 from generator.spec import (
     SGD,
     CustomData,
@@ -82,6 +83,8 @@ class RenderModel:
     ema: bool = False  # train.ema: an EMA of the weights, validated and tested beside them
     early_stop: bool = False  # train.early_stop: stop when val accuracy stalls
     no_decay: bool = False  # optimizer.no_decay: two parameter groups, one without decay
+    policy: str = ""  # the eps(t) policy's module under generator/method/ ("" in a baseline)
+    policy_arguments: tuple[str, ...] = ()  # its constructor keywords: constants, lower case
 
     @property
     def perturbs(self) -> bool:
@@ -92,6 +95,12 @@ class RenderModel:
     def factories(self) -> bool:
         """Whether the script imports a user's factory (custom model or custom data)."""
         return bool(self.factory_refs)
+
+    @property
+    def data_source(self) -> str:
+        """The dataset's template, templates/data/<data_source>.py.jinja: CIFAR-10 and
+        CIFAR-100 share one reader."""
+        return "cifar" if self.dataset in ("cifar10", "cifar100") else self.dataset
 
     @property
     def loader_data(self) -> bool:
@@ -115,9 +124,15 @@ class RenderModel:
         return {name: TRACKER_PACKAGES[name] for name in self.loggers}
 
     @property
+    def perturbation_class(self) -> str:
+        """The method's class the arm builds: with the detector's samples, or the noise alone."""
+        return "SampledPerturbation" if self.detector else "Perturbation"
+
+    @property
     def detector(self) -> bool:
-        """Whether the script holds the phase detector (phase_only and full only)."""
-        return self.kind in ("phase_only", "full")
+        """Whether the script holds the phase detector: its eps(t) policy needs the phase
+        (phase_only and full)."""
+        return self.perturbs and policy(self.kind).needs_detector
 
     @property
     def detector_takes_norm(self) -> bool:
@@ -392,6 +407,8 @@ def plan(spec: Spec, doc: Located) -> list[RenderModel]:
                 ema=s.train.ema is not None,
                 early_stop=s.train.early_stop is not None,
                 no_decay=bool(s.optimizer.no_decay),
+                policy=POLICIES.get(kind, ""),
+                policy_arguments=policy_arguments(kind) if kind in POLICIES else (),
             )
         )
     return models

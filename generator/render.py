@@ -19,6 +19,7 @@ from generator.checks import validate
 from generator.errors import SpecError, SpecErrors
 from generator.loading import Located, load_file, merge, parse_override
 from generator.messages import did_you_mean
+from generator.method import source as method_source
 from generator.plan import ReadmeModel, RenderModel
 from generator.spec import Spec, arm_names
 
@@ -67,6 +68,9 @@ def environment() -> jinja2.Environment:
         autoescape=False,
     )
     env.filters["pyrepr"] = pyrepr
+    # the method's own Python (generator/method/), emitted as it is: the generator's source,
+    # never user text
+    env.globals["method_source"] = method_source
     return env
 
 

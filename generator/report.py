@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from generator import stats
+from generator.method.summary import first_at_target
 from generator.output import atomic_write
 from generator.runs import (
     PHASES,
@@ -45,7 +46,7 @@ def reach(run: Run, target: float) -> tuple[int, bool]:
     """(epoch, True) of the first epoch at the target validation accuracy; else (the planned
     epochs, False): censored at the end of follow-up, also when the
     run diverged earlier, so that a divergence never shortens an arm's time to target."""
-    reached = next((m for m in run.metrics if m["val_acc"] >= target), None)
+    reached = first_at_target(run.metrics, target)  # the scripts' definition
     if reached:
         return reached["epoch"], True
     planned = run.config.get("epochs")

@@ -13,6 +13,9 @@ import statistics
 import warnings
 from typing import Any
 
+# The seed paper's CV (Table II): one definition, emitted into the scripts' summary too.
+from generator.method.summary import cv_pct  # noqa: F401 (stats.cv_pct is the report's)
+
 ALPHA = 0.05
 POWER = 0.8
 EXACT_MAX_N = 16  # the sign-flip test enumerates all 2^n patterns up to this n
@@ -193,14 +196,6 @@ def km_median(samples: list[tuple[float, bool]]) -> dict[str, Any]:
         first(band.high.quantiles, edge(band.high.probabilities)),
     ]
     return out
-
-
-def cv_pct(losses: list[float | None]) -> float | None:
-    """The seed paper's CV (Table II): sample std / mean * 100 (None if a loss is missing)."""
-    if len(losses) < 2 or any(v is None or not math.isfinite(v) for v in losses):
-        return None
-    mean = statistics.fmean(losses)
-    return 100 * statistics.stdev(losses) / mean if mean > 0 else None
 
 
 def detrended_cv_pct(losses: list[float | None]) -> float | None:

@@ -171,7 +171,7 @@ def check_step_semantics(tmp_path: Path, kernel: str) -> None:
     model = ns["build_model"]()
     ns["flatten_parameters"](model)
     optimizer = ns["build_optimizer"](model)
-    perturbation = ns["Perturbation"](model, 0, torch.device("cpu"), kernel)
+    perturbation = ns["make_perturbation"](model, 0, torch.device("cpu"), kernel)
 
     def adopt_fine_tuning_at_4(step, g, d, loss):
         if step != 4:

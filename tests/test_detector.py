@@ -1,5 +1,6 @@
-"""Adaptive perturbation: the phase detector, eps(t) of every arm, the noise actually
-applied, and exact resume of the detector — all taken from emitted scripts."""
+"""Adaptive perturbation: the phase detector and the eps(t) policies, tested directly as
+the Python they are (generator/method/), then eps(t) of every arm, the noise actually
+applied and exact resume of the detector, taken from emitted scripts."""
 
 from __future__ import annotations
 
@@ -11,19 +12,32 @@ import pytest
 import torch
 from conftest import GENERATED, MINIMAL, cli, generate, run_inprocess, without_timing
 
-EXPLORATION, CONVERGENCE, FINE_TUNING = 0, 1, 2
+from generator.method import eps_fixed, eps_full, eps_phase, eps_schedule
+from generator.method.detector import CONVERGENCE, EXPLORATION, FINE_TUNING, PhaseDetector
+
+# absolute thresholds over a window of 4, a vote adopted at once
+ABSOLUTE_SETTINGS = dict(
+    every=1,
+    window=4,
+    threshold_mode="absolute",
+    tau1=1.0,
+    tau2=1.0,
+    tau3=0.1,
+    tau4=0.1,
+    tau_smooth=None,
+    patience=1,
+    monotonic=False,
+)
+
+
+def detector_with(**changes):
+    return PhaseDetector(**{**ABSOLUTE_SETTINGS, **changes})
 
 
 def namespace(tmp_path, arm, *overrides, spec=MINIMAL):
     text = spec.replace("[baseline, fixed]", "[baseline, fixed, phase_only, schedule_only, full]")
     folder = generate(tmp_path, text, *overrides)
     return runpy.run_path(str(folder / f"train_{arm}.py"), run_name="perturbgen_test")
-
-
-ABSOLUTE = [
-    "phase_detector={window: 4, patience: 1, thresholds: "
-    "{mode: absolute, tau1: 1.0, tau2: 1.0, tau3: 0.1, tau4: 0.1}}"
-]
 
 
 def feed(detector, samples, start=0):
@@ -45,7 +59,7 @@ def noisy_g(n, spread):
 
 
 def test_each_branch_of_the_tree(tmp_path):
-    detector = namespace(tmp_path, "full", *ABSOLUTE)["PhaseDetector"]()
+    detector = detector_with()
     vote = detector.vote
     assert vote(2.0, 0.0, 2.0) == EXPLORATION  # both above tau1, tau2
     assert vote(2.0, 0.0, 0.5) == CONVERGENCE  # high variance alone is not exploration
@@ -56,11 +70,9 @@ def test_each_branch_of_the_tree(tmp_path):
 
 
 def test_loss_smoothness_votes_only_with_a_threshold(tmp_path):
-    without = namespace(tmp_path / "a", "full", *ABSOLUTE)["PhaseDetector"]()
+    without = detector_with()
     assert without.vote(2.0, 100.0, 2.0) == EXPLORATION
-    with_tau = namespace(
-        tmp_path / "b", "full", *ABSOLUTE, "phase_detector.thresholds.tau_smooth=0.5"
-    )["PhaseDetector"]()
+    with_tau = detector_with(tau_smooth=0.5)
     assert with_tau.vote(2.0, 0.1, 2.0) == CONVERGENCE  # smooth loss: not exploration
     assert with_tau.vote(2.0, 0.9, 2.0) == EXPLORATION
     assert with_tau.vote(0.05, 0.9, 0.05) == CONVERGENCE  # rough loss: not fine-tuning
@@ -68,7 +80,7 @@ def test_loss_smoothness_votes_only_with_a_threshold(tmp_path):
 
 
 def test_statistics_of_the_window(tmp_path):
-    detector = namespace(tmp_path, "full", *ABSOLUTE)["PhaseDetector"]()
+    detector = detector_with()
     feed(detector, [(1.0, 0.5, 4.0), (3.0, 1.5, 1.0), (1.0, 0.5, 2.0), (3.0, 1.5, 0.0)])
     grad_var, loss_smooth, param_delta = detector.statistics()
     assert grad_var == pytest.approx(1.0)  # g = 1, 3, 1, 3: population variance 1
@@ -78,7 +90,7 @@ def test_statistics_of_the_window(tmp_path):
 
 
 def test_warm_up_stays_in_exploration(tmp_path):
-    detector = namespace(tmp_path, "full", *ABSOLUTE)["PhaseDetector"]()
+    detector = detector_with()
     assert feed(detector, [(1.0, 0.01, 1.0)] * 3) == []  # would vote fine-tuning
     assert detector.phase == EXPLORATION and len(detector.samples) == 3
     (change,) = feed(detector, [(1.0, 0.01, 1.0)], start=3)  # the window is full
@@ -94,9 +106,8 @@ def scripted(detector, votes):
 
 
 def test_patience_needs_consecutive_votes(tmp_path):
-    ns = namespace(tmp_path, "full", *ABSOLUTE, "phase_detector.patience=3")
     C, E = CONVERGENCE, EXPLORATION
-    detector = scripted(ns["PhaseDetector"](), [C, C, E, C, C, C])
+    detector = scripted(detector_with(patience=3), [C, C, E, C, C, C])
     sample = (1.0, 1.0, 1.0)
     assert feed(detector, [sample] * 8) == []  # 3 warm-up samples, then C, C, E, C, C
     assert (detector.candidate, detector.votes) == (C, 2)
@@ -107,8 +118,7 @@ def test_patience_needs_consecutive_votes(tmp_path):
 
 @pytest.mark.parametrize("monotonic", [False, True])
 def test_monotonic_phases_only_advance(tmp_path, monotonic):
-    flag = f"phase_detector.monotonic={str(monotonic).lower()}"
-    detector = namespace(tmp_path, "full", *ABSOLUTE, flag)["PhaseDetector"]()
+    detector = detector_with(monotonic=monotonic)
     scripted(detector, [CONVERGENCE, EXPLORATION, FINE_TUNING, CONVERGENCE])
     changes = feed(detector, [(1.0, 1.0, 1.0)] * 7)
     expected = ["convergence", "exploration", "fine_tuning", "convergence"]
@@ -118,13 +128,7 @@ def test_monotonic_phases_only_advance(tmp_path, monotonic):
 
 
 def test_relative_thresholds_are_calibrated_on_the_first_window(tmp_path):
-    ns = namespace(
-        tmp_path,
-        "full",
-        "phase_detector={window: 4, patience: 1, thresholds: "
-        "{mode: relative, tau1: 0.5, tau2: 0.5, tau3: 0.1, tau4: 0.2}}",
-    )
-    detector = ns["PhaseDetector"]()
+    detector = detector_with(threshold_mode="relative", tau1=0.5, tau2=0.5, tau3=0.1, tau4=0.2)
     first = list(zip(noisy_g(4, 0.2), [0.01] * 4, [1.0] * 4, strict=True))  # var 0.04, delta 0.01
     assert feed(detector, first) == []  # ratios 1, 1: exploration, as it should be
     assert detector.reference == pytest.approx([0.04, 0.0, 0.01])
@@ -136,15 +140,14 @@ def test_relative_thresholds_are_calibrated_on_the_first_window(tmp_path):
 
 
 def test_non_finite_samples_are_dropped(tmp_path):
-    detector = namespace(tmp_path, "full", *ABSOLUTE)["PhaseDetector"]()
+    detector = detector_with()
     for bad in [(math.nan, 1.0, 1.0), (1.0, math.inf, 1.0), (1.0, 1.0, -math.inf)]:
         assert detector.observe(0, *bad) is None
     assert detector.samples == []
 
 
 def test_detector_state_round_trips(tmp_path):
-    ns = namespace(tmp_path, "full", *ABSOLUTE, "phase_detector.patience=2")
-    a, b = ns["PhaseDetector"](), ns["PhaseDetector"]()
+    a, b = detector_with(patience=2), detector_with(patience=2)
     stream = list(zip(noisy_g(6, 2.0), [2.0] * 6, [1.0] * 6, strict=True)) + [(1.0, 0.05, 1.0)] * 5
     feed(a, stream[:7])
     b.load_state_dict(json.loads(json.dumps(a.state_dict())))
@@ -152,13 +155,41 @@ def test_detector_state_round_trips(tmp_path):
     assert a.state_dict() == b.state_dict()
 
 
+def test_two_detectors_with_different_settings_live_side_by_side():
+    """No module-global settings: each detector decides with its own."""
+    strict, loose = detector_with(), detector_with(tau3=10.0, tau4=10.0)
+    assert strict.vote(0.5, 0.0, 0.5) == CONVERGENCE
+    assert loose.vote(0.5, 0.0, 0.5) == FINE_TUNING
+    assert strict.vote(0.5, 0.0, 0.5) == CONVERGENCE  # unchanged by the other one
+
+
+def test_sample_steps_come_every_n_steps():
+    detector = detector_with(every=3)
+    assert [t for t in range(10) if detector.due(t)] == [0, 3, 6, 9]
+
+
 # --- eps(t) of each arm ------------------------------------------------------------------
+
+
+def test_each_policy_follows_its_formula():
+    detector = detector_with()
+    assert eps_fixed.Epsilon(1e-3)(5000, None) == 1e-3
+    schedule = eps_schedule.Epsilon(eps_base=2e-3, decay=1e-3)
+    assert schedule(700, None) == pytest.approx(2e-3 * math.exp(-0.7))
+    phases = (2e-3, 1e-3, 2.5e-4)
+    detector.phase, detector.phase_start = FINE_TUNING, 300
+    assert eps_phase.Epsilon(phases)(900, detector) == 2.5e-4  # no decay inside a phase
+    assert eps_full.Epsilon(phases, decay=1e-3)(900, detector) == pytest.approx(
+        2.5e-4 * math.exp(-0.6)  # t_p = 900 - 300
+    )
+    assert [eps_fixed.Epsilon.needs_detector, eps_phase.Epsilon.needs_detector] == [False, True]
+    assert [eps_schedule.Epsilon.needs_detector, eps_full.Epsilon.needs_detector] == [False, True]
 
 
 def perturbation(ns):
     model = torch.nn.Linear(400, 250)  # 100,250 parameters
     ns["flatten_parameters"](model)
-    return model, ns["Perturbation"](model, 0, torch.device("cpu"), "torch")
+    return model, ns["make_perturbation"](model, 0, torch.device("cpu"), "torch")
 
 
 def test_eps_of_each_arm_follows_its_formula(tmp_path):
@@ -213,7 +244,7 @@ def test_apply_to_weights_leaves_biases_and_norms_alone(tmp_path):
     ns = namespace(tmp_path, "fixed", "perturbation.apply_to=weights", spec=spec)
     model = ns["build_model"]()
     ns["flatten_parameters"](model)
-    p = ns["Perturbation"](model, 0, torch.device("cpu"), "torch")
+    p = ns["make_perturbation"](model, 0, torch.device("cpu"), "torch")
     before = {k: v.clone() for k, v in model.named_parameters()}
     p.apply(0, 0.1)
     for name, param in model.named_parameters():
@@ -277,10 +308,10 @@ def test_diff_prints_the_ablation():
     assert result.exit_code == 0
     assert result.output.startswith("--- train_fixed.py\n+++ train_full.py\n")
     assert "+class PhaseDetector:" in result.output
-    assert "-        eps = EPS_FIXED" in result.output
+    assert "-        return self.eps_fixed" in result.output
 
 
 def test_perturbation_refuses_parameters_outside_one_buffer(tmp_path):
     ns = namespace(tmp_path, "fixed")
     with pytest.raises(ValueError, match="flatten_parameters"):
-        ns["Perturbation"](torch.nn.Linear(4, 3), 0, torch.device("cpu"), "torch")
+        ns["make_perturbation"](torch.nn.Linear(4, 3), 0, torch.device("cpu"), "torch")

@@ -12,22 +12,23 @@ import pytest
 from conftest import REPO
 
 
-def test_gpu_check_dry_run(tmp_path):
-    pytest.importorskip("triton", reason="the triton package is a test dependency")
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "gpu_check.py"),
-            "--dry-run",
-            "--out",
-            tmp_path,
-        ],
+def dry_run(out):
+    return subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--dry-run", "--out", out],
         capture_output=True,
         text=True,
         timeout=600,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """Run twice into the same folder: the second run starts afresh (it used to find every
+    arm's run folder taken by the first)."""
+    pytest.importorskip("triton", reason="the triton package is a test dependency")
+    for _ in range(2):
+        result = dry_run(tmp_path)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["ok"] and report["dry_run"]
     arms = {(r["arm"], r["kernel"]) for r in report["arms"] if r["ok"]}

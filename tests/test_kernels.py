@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MINIMAL, check_step_semantics, generate
+from conftest import MINIMAL, check_step_semantics, generate, run_inprocess
+
+from generator.method import eps_fixed, eps_schedule, noise
 
 HERE = Path(__file__).parent
 
@@ -38,7 +40,7 @@ def test_torch_path_noise_statistics(n, tmp_path):
     folder = generate(tmp_path, MINIMAL, "perturbation.fixed=0.5")
     ns = runpy.run_path(str(folder / "train_fixed.py"), run_name="perturbgen_test")
     model = torch.nn.Linear(n, 1, bias=False)
-    p = ns["Perturbation"](model, 0, torch.device("cpu"), "torch")
+    p = ns["make_perturbation"](model, 0, torch.device("cpu"), "torch")
     draws = []
     for step in range(2):
         before = model.weight.detach().clone()
@@ -54,15 +56,46 @@ def test_torch_path_noise_statistics(n, tmp_path):
         assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < bound
 
 
-def test_triton_is_refused_where_it_cannot_run(tmp_path, monkeypatch):
+def test_triton_is_refused_where_it_cannot_run(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cpu = torch.device("cpu")
+    assert noise.pick_kernel("auto", cpu) == noise.pick_kernel("torch", cpu) == "torch"
+    with pytest.raises(ValueError, match="--kernel triton needs the triton package and a CUDA"):
+        noise.pick_kernel("triton", cpu)
+
+
+def test_a_script_refuses_triton_with_exit_2(tmp_path, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     folder = generate(tmp_path, MINIMAL)
-    ns = runpy.run_path(str(folder / "train_fixed.py"), run_name="perturbgen_test")
-    assert ns["pick_kernel"]("auto", torch.device("cpu")) == "torch"
-    assert ns["pick_kernel"]("torch", torch.device("cpu")) == "torch"
-    with pytest.raises(SystemExit) as info:
-        ns["pick_kernel"]("triton", torch.device("cpu"))
-    assert info.value.code == 2
+    result = run_inprocess(
+        folder / "train_fixed.py", "--smoke", "--kernel", "triton", "--out", tmp_path / "run"
+    )
+    assert result.returncode == 2 and "--kernel triton needs" in result.stderr
+
+
+def flat_linear(n):
+    """A Linear(n, 1) whose parameters are views into one flat buffer, as the scripts'
+    flatten_parameters makes them."""
+    model = torch.nn.Linear(n, 1)
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    for (name, p), v in zip(
+        model.named_parameters(), flat.split([p.numel() for p in model.parameters()])
+    ):
+        setattr(model, name, torch.nn.Parameter(v.view_as(p)))
+    return model
+
+
+def test_two_perturbations_with_different_settings_in_one_process():
+    """The method's classes take their settings as arguments: a fixed-eps and a schedule
+    Perturbation live side by side, each with its own eps(t), scale and apply_to."""
+    cpu = torch.device("cpu")
+    a = noise.Perturbation(flat_linear(8), 0, cpu, "torch", eps_fixed.Epsilon(0.5), None, "all")
+    schedule = eps_schedule.Epsilon(1.0, 0.5)
+    b = noise.Perturbation(flat_linear(8), 0, cpu, "torch", schedule, None, "weights", lr_0=0.1)
+    assert a.epsilon(3, 0.05) == 0.5  # absolute: the learning rate plays no part
+    assert b.epsilon(2, 0.05) == pytest.approx(math.exp(-1.0) * 0.5)  # lr 0.05 / lr_0 0.1
+    assert (a.n_noise, b.n_noise) == (9, 8)  # b leaves the bias alone
+    assert a.epsilon(3, 0.05) == 0.5  # a is not changed by b
 
 
 def test_the_noise_takes_the_eps_decided_after_the_sample(tmp_path):

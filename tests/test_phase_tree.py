@@ -31,7 +31,7 @@ PHASES = ("exploration", "convergence", "fine_tuning")
 @pytest.fixture(scope="module")
 def detector_class(tmp_path_factory):
     """PhaseDetector of the `full` arm of a spec with the thresholds above, generated once
-    per setting."""
+    per setting, built from the emitted script's constants."""
     return functools.cache(functools.partial(_detector_class, tmp_path_factory))
 
 
@@ -44,9 +44,11 @@ def _detector_class(tmp_path_factory, mode, tau_smooth=None, patience=1, monoton
     )
     root = tmp_path_factory.mktemp(f"{mode}_{tau_smooth}_{patience}_{monotonic}")
     folder = generate(root, MINIMAL.replace("[baseline, fixed]", "[full]"), setting)
-    return runpy.run_path(str(folder / "train_full.py"), run_name="perturbgen_test")[
-        "PhaseDetector"
-    ]
+    script = runpy.run_path(str(folder / "train_full.py"), run_name="perturbgen_test")
+    names = ("every", "window", "threshold_mode", "tau1", "tau2", "tau3", "tau4")
+    names += ("tau_smooth", "patience", "monotonic")
+    settings = {name: script[name.upper()] for name in names}  # the script's constants
+    return functools.partial(script["PhaseDetector"], **settings)
 
 
 def observe_scripted(detector, windows, relative):

@@ -47,6 +47,23 @@ def test_baseline_has_no_perturbation(write_spec):
     assert {"EPS_FIXED", "APPLY_TO", "NOISE_SCALE", "KERNEL"} <= set(names(fixed))
 
 
+def test_each_perturbing_arm_names_its_policy_file():
+    """The eps(t) policy is a file of generator/method/ picked by the arm; its constructor
+    keywords are constants of the arm; the detector is there iff the policy needs it."""
+    models = models_for(REPO / "specs" / "mnist1d_cnn.yaml")
+    expected = {
+        "baseline": ("", (), False),
+        "fixed": ("eps_fixed", ("eps_fixed",), False),
+        "phase_only": ("eps_phase", ("eps_phase",), True),
+        "schedule_only": ("eps_schedule", ("eps_base", "decay"), False),
+        "full": ("eps_full", ("eps_phase", "decay"), True),
+    }
+    for arm, (policy, arguments, detector) in expected.items():
+        m = models[arm]
+        assert (m.policy, m.policy_arguments, m.detector) == (policy, arguments, detector), arm
+        assert {a.upper() for a in arguments} <= set(names(m)), arm
+
+
 def test_constants_follow_the_spec(write_spec):
     models = models_for(write_spec(), ["perturbation.fixed=0.02", "perturbation.scale=lr"])
     values = {c.name: c.value for c in models["fixed"].constants}
@@ -119,3 +136,26 @@ def test_features_that_are_off_are_out_of_the_spec_hash(write_spec):
     assert sorted(ON) == sorted(f"{s}.{k}" for s, f in LATER_FEATURES.items() for k in f)
     for key, value in ON.items():
         assert spec_hash(load_spec(path, [f"{key}={value}"])[0]) != plain, key
+
+
+def test_every_variant_has_its_own_template_file():
+    """Architectures, datasets and eps policies are files picked by a render-model field
+    (arch, data_source, policy), not branches of a chain: each one the spec allows has one."""
+    import typing
+
+    from generator.method import HERE as METHOD, POLICIES
+    from generator.render import templates_dir
+    from generator.spec import Data, Model
+
+    def literals(union, field):
+        members = typing.get_args(typing.get_args(union)[0])
+        return {typing.get_args(m.model_fields[field].annotation)[0] for m in members}
+
+    templates = templates_dir()
+    for arch in literals(Model, "arch"):
+        assert (templates / "model" / f"{arch}.py.jinja").is_file(), arch
+    for dataset in literals(Data, "dataset"):
+        source = "cifar" if dataset.startswith("cifar") else dataset
+        assert (templates / "data" / f"{source}.py.jinja").is_file(), dataset
+    for module in POLICIES.values():
+        assert (METHOD / f"{module}.py").is_file(), module

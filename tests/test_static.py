@@ -81,10 +81,16 @@ def test_script_reads_like_a_script(script):
 # code its ablation needs.
 ARM_NAMES = {
     "baseline": set(),
-    "fixed": {"Perturbation", "EPS_FIXED"},
-    "phase_only": {"Perturbation", "PhaseDetector", "EPS_PHASE", "EVERY", "WINDOW"},
-    "schedule_only": {"Perturbation", "EPS_BASE", "DECAY"},
-    "full": {"Perturbation", "PhaseDetector", "EPS_PHASE", "DECAY", "EVERY", "WINDOW"},
+    "fixed": {"Perturbation", "Epsilon", "EPS_FIXED"},
+    "phase_only": {
+        "Perturbation", "SampledPerturbation", "Epsilon", "PhaseDetector", "EPS_PHASE",
+        "EVERY", "WINDOW",
+    },
+    "schedule_only": {"Perturbation", "Epsilon", "EPS_BASE", "DECAY"},
+    "full": {
+        "Perturbation", "SampledPerturbation", "Epsilon", "PhaseDetector", "EPS_PHASE",
+        "DECAY", "EVERY", "WINDOW",
+    },
 }
 
 

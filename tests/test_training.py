@@ -328,7 +328,7 @@ def test_a_step_the_grad_scaler_skips_is_no_step(fp16_full):
     ns["flatten_parameters"](model)
     optimizer = ns["build_optimizer"](model)
     scaler = torch.amp.GradScaler("cpu")
-    perturbation = ns["Perturbation"](model, 0, torch.device("cpu"), "torch")
+    perturbation = ns["make_perturbation"](model, 0, torch.device("cpu"), "torch")
     x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
 
     def step(index, poison):

@@ -35,7 +35,6 @@ import hashlib
 import math
 import os
 import sys
-import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -97,16 +96,6 @@ CHOICES = {
 COUNTS = ("every", "window", "patience")  # integers >= 1 (window >= 3)
 
 
-def fail(message):
-    raise ValueError(message)
-
-
-def derived_seed(seed, stream, index=0):
-    """The scripts' derived seed: an independent 63-bit seed for one random stream."""
-    digest = hashlib.sha256(f"{seed}:{stream}:{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
 def checked_setting(name, value, default):
     """`value` for setting `name` if it is of the spec's kind, else a one-line ValueError."""
     if isinstance(default, bool) or name in CHOICES:
@@ -138,56 +127,15 @@ def resolved(overrides):
     return {k: checked_setting(k, overrides.get(k, v), v) for k, v in SPEC_SETTINGS.items()}
 
 
-def configure(overrides, live):
-    """resolved(overrides), made the module's constants, which the Perturbation section
-    reads: one set at a time, shared by every AdaptivePerturbation that is alive (`live`);
-    a second one with other settings is an error, not a silent change."""
-    settings = resolved(overrides)
-    for other in live:
-        if other.settings != settings:
-            changed = sorted(k for k in settings if other.settings[k] != settings[k])
-            raise ValueError(
-                f"another AdaptivePerturbation in this process runs with other "
-                f"{', '.join(changed)}: the settings are the module's, one set at a time "
-                "(call .remove() on the other)"
-            )
-    global KERNEL
-    KERNEL = settings["kernel"]
-    global APPLY_TO
-    APPLY_TO = settings["apply_to"]
-    global NOISE_SCALE
-    NOISE_SCALE = settings["noise_scale"]
-    global LR
-    LR = settings["lr"]
-    global EPS_PHASE
-    EPS_PHASE = settings["eps_phase"]
-    global DECAY
-    DECAY = settings["decay"]
-    global EVERY
-    EVERY = settings["every"]
-    global WINDOW
-    WINDOW = settings["window"]
-    global THRESHOLD_MODE
-    THRESHOLD_MODE = settings["threshold_mode"]
-    global TAU1
-    TAU1 = settings["tau1"]
-    global TAU2
-    TAU2 = settings["tau2"]
-    global TAU3
-    TAU3 = settings["tau3"]
-    global TAU4
-    TAU4 = settings["tau4"]
-    global TAU_SMOOTH
-    TAU_SMOOTH = settings["tau_smooth"]
-    global PATIENCE
-    PATIENCE = settings["patience"]
-    global MONOTONIC
-    MONOTONIC = settings["monotonic"]
-    return settings
-
-
 # ----------------------------------------------------------------------------------------
-# Perturbation
+# The method, from its one source (perturbgen's generator/method/), as in the scripts
+
+
+def derived_seed(seed, stream, index=0):
+    """An independent 63-bit seed for one random stream (init, data order, noise, ...)."""
+    digest = hashlib.sha256(f"{seed}:{stream}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
 
 EXPLORATION, CONVERGENCE, FINE_TUNING = 0, 1, 2
 PHASES = ("exploration", "convergence", "fine_tuning")
@@ -196,27 +144,46 @@ PHASES = ("exploration", "convergence", "fine_tuning")
 class PhaseDetector:
     """Classifies training into exploration, convergence and fine-tuning.
 
-    Every EVERY optimizer steps it takes one sample: the gradient norm g, the norm d of the
-    optimizer's own update (noise excluded) and the loss L. Over the last WINDOW samples:
+    Every `every` optimizer steps it takes one sample: the gradient norm g, the norm d of the
+    optimizer's own update (noise excluded) and the loss L. Over the last `window` samples:
         grad_var    = variance of g
         loss_smooth = mean |L_i - 2 L_(i-1) + L_(i-2)|
         param_delta = mean of d
-    In "relative" mode each is divided by its value over the first full window, so the
-    thresholds are ratios. The vote (the seed paper's tree):
-        grad_var > TAU1 and param_delta > TAU2  -> exploration
-        grad_var < TAU3 and param_delta < TAU4  -> fine-tuning
+    With threshold_mode "relative" each is divided by its value over the first full window,
+    so the thresholds are ratios. The vote (the seed paper's tree):
+        grad_var > tau1 and param_delta > tau2  -> exploration
+        grad_var < tau3 and param_delta < tau4  -> fine-tuning
         otherwise                               -> convergence
-    (with TAU_SMOOTH set, exploration also needs loss_smooth above it, fine-tuning below).
+    (with tau_smooth set, exploration also needs loss_smooth above it, fine-tuning below).
     The phase is exploration until the window is full; a new phase is adopted after
-    PATIENCE consecutive votes for it; with MONOTONIC, phases only advance. Non-finite
+    `patience` consecutive votes for it; with `monotonic`, phases only advance. Non-finite
     samples are dropped.
     """
 
-    def __init__(self):
-        self.samples = []  # [g, d, loss] of the last WINDOW finite samples
+    def __init__(
+        self,
+        every,
+        window,
+        threshold_mode,
+        tau1,
+        tau2,
+        tau3,
+        tau4,
+        tau_smooth,
+        patience,
+        monotonic,
+    ):
+        self.every, self.window, self.mode = every, window, threshold_mode
+        self.tau = (tau1, tau2, tau3, tau4)
+        self.tau_smooth, self.patience, self.monotonic = tau_smooth, patience, monotonic
+        self.samples = []  # [g, d, loss] of the last `window` finite samples
         self.reference = None  # statistics of the first full window (relative mode)
         self.phase, self.phase_start = EXPLORATION, 0  # phase_start: step it was adopted
         self.candidate, self.votes = None, 0
+
+    def due(self, step):
+        """Whether optimizer step `step` is a sample step."""
+        return step % self.every == 0
 
     def statistics(self):
         n = len(self.samples)
@@ -227,11 +194,12 @@ class PhaseDetector:
         return grad_var, loss_smooth / (n - 2), sum(d) / n
 
     def vote(self, grad_var, loss_smooth, param_delta):
-        smooth_high = TAU_SMOOTH is None or loss_smooth > TAU_SMOOTH
-        smooth_low = TAU_SMOOTH is None or loss_smooth < TAU_SMOOTH
-        if grad_var > TAU1 and param_delta > TAU2 and smooth_high:
+        tau1, tau2, tau3, tau4 = self.tau
+        smooth_high = self.tau_smooth is None or loss_smooth > self.tau_smooth
+        smooth_low = self.tau_smooth is None or loss_smooth < self.tau_smooth
+        if grad_var > tau1 and param_delta > tau2 and smooth_high:
             return EXPLORATION
-        if grad_var < TAU3 and param_delta < TAU4 and smooth_low:
+        if grad_var < tau3 and param_delta < tau4 and smooth_low:
             return FINE_TUNING
         return CONVERGENCE
 
@@ -239,25 +207,25 @@ class PhaseDetector:
         """Take the sample of optimizer step `step`; return the phase change it made, or None."""
         if not all(math.isfinite(v) for v in (g, d, loss)):
             return None
-        self.samples = (self.samples + [[g, d, loss]])[-WINDOW:]
-        if len(self.samples) < WINDOW:
+        self.samples = (self.samples + [[g, d, loss]])[-self.window :]
+        if len(self.samples) < self.window:
             return None
         stats = self.statistics()
-        if THRESHOLD_MODE == "relative":
+        if self.mode == "relative":
             if self.reference is None:
                 self.reference = list(stats)
             scaled = [s / max(r, 1e-30) for s, r in zip(stats, self.reference)]
         else:
             scaled = list(stats)
         vote = self.vote(*scaled)
-        if MONOTONIC:
+        if self.monotonic:
             vote = max(vote, self.phase)
         if vote == self.phase:
             self.candidate, self.votes = None, 0
             return None
         self.votes = self.votes + 1 if vote == self.candidate else 1
         self.candidate = vote
-        if self.votes < PATIENCE:
+        if self.votes < self.patience:
             return None
         change = {
             "step": step,
@@ -268,17 +236,25 @@ class PhaseDetector:
             "param_delta": stats[2],
             "compared": dict(zip(("grad_var", "loss_smooth", "param_delta"), scaled)),
             "thresholds": {
-                "mode": THRESHOLD_MODE,
-                "tau1": TAU1,
-                "tau2": TAU2,
-                "tau3": TAU3,
-                "tau4": TAU4,
-                "tau_smooth": TAU_SMOOTH,
+                "mode": self.mode,
+                **dict(zip(("tau1", "tau2", "tau3", "tau4"), self.tau)),
+                "tau_smooth": self.tau_smooth,
             },
         }
         self.phase, self.phase_start = vote, step
         self.candidate, self.votes = None, 0
         return change
+
+    def scalars(self):
+        """The phase, the latest sample and the window's statistics, for experiment logs."""
+        scalars = {"train/phase": self.phase}
+        if self.samples:
+            g, d, _ = self.samples[-1]
+            scalars.update({"detector/grad_norm": g, "detector/update_norm": d})
+        if len(self.samples) == self.window:
+            names = ("detector/grad_var", "detector/loss_smooth", "detector/param_delta")
+            scalars.update(zip(names, self.statistics()))
+        return scalars
 
     def state_dict(self):
         return {
@@ -294,6 +270,20 @@ class PhaseDetector:
         self.samples, self.reference = state["samples"], state["reference"]
         self.phase, self.phase_start = state["phase"], state["phase_start"]
         self.candidate, self.votes = state["candidate"], state["votes"]
+
+
+class Epsilon:
+    """eps(t) = eps_phase[p] * exp(-decay * t_p), t_p counting steps since p began"""
+
+    needs_detector = True
+
+    def __init__(self, eps_phase, decay):
+        self.eps_phase, self.decay = eps_phase, decay
+
+    def __call__(self, step, detector):
+        return self.eps_phase[detector.phase] * math.exp(
+            -self.decay * (step - detector.phase_start)
+        )
 
 
 BLOCK = 1024  # elements per Triton program
@@ -318,14 +308,28 @@ if triton is not None:
         tl.store(p_ptr + offs, p + eps * tl.randn(key, offs), mask=mask)
 
 
+def noise_add(flat, n_noise, eps, key):
+    """The kernel's launcher: flat[:n_noise] += eps * xi, xi from Philox under `key`."""
+    grid = (triton.cdiv(n_noise, BLOCK),)
+    noise_add_kernel[grid](flat, n_noise, eps, key, BLOCK=BLOCK)
+
+
+def add_noise(part, eps):
+    """The torch path and the kernel's reference: target += eps * xi for one slice
+    (generator, scratch, target), xi ~ N(0, I) from the slice's generator."""
+    generator, scratch, target = part
+    scratch.normal_(generator=generator)
+    target.add_(scratch, alpha=eps)
+
+
 def pick_kernel(name, device):
-    """'torch' or 'triton' for --kernel auto|torch|triton: triton needs the package and CUDA
+    """'torch' or 'triton' for kernel auto|torch|triton: triton needs the package and CUDA
     (or TRITON_INTERPRET=1, Triton's CPU interpreter, for tests)."""
     usable = triton is not None and (
         device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
     )
     if name == "triton" and not usable:
-        fail(
+        raise ValueError(
             "--kernel triton needs the triton package and a CUDA device "
             f"(triton {'missing' if triton is None else 'present'}, device {device})"
         )
@@ -335,17 +339,13 @@ def pick_kernel(name, device):
 NOISE_STREAMS = 2  # slices of xi, a generator each (and, on big CPU models, a thread each)
 
 
-def add_noise(part, eps):
-    """target += eps * xi for one slice: (generator, scratch, target)."""
-    generator, scratch, target = part
-    scratch.normal_(generator=generator)
-    target.add_(scratch, alpha=eps)
-
-
 class Perturbation:
-    """Adds eps(t) * xi to the chosen parameters after each real optimizer step.
+    """Adds epsilon(t) * xi to the chosen parameters after each real optimizer step.
 
-    eps(t) = eps_phase[p] * exp(-lambda * t_p)
+    `epsilon(step, detector)` is the arm's eps(t) (an Epsilon policy); `detector` a
+    PhaseDetector in the arms that have one, else None; `apply_to` "all" or "weights"
+    (tensors with ndim >= 2); `lr_0` None for noise scale "absolute", else the reference
+    learning rate of noise scale "lr" (eps follows lr_t / lr_0).
     xi ~ N(0, I) comes from generators of its own, seeded from the run seed and used for
     nothing else, so the noise stream does not depend on data order or init; their state is
     saved in checkpoints so that a resumed run draws exactly the noise it would have drawn.
@@ -355,18 +355,20 @@ class Perturbation:
     on the CPU: Gaussian sampling there runs on one core, and it is most of the noise's cost.
     """
 
-    def __init__(self, model, seed, device, kernel, rank=0, world=1):
-        self.model_params = list(model.parameters())
-        self.detector = PhaseDetector()
+    def __init__(
+        self, model, seed, device, kernel, epsilon, detector, apply_to, lr_0=None, rank=0, world=1
+    ):
+        self.epsilon_of, self.detector, self.lr_0 = epsilon, detector, lr_0
         self.rank, self.world = rank, world
         params = list(model.parameters())
-        self.n_noise = sum(p.numel() for p in params if APPLY_TO == "all" or p.ndim >= 2)
+        self.model_params = params
+        self.n_noise = sum(p.numel() for p in params if apply_to == "all" or p.ndim >= 2)
         # every parameter is a view into one storage (flatten_parameters): all of it, flat
         storage = params[0].untyped_storage()
         if any(p.untyped_storage().data_ptr() != storage.data_ptr() for p in params):
             raise ValueError("Perturbation needs flatten_parameters(model) first")
         self.flat = params[0].new_empty(0).set_(storage, 0, (sum(p.numel() for p in params),))
-        self.kernel, self.generators = kernel, []
+        self.kernel, self.generators, self.pool = kernel, [], None
         if kernel == "torch":
             self.generators = [
                 torch.Generator(device=device).manual_seed(derived_seed(seed, "noise", i))
@@ -390,61 +392,22 @@ class Perturbation:
     def epsilon(self, step, lr):
         """eps(t) for optimizer step `step` (0-based), taken at learning rate `lr`; in the
         phase arms, with the phase as decided after this step's detector sample."""
-        eps = EPS_PHASE[self.detector.phase] * math.exp(
-            -DECAY * (step - self.detector.phase_start)
-        )
-        return eps * lr / LR if NOISE_SCALE == "lr" else eps
+        eps = self.epsilon_of(step, self.detector)
+        return eps if self.lr_0 is None else eps * lr / self.lr_0
 
-    def sample_due(self, step):
-        return step % EVERY == 0
-
-    def before_step(self):
-        """On a sample step, before the optimizer step: the gradient norm and a snapshot.
-        Only rank 0 samples: after DDP's all-reduce every rank holds the same gradients."""
-        if self.rank != 0:
-            return None
-        grads = [p.grad for p in self.model_params if p.grad is not None]
-        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        return grad_norm, self.flat.clone()
-
-    def observe(self, step, sample, loss):
-        """After the optimizer step, before the noise: one detector sample, one host sync."""
-        g = d = None
-        if self.rank == 0:
-            grad_norm, before = sample
-            update_norm = torch.linalg.vector_norm(self.flat - before)
-            g, d = torch.stack([grad_norm.float(), update_norm.float()]).tolist()
-        return self.decide(step, g, d, loss)
-
-    def decide(self, step, g, d, loss):
-        """The detector's decision on rank 0; under DDP broadcast as one integer."""
-        change = self.detector.observe(step, g, d, loss) if self.rank == 0 else None
-        if self.world > 1:
-            phase = torch.tensor([self.detector.phase], device=self.model_params[0].device)
-            dist.broadcast(phase, 0)
-            if int(phase) != self.detector.phase:
-                self.detector.phase, self.detector.phase_start = int(phase), step
-        return change
-
-    def step(self, optimizer_step, step, lr, loss):
-        """optimizer_step(), then (on a sample step) the detector's sample, then the noise, with
-        the eps decided after that sample: (eps, phase change or None). optimizer_step()
-        returning False means the grad scaler skipped the step, which is no step: no sample,
-        no noise, and (None, None) back."""
-        sample, sampling = None, self.sample_due(step)
-        if sampling:
-            sample = self.before_step()
+    def step(self, optimizer_step, step, lr, loss=None, grad_norm=None):
+        """optimizer_step(), then the noise: (eps, None). optimizer_step() returning False
+        means the grad scaler skipped the step, which is no step: no noise, (None, None)
+        back. loss and grad_norm are what a detector samples (SampledPerturbation)."""
         if optimizer_step() is False:
             return None, None
-        change = self.observe(step, sample, loss) if sampling else None
-        return self.apply(step, lr), change
+        return self.apply(step, lr), None
 
     @torch.no_grad()
     def apply(self, step, lr):
         eps = self.epsilon(step, lr)
         if eps > 0 and self.kernel == "triton":
-            grid = (triton.cdiv(self.n_noise, BLOCK),)
-            noise_add_kernel[grid](self.flat, self.n_noise, eps, self.key_base | step, BLOCK=BLOCK)
+            noise_add(self.flat, self.n_noise, eps, self.key_base | step)
         elif eps > 0 and self.pool is not None:
             list(self.pool.map(add_noise, self.slices, [eps] * len(self.slices)))
         elif eps > 0:
@@ -454,21 +417,76 @@ class Perturbation:
 
     def state_dict(self):
         state = {"kernel": self.kernel, "generators": [g.get_state() for g in self.generators]}
-        state["detector"] = self.detector.state_dict()
+        if self.detector is not None:
+            state["detector"] = self.detector.state_dict()
         return state
 
     def load_state_dict(self, state):
         if state["kernel"] != self.kernel:
-            fail(f"the checkpoint was made with --kernel {state['kernel']}; resume with it")
+            raise ValueError(
+                f"the checkpoint was made with --kernel {state['kernel']}; resume with it"
+            )
         for generator, saved in zip(self.generators, state["generators"], strict=True):
             generator.set_state(saved)
-        self.detector.load_state_dict(state["detector"])
+        if self.detector is not None:
+            self.detector.load_state_dict(state["detector"])
+
+
+class SampledPerturbation(Perturbation):
+    """Perturbation whose step also feeds the phase detector: on every `detector.every`-th
+    optimizer step the gradient norm, the norm of the optimizer's own update and the loss,
+    taken on rank 0 (after DDP's all-reduce every rank holds the same gradients) and
+    decided there; under DDP the phase is broadcast as one integer. Only sample steps
+    read anything from the device."""
+
+    def before_step(self, grad_norm=None):
+        """On a sample step, before the optimizer step: the gradient norm (the one gradient
+        clipping measured, before it clipped, if given) and a snapshot. Only rank 0 samples:
+        after DDP's all-reduce every rank holds the same gradients."""
+        if self.rank != 0:
+            return None
+        if grad_norm is None:
+            grads = [p.grad for p in self.model_params if p.grad is not None]
+            grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        return grad_norm, self.flat.clone()
+
+    def observe(self, step, sample, loss):
+        """After the optimizer step, before the noise: one detector sample, one host sync."""
+        g = d = None
+        if self.rank == 0:
+            grad_norm, before = sample
+            update_norm = torch.linalg.vector_norm(self.flat - before)
+            g, d = torch.stack([grad_norm.float(), update_norm.float()]).tolist()
+            loss = float(loss)
+        return self.decide(step, g, d, loss)
+
+    def decide(self, step, g, d, loss):
+        """The detector's decision on rank 0; under DDP broadcast as one integer."""
+        change = self.detector.observe(step, g, d, loss) if self.rank == 0 else None
+        if self.world > 1:
+            phase = torch.tensor([self.detector.phase], device=self.flat.device)
+            dist.broadcast(phase, 0)
+            if int(phase) != self.detector.phase:
+                self.detector.phase, self.detector.phase_start = int(phase), step
+        return change
+
+    def step(self, optimizer_step, step, lr, loss, grad_norm=None):
+        """optimizer_step(), then (on a sample step) the detector's sample, then the noise, with
+        the eps decided after that sample: (eps, phase change or None). optimizer_step()
+        returning False means the grad scaler skipped the step, which is no step: no sample,
+        no noise, and (None, None) back. `loss` is the step's training loss (a tensor or a
+        number), read only on sample steps; grad_norm, if given, the gradient's global norm
+        before clipping, which the detector then samples."""
+        sampling = self.detector.due(step)
+        sample = self.before_step(grad_norm) if sampling else None
+        if optimizer_step() is False:
+            return None, None
+        change = self.observe(step, sample, loss) if sampling else None
+        return self.apply(step, lr), change
 
 
 # ----------------------------------------------------------------------------------------
 # Drop-in for any training loop
-
-LIVE = weakref.WeakSet()  # the AdaptivePerturbation objects alive, all on the same settings
 
 
 def distributed():
@@ -546,7 +564,7 @@ def innermost(optimizer):
     return optimizer
 
 
-class AdaptivePerturbation(Perturbation):
+class AdaptivePerturbation(SampledPerturbation):
     """Adds eps(t) * xi to the parameters `optimizer` trains after each of its real steps:
     call perturb.step(loss) after every optimizer.step().
 
@@ -570,7 +588,7 @@ class AdaptivePerturbation(Perturbation):
     def __init__(self, model, optimizer, seed=SEED, lr=LR, **overrides):
         """`lr` is the reference learning rate lr_0 of noise scale 'lr' (NOISE_SCALE); the
         other settings are keywords in lower case, by default the spec's."""
-        self.settings = configure({**overrides, "lr": lr}, LIVE)
+        self.settings = s = resolved({**overrides, "lr": lr})
         optimizer = innermost(optimizer)
         announce_reference_lr(self.settings, optimizer)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -585,7 +603,27 @@ class AdaptivePerturbation(Perturbation):
         mirror = torch.nn.ParameterList(
             torch.nn.Parameter(v, requires_grad=False) for v in self.views
         )
-        super().__init__(mirror, seed, device, pick_kernel(KERNEL, device), rank, world)
+        detector = PhaseDetector(
+            every=s["every"],
+            window=s["window"],
+            threshold_mode=s["threshold_mode"],
+            tau1=s["tau1"],
+            tau2=s["tau2"],
+            tau3=s["tau3"],
+            tau4=s["tau4"],
+            tau_smooth=s["tau_smooth"],
+            patience=s["patience"],
+            monotonic=s["monotonic"],
+        )
+        epsilon = Epsilon(
+            eps_phase=s["eps_phase"],
+            decay=s["decay"],
+        )
+        lr_0 = s["lr"] if s["noise_scale"] == "lr" else None
+        kernel = pick_kernel(s["kernel"], device)
+        super().__init__(
+            mirror, seed, device, kernel, epsilon, detector, s["apply_to"], lr_0, rank, world
+        )
         self.model_params = params  # the gradients are the model's own, in its order
         self.seed, self.steps, self.eps = seed, 0, None
         self.stepping = self.pending = None  # the optimizer step under way / not yet perturbed
@@ -594,7 +632,6 @@ class AdaptivePerturbation(Perturbation):
             optimizer.register_step_pre_hook(self.before_optimizer_step),
             optimizer.register_step_post_hook(self.after_optimizer_step),
         ]
-        LIVE.add(self)
 
     @property
     def phase(self):
@@ -612,7 +649,7 @@ class AdaptivePerturbation(Perturbation):
                 "perturb.step(loss) after every optimizer.step()"
             )
         step, lr = self.steps, optimizer.param_groups[0]["lr"]
-        sampling, sample = self.sample_due(step), None
+        sampling, sample = self.detector.due(step), None
         if sampling and any(p.grad is not None for p in self.model_params):
             self.gather()
             sample = self.before_step()
@@ -711,7 +748,6 @@ class AdaptivePerturbation(Perturbation):
         for hook in self.hooks:
             hook.remove()
         self.hooks = []
-        LIVE.discard(self)
 
 
 # ----------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import sys
 import time
 import warnings
@@ -89,7 +90,7 @@ AMP_DTYPE = torch.bfloat16  # autocast dtype of forward passes
 
 
 def derived_seed(seed, stream, index=0):
-    """An independent 63-bit seed for one random stream (init, data order, dropout, ...)."""
+    """An independent 63-bit seed for one random stream (init, data order, noise, ...)."""
     digest = hashlib.sha256(f"{seed}:{stream}:{index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
@@ -140,52 +141,6 @@ def split_record(train_size, val_indices, test_size):
         "test": test_size,
         "val_indices_sha256": hashlib.sha256(text.encode()).hexdigest(),
     }
-
-
-def normalize(x):
-    """uint8 images to standardised floats; smoke data is already float and passes through."""
-    if x.dtype != torch.uint8:
-        return x
-    mean = torch.tensor(NORM_MEAN, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(NORM_STD, device=x.device).view(1, -1, 1, 1)
-    return (x.float() / 255 - mean) / std
-
-
-def shard(indices, rank, world):
-    """This rank's part of a global batch: under DDP every rank takes a contiguous slice of
-    the same global batch, so the global batch, its order and a resume mid-epoch are those
-    of a single-process run."""
-    return indices.tensor_split(world)[rank] if world > 1 else indices
-
-
-class TensorData:
-    """A dataset held whole as tensors on the training device: the dataset's training split
-    (x, y) less the VAL_SIZE examples set aside for validation, and its test split."""
-
-    def __init__(self, x, y, x_test, y_test, val_size, device, rank, world):
-        train, val = split_off_val(len(y), val_size)
-        self.splits = split_record(len(train), val, len(y_test))
-        self.x_train, self.y_train = x[train].to(device), y[train].to(device)
-        self.eval_sets = {  # under DDP each rank evaluates every world-th example
-            "val": (x[val][rank::world].to(device), y[val][rank::world].to(device)),
-            "test": (x_test[rank::world].to(device), y_test[rank::world].to(device)),
-        }
-        self.train_size, self.rank, self.world = len(self.x_train), rank, world
-
-    def train_batches(self, order, first, batch_size, seed, epoch):
-        """Batches `first`, `first + 1`, ... of the epoch whose example order is `order`."""
-        for batch in range(first, (len(order) + batch_size - 1) // batch_size):
-            idx = order[batch * batch_size : (batch + 1) * batch_size]
-            idx = shard(idx, self.rank, self.world).to(self.x_train.device)
-            x = self.x_train[idx]
-            x = normalize(x)
-            yield x, self.y_train[idx]
-
-    def eval_batches(self, split, batch_size):
-        """Batches of this rank's part of split "val" or "test"."""
-        x, y = self.eval_sets[split]
-        for i in range(0, len(x), batch_size):
-            yield normalize(x[i : i + batch_size]), y[i : i + batch_size]
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -281,6 +236,57 @@ def folder_splits(root, seed):
     )
 
 
+def load_splits(root, seed, device, rank, world):
+    """The spec's train, val and test splits (load_data's, outside --smoke)."""
+    return LoaderData(*folder_splits(root, seed), device, rank, world, seed)
+
+
+def normalize(x):
+    """uint8 images to standardised floats; smoke data is already float and passes through."""
+    if x.dtype != torch.uint8:
+        return x
+    mean = torch.tensor(NORM_MEAN, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(NORM_STD, device=x.device).view(1, -1, 1, 1)
+    return (x.float() / 255 - mean) / std
+
+
+def shard(indices, rank, world):
+    """This rank's part of a global batch: under DDP every rank takes a contiguous slice of
+    the same global batch, so the global batch, its order and a resume mid-epoch are those
+    of a single-process run."""
+    return indices.tensor_split(world)[rank] if world > 1 else indices
+
+
+class TensorData:
+    """A dataset held whole as tensors on the training device: the dataset's training split
+    (x, y) less the VAL_SIZE examples set aside for validation, and its test split."""
+
+    def __init__(self, x, y, x_test, y_test, val_size, device, rank, world):
+        train, val = split_off_val(len(y), val_size)
+        self.splits = split_record(len(train), val, len(y_test))
+        self.x_train, self.y_train = x[train].to(device), y[train].to(device)
+        self.eval_sets = {  # under DDP each rank evaluates every world-th example
+            "val": (x[val][rank::world].to(device), y[val][rank::world].to(device)),
+            "test": (x_test[rank::world].to(device), y_test[rank::world].to(device)),
+        }
+        self.train_size, self.rank, self.world = len(self.x_train), rank, world
+
+    def train_batches(self, order, first, batch_size, seed, epoch):
+        """Batches `first`, `first + 1`, ... of the epoch whose example order is `order`."""
+        for batch in range(first, (len(order) + batch_size - 1) // batch_size):
+            idx = order[batch * batch_size : (batch + 1) * batch_size]
+            idx = shard(idx, self.rank, self.world).to(self.x_train.device)
+            x = self.x_train[idx]
+            x = normalize(x)
+            yield x, self.y_train[idx]
+
+    def eval_batches(self, split, batch_size):
+        """Batches of this rank's part of split "val" or "test"."""
+        x, y = self.eval_sets[split]
+        for i in range(0, len(x), batch_size):
+            yield normalize(x[i : i + batch_size]), y[i : i + batch_size]
+
+
 def collate(samples):
     """A batch, or (None, message) when an example could not be read or is malformed."""
     unreadable = [label for x, label in samples if x is None]
@@ -314,10 +320,12 @@ class LoaderData:
             pin_memory=self.device.type == "cuda",
             generator=torch.Generator().manual_seed(seed),
         )
-        for x, y in loader:
+        for x, y in loader:  # pinned on CUDA: the copies overlap the step before
             if x is None:
                 fail(y)
-            yield normalize(x.to(self.device, non_blocking=True)), y.to(self.device)
+            yield normalize(x.to(self.device, non_blocking=True)), y.to(
+                self.device, non_blocking=True
+            )
 
     def train_batches(self, order, first, batch_size, seed, epoch):
         self.train_set.epoch = epoch  # workers start per epoch and see it
@@ -338,7 +346,7 @@ def load_data(root, smoke, seed, device, rank=0, world=1):
     if smoke:  # 16 examples each
         train, test = synthetic_split(32, 1, 1.0), synthetic_split(16, 3, 1.0)
         return TensorData(*train, *test, 16, device, rank, world)
-    return LoaderData(*folder_splits(root, seed), device, rank, world, seed)
+    return load_splits(root, seed, device, rank, world)
 
 
 # ----------------------------------------------------------------------------------------
@@ -941,6 +949,20 @@ def evaluate_test(model, data, batch_size, best_path, device):
     return final, evaluate(best, data, batch_size, "test")
 
 
+def first_at_target(history, target):
+    """The first epoch record (a dict with "val_acc") at or above `target`, else None."""
+    return next((h for h in history if h["val_acc"] >= target), None)
+
+
+def cv_pct(losses):
+    """Sample std / mean * 100 of the validation losses (None below two losses, if one is
+    missing or non-finite, or if the mean is not positive)."""
+    if len(losses) < 2 or any(v is None or not math.isfinite(v) for v in losses):
+        return None
+    mean = statistics.fmean(losses)
+    return 100 * statistics.stdev(losses) / mean if mean > 0 else None
+
+
 def summarize(history, status, step, elapsed_s, test=None):
     """summary.json: best and final accuracy, time to target, stability of the val loss,
     and (completed runs only) the test split's numbers, measured once at the end;
@@ -948,13 +970,8 @@ def summarize(history, status, step, elapsed_s, test=None):
     accs = [h["val_acc"] for h in history]
     best = max(history, key=lambda h: h["val_acc"], default=None)  # the first best: best.pt
     (test_loss, test_acc), (best_loss, best_acc) = test or ((None, None), (None, None))
-    reached = next((h for h in history if h["val_acc"] >= TARGET_ACCURACY), None)
+    reached = first_at_target(history, TARGET_ACCURACY)
     losses = [h["val_loss"] for h in history[-STABILITY_WINDOW:]]
-    cv = None
-    if len(losses) >= 2 and all(math.isfinite(v) for v in losses):
-        mean = sum(losses) / len(losses)
-        std = math.sqrt(sum((v - mean) ** 2 for v in losses) / (len(losses) - 1))
-        cv = 100 * std / mean if mean > 0 else None
     return {
         "spec": SPEC_NAME,
         "arm": ARM,
@@ -972,7 +989,7 @@ def summarize(history, status, step, elapsed_s, test=None):
         "epochs_to_target": reached["epoch"] if reached else None,
         "steps_to_target": reached["step"] if reached else None,
         "seconds_to_target": reached["train_s"] if reached else None,  # training steps only
-        "val_loss_cv_pct": cv,  # sample std / mean * 100 over the last epochs below
+        "val_loss_cv_pct": cv_pct(losses),  # sample std / mean * 100 over the last epochs below
         "cv_epochs": len(losses),
         "elapsed_s": elapsed_s,
     }

@@ -40,6 +40,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import sys
 import time
 import warnings
@@ -81,7 +82,7 @@ DETERMINISTIC = False  # deterministic GPU kernels only
 
 
 def derived_seed(seed, stream, index=0):
-    """An independent 63-bit seed for one random stream (init, data order, dropout, ...)."""
+    """An independent 63-bit seed for one random stream (init, data order, noise, ...)."""
     digest = hashlib.sha256(f"{seed}:{stream}:{index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
@@ -162,6 +163,11 @@ def load_mnist1d(root):
     return (*checked(f"{path} (train)", *train), *checked(f"{path} (test)", *test))
 
 
+def load_splits(root, seed, device, rank, world):
+    """The spec's train, val and test splits (load_data's, outside --smoke)."""
+    return TensorData(*load_mnist1d(root), VAL_SIZE, device, rank, world)
+
+
 def shard(indices, rank, world):
     """This rank's part of a global batch: under DDP every rank takes a contiguous slice of
     the same global batch, so the global batch, its order and a resume mid-epoch are those
@@ -203,7 +209,7 @@ def load_data(root, smoke, seed, device, rank=0, world=1):
     if smoke:  # 16 examples each
         train, test = synthetic_split(32, 1, 1.0), synthetic_split(16, 3, 1.0)
         return TensorData(*train, *test, 16, device, rank, world)
-    return TensorData(*load_mnist1d(root), VAL_SIZE, device, rank, world)
+    return load_splits(root, seed, device, rank, world)
 
 
 # ----------------------------------------------------------------------------------------
@@ -746,6 +752,20 @@ def evaluate_test(model, data, batch_size, best_path, device):
     return final, evaluate(best, data, batch_size, "test")
 
 
+def first_at_target(history, target):
+    """The first epoch record (a dict with "val_acc") at or above `target`, else None."""
+    return next((h for h in history if h["val_acc"] >= target), None)
+
+
+def cv_pct(losses):
+    """Sample std / mean * 100 of the validation losses (None below two losses, if one is
+    missing or non-finite, or if the mean is not positive)."""
+    if len(losses) < 2 or any(v is None or not math.isfinite(v) for v in losses):
+        return None
+    mean = statistics.fmean(losses)
+    return 100 * statistics.stdev(losses) / mean if mean > 0 else None
+
+
 def summarize(history, status, step, elapsed_s, test=None):
     """summary.json: best and final accuracy, time to target, stability of the val loss,
     and (completed runs only) the test split's numbers, measured once at the end;
@@ -753,13 +773,8 @@ def summarize(history, status, step, elapsed_s, test=None):
     accs = [h["val_acc"] for h in history]
     best = max(history, key=lambda h: h["val_acc"], default=None)  # the first best: best.pt
     (test_loss, test_acc), (best_loss, best_acc) = test or ((None, None), (None, None))
-    reached = next((h for h in history if h["val_acc"] >= TARGET_ACCURACY), None)
+    reached = first_at_target(history, TARGET_ACCURACY)
     losses = [h["val_loss"] for h in history[-STABILITY_WINDOW:]]
-    cv = None
-    if len(losses) >= 2 and all(math.isfinite(v) for v in losses):
-        mean = sum(losses) / len(losses)
-        std = math.sqrt(sum((v - mean) ** 2 for v in losses) / (len(losses) - 1))
-        cv = 100 * std / mean if mean > 0 else None
     return {
         "spec": SPEC_NAME,
         "arm": ARM,
@@ -777,7 +792,7 @@ def summarize(history, status, step, elapsed_s, test=None):
         "epochs_to_target": reached["epoch"] if reached else None,
         "steps_to_target": reached["step"] if reached else None,
         "seconds_to_target": reached["train_s"] if reached else None,  # training steps only
-        "val_loss_cv_pct": cv,  # sample std / mean * 100 over the last epochs below
+        "val_loss_cv_pct": cv_pct(losses),  # sample std / mean * 100 over the last epochs below
         "cv_epochs": len(losses),
         "elapsed_s": elapsed_s,
     }

@@ -44,6 +44,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import sys
 import time
 import warnings
@@ -108,7 +109,7 @@ MONOTONIC = False  # phases only advance
 
 
 def derived_seed(seed, stream, index=0):
-    """An independent 63-bit seed for one random stream (init, data order, dropout, ...)."""
+    """An independent 63-bit seed for one random stream (init, data order, noise, ...)."""
     digest = hashlib.sha256(f"{seed}:{stream}:{index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
@@ -161,6 +162,14 @@ def split_record(train_size, val_indices, test_size):
     }
 
 
+def load_splits(root, seed, device, rank, world):
+    """The spec's train, val and test splits (load_data's, outside --smoke)."""
+    # train and val come from one draw, test from another: three disjoint splits
+    train = synthetic_split(TRAIN_SIZE + VAL_SIZE, 1, SYNTHETIC_NOISE)
+    test = synthetic_split(TEST_SIZE, 3, SYNTHETIC_NOISE)
+    return TensorData(*train, *test, VAL_SIZE, device, rank, world)
+
+
 def shard(indices, rank, world):
     """This rank's part of a global batch: under DDP every rank takes a contiguous slice of
     the same global batch, so the global batch, its order and a resume mid-epoch are those
@@ -202,10 +211,7 @@ def load_data(root, smoke, seed, device, rank=0, world=1):
     if smoke:  # 16 examples each
         train, test = synthetic_split(32, 1, 1.0), synthetic_split(16, 3, 1.0)
         return TensorData(*train, *test, 16, device, rank, world)
-    # train and val come from one draw, test from another: three disjoint splits
-    train = synthetic_split(TRAIN_SIZE + VAL_SIZE, 1, SYNTHETIC_NOISE)
-    test = synthetic_split(TEST_SIZE, 3, SYNTHETIC_NOISE)
-    return TensorData(*train, *test, VAL_SIZE, device, rank, world)
+    return load_splits(root, seed, device, rank, world)
 
 
 # ----------------------------------------------------------------------------------------
@@ -261,6 +267,7 @@ def lr_at(step, total_steps, warmup_steps, steps_per_epoch):
 
 # ----------------------------------------------------------------------------------------
 # Perturbation
+# (the method's one source is perturbgen's generator/method/, emitted here as it is)
 
 EXPLORATION, CONVERGENCE, FINE_TUNING = 0, 1, 2
 PHASES = ("exploration", "convergence", "fine_tuning")
@@ -269,27 +276,46 @@ PHASES = ("exploration", "convergence", "fine_tuning")
 class PhaseDetector:
     """Classifies training into exploration, convergence and fine-tuning.
 
-    Every EVERY optimizer steps it takes one sample: the gradient norm g, the norm d of the
-    optimizer's own update (noise excluded) and the loss L. Over the last WINDOW samples:
+    Every `every` optimizer steps it takes one sample: the gradient norm g, the norm d of the
+    optimizer's own update (noise excluded) and the loss L. Over the last `window` samples:
         grad_var    = variance of g
         loss_smooth = mean |L_i - 2 L_(i-1) + L_(i-2)|
         param_delta = mean of d
-    In "relative" mode each is divided by its value over the first full window, so the
-    thresholds are ratios. The vote (the seed paper's tree):
-        grad_var > TAU1 and param_delta > TAU2  -> exploration
-        grad_var < TAU3 and param_delta < TAU4  -> fine-tuning
+    With threshold_mode "relative" each is divided by its value over the first full window,
+    so the thresholds are ratios. The vote (the seed paper's tree):
+        grad_var > tau1 and param_delta > tau2  -> exploration
+        grad_var < tau3 and param_delta < tau4  -> fine-tuning
         otherwise                               -> convergence
-    (with TAU_SMOOTH set, exploration also needs loss_smooth above it, fine-tuning below).
+    (with tau_smooth set, exploration also needs loss_smooth above it, fine-tuning below).
     The phase is exploration until the window is full; a new phase is adopted after
-    PATIENCE consecutive votes for it; with MONOTONIC, phases only advance. Non-finite
+    `patience` consecutive votes for it; with `monotonic`, phases only advance. Non-finite
     samples are dropped.
     """
 
-    def __init__(self):
-        self.samples = []  # [g, d, loss] of the last WINDOW finite samples
+    def __init__(
+        self,
+        every,
+        window,
+        threshold_mode,
+        tau1,
+        tau2,
+        tau3,
+        tau4,
+        tau_smooth,
+        patience,
+        monotonic,
+    ):
+        self.every, self.window, self.mode = every, window, threshold_mode
+        self.tau = (tau1, tau2, tau3, tau4)
+        self.tau_smooth, self.patience, self.monotonic = tau_smooth, patience, monotonic
+        self.samples = []  # [g, d, loss] of the last `window` finite samples
         self.reference = None  # statistics of the first full window (relative mode)
         self.phase, self.phase_start = EXPLORATION, 0  # phase_start: step it was adopted
         self.candidate, self.votes = None, 0
+
+    def due(self, step):
+        """Whether optimizer step `step` is a sample step."""
+        return step % self.every == 0
 
     def statistics(self):
         n = len(self.samples)
@@ -300,11 +326,12 @@ class PhaseDetector:
         return grad_var, loss_smooth / (n - 2), sum(d) / n
 
     def vote(self, grad_var, loss_smooth, param_delta):
-        smooth_high = TAU_SMOOTH is None or loss_smooth > TAU_SMOOTH
-        smooth_low = TAU_SMOOTH is None or loss_smooth < TAU_SMOOTH
-        if grad_var > TAU1 and param_delta > TAU2 and smooth_high:
+        tau1, tau2, tau3, tau4 = self.tau
+        smooth_high = self.tau_smooth is None or loss_smooth > self.tau_smooth
+        smooth_low = self.tau_smooth is None or loss_smooth < self.tau_smooth
+        if grad_var > tau1 and param_delta > tau2 and smooth_high:
             return EXPLORATION
-        if grad_var < TAU3 and param_delta < TAU4 and smooth_low:
+        if grad_var < tau3 and param_delta < tau4 and smooth_low:
             return FINE_TUNING
         return CONVERGENCE
 
@@ -312,25 +339,25 @@ class PhaseDetector:
         """Take the sample of optimizer step `step`; return the phase change it made, or None."""
         if not all(math.isfinite(v) for v in (g, d, loss)):
             return None
-        self.samples = (self.samples + [[g, d, loss]])[-WINDOW:]
-        if len(self.samples) < WINDOW:
+        self.samples = (self.samples + [[g, d, loss]])[-self.window :]
+        if len(self.samples) < self.window:
             return None
         stats = self.statistics()
-        if THRESHOLD_MODE == "relative":
+        if self.mode == "relative":
             if self.reference is None:
                 self.reference = list(stats)
             scaled = [s / max(r, 1e-30) for s, r in zip(stats, self.reference)]
         else:
             scaled = list(stats)
         vote = self.vote(*scaled)
-        if MONOTONIC:
+        if self.monotonic:
             vote = max(vote, self.phase)
         if vote == self.phase:
             self.candidate, self.votes = None, 0
             return None
         self.votes = self.votes + 1 if vote == self.candidate else 1
         self.candidate = vote
-        if self.votes < PATIENCE:
+        if self.votes < self.patience:
             return None
         change = {
             "step": step,
@@ -341,17 +368,25 @@ class PhaseDetector:
             "param_delta": stats[2],
             "compared": dict(zip(("grad_var", "loss_smooth", "param_delta"), scaled)),
             "thresholds": {
-                "mode": THRESHOLD_MODE,
-                "tau1": TAU1,
-                "tau2": TAU2,
-                "tau3": TAU3,
-                "tau4": TAU4,
-                "tau_smooth": TAU_SMOOTH,
+                "mode": self.mode,
+                **dict(zip(("tau1", "tau2", "tau3", "tau4"), self.tau)),
+                "tau_smooth": self.tau_smooth,
             },
         }
         self.phase, self.phase_start = vote, step
         self.candidate, self.votes = None, 0
         return change
+
+    def scalars(self):
+        """The phase, the latest sample and the window's statistics, for experiment logs."""
+        scalars = {"train/phase": self.phase}
+        if self.samples:
+            g, d, _ = self.samples[-1]
+            scalars.update({"detector/grad_norm": g, "detector/update_norm": d})
+        if len(self.samples) == self.window:
+            names = ("detector/grad_var", "detector/loss_smooth", "detector/param_delta")
+            scalars.update(zip(names, self.statistics()))
+        return scalars
 
     def state_dict(self):
         return {
@@ -367,6 +402,18 @@ class PhaseDetector:
         self.samples, self.reference = state["samples"], state["reference"]
         self.phase, self.phase_start = state["phase"], state["phase_start"]
         self.candidate, self.votes = state["candidate"], state["votes"]
+
+
+class Epsilon:
+    """eps(t) = eps_phase[p], p the detector's phase"""
+
+    needs_detector = True
+
+    def __init__(self, eps_phase):
+        self.eps_phase = eps_phase
+
+    def __call__(self, step, detector):
+        return self.eps_phase[detector.phase]
 
 
 BLOCK = 1024  # elements per Triton program
@@ -391,14 +438,28 @@ if triton is not None:
         tl.store(p_ptr + offs, p + eps * tl.randn(key, offs), mask=mask)
 
 
+def noise_add(flat, n_noise, eps, key):
+    """The kernel's launcher: flat[:n_noise] += eps * xi, xi from Philox under `key`."""
+    grid = (triton.cdiv(n_noise, BLOCK),)
+    noise_add_kernel[grid](flat, n_noise, eps, key, BLOCK=BLOCK)
+
+
+def add_noise(part, eps):
+    """The torch path and the kernel's reference: target += eps * xi for one slice
+    (generator, scratch, target), xi ~ N(0, I) from the slice's generator."""
+    generator, scratch, target = part
+    scratch.normal_(generator=generator)
+    target.add_(scratch, alpha=eps)
+
+
 def pick_kernel(name, device):
-    """'torch' or 'triton' for --kernel auto|torch|triton: triton needs the package and CUDA
+    """'torch' or 'triton' for kernel auto|torch|triton: triton needs the package and CUDA
     (or TRITON_INTERPRET=1, Triton's CPU interpreter, for tests)."""
     usable = triton is not None and (
         device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
     )
     if name == "triton" and not usable:
-        fail(
+        raise ValueError(
             "--kernel triton needs the triton package and a CUDA device "
             f"(triton {'missing' if triton is None else 'present'}, device {device})"
         )
@@ -408,17 +469,13 @@ def pick_kernel(name, device):
 NOISE_STREAMS = 2  # slices of xi, a generator each (and, on big CPU models, a thread each)
 
 
-def add_noise(part, eps):
-    """target += eps * xi for one slice: (generator, scratch, target)."""
-    generator, scratch, target = part
-    scratch.normal_(generator=generator)
-    target.add_(scratch, alpha=eps)
-
-
 class Perturbation:
-    """Adds eps(t) * xi to the chosen parameters after each real optimizer step.
+    """Adds epsilon(t) * xi to the chosen parameters after each real optimizer step.
 
-    eps(t) = eps_phase[p] * lr_t / lr_0
+    `epsilon(step, detector)` is the arm's eps(t) (an Epsilon policy); `detector` a
+    PhaseDetector in the arms that have one, else None; `apply_to` "all" or "weights"
+    (tensors with ndim >= 2); `lr_0` None for noise scale "absolute", else the reference
+    learning rate of noise scale "lr" (eps follows lr_t / lr_0).
     xi ~ N(0, I) comes from generators of its own, seeded from the run seed and used for
     nothing else, so the noise stream does not depend on data order or init; their state is
     saved in checkpoints so that a resumed run draws exactly the noise it would have drawn.
@@ -428,18 +485,20 @@ class Perturbation:
     on the CPU: Gaussian sampling there runs on one core, and it is most of the noise's cost.
     """
 
-    def __init__(self, model, seed, device, kernel, rank=0, world=1):
-        self.model_params = list(model.parameters())
-        self.detector = PhaseDetector()
+    def __init__(
+        self, model, seed, device, kernel, epsilon, detector, apply_to, lr_0=None, rank=0, world=1
+    ):
+        self.epsilon_of, self.detector, self.lr_0 = epsilon, detector, lr_0
         self.rank, self.world = rank, world
         params = list(model.parameters())
-        self.n_noise = sum(p.numel() for p in params if APPLY_TO == "all" or p.ndim >= 2)
+        self.model_params = params
+        self.n_noise = sum(p.numel() for p in params if apply_to == "all" or p.ndim >= 2)
         # every parameter is a view into one storage (flatten_parameters): all of it, flat
         storage = params[0].untyped_storage()
         if any(p.untyped_storage().data_ptr() != storage.data_ptr() for p in params):
             raise ValueError("Perturbation needs flatten_parameters(model) first")
         self.flat = params[0].new_empty(0).set_(storage, 0, (sum(p.numel() for p in params),))
-        self.kernel, self.generators = kernel, []
+        self.kernel, self.generators, self.pool = kernel, [], None
         if kernel == "torch":
             self.generators = [
                 torch.Generator(device=device).manual_seed(derived_seed(seed, "noise", i))
@@ -463,59 +522,22 @@ class Perturbation:
     def epsilon(self, step, lr):
         """eps(t) for optimizer step `step` (0-based), taken at learning rate `lr`; in the
         phase arms, with the phase as decided after this step's detector sample."""
-        eps = EPS_PHASE[self.detector.phase]
-        return eps * lr / LR if NOISE_SCALE == "lr" else eps
+        eps = self.epsilon_of(step, self.detector)
+        return eps if self.lr_0 is None else eps * lr / self.lr_0
 
-    def sample_due(self, step):
-        return step % EVERY == 0
-
-    def before_step(self):
-        """On a sample step, before the optimizer step: the gradient norm and a snapshot.
-        Only rank 0 samples: after DDP's all-reduce every rank holds the same gradients."""
-        if self.rank != 0:
-            return None
-        grads = [p.grad for p in self.model_params if p.grad is not None]
-        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        return grad_norm, self.flat.clone()
-
-    def observe(self, step, sample, loss):
-        """After the optimizer step, before the noise: one detector sample, one host sync."""
-        g = d = None
-        if self.rank == 0:
-            grad_norm, before = sample
-            update_norm = torch.linalg.vector_norm(self.flat - before)
-            g, d = torch.stack([grad_norm.float(), update_norm.float()]).tolist()
-        return self.decide(step, g, d, loss)
-
-    def decide(self, step, g, d, loss):
-        """The detector's decision on rank 0; under DDP broadcast as one integer."""
-        change = self.detector.observe(step, g, d, loss) if self.rank == 0 else None
-        if self.world > 1:
-            phase = torch.tensor([self.detector.phase], device=self.model_params[0].device)
-            dist.broadcast(phase, 0)
-            if int(phase) != self.detector.phase:
-                self.detector.phase, self.detector.phase_start = int(phase), step
-        return change
-
-    def step(self, optimizer_step, step, lr, loss):
-        """optimizer_step(), then (on a sample step) the detector's sample, then the noise, with
-        the eps decided after that sample: (eps, phase change or None). optimizer_step()
-        returning False means the grad scaler skipped the step, which is no step: no sample,
-        no noise, and (None, None) back."""
-        sample, sampling = None, self.sample_due(step)
-        if sampling:
-            sample = self.before_step()
+    def step(self, optimizer_step, step, lr, loss=None, grad_norm=None):
+        """optimizer_step(), then the noise: (eps, None). optimizer_step() returning False
+        means the grad scaler skipped the step, which is no step: no noise, (None, None)
+        back. loss and grad_norm are what a detector samples (SampledPerturbation)."""
         if optimizer_step() is False:
             return None, None
-        change = self.observe(step, sample, loss) if sampling else None
-        return self.apply(step, lr), change
+        return self.apply(step, lr), None
 
     @torch.no_grad()
     def apply(self, step, lr):
         eps = self.epsilon(step, lr)
         if eps > 0 and self.kernel == "triton":
-            grid = (triton.cdiv(self.n_noise, BLOCK),)
-            noise_add_kernel[grid](self.flat, self.n_noise, eps, self.key_base | step, BLOCK=BLOCK)
+            noise_add(self.flat, self.n_noise, eps, self.key_base | step)
         elif eps > 0 and self.pool is not None:
             list(self.pool.map(add_noise, self.slices, [eps] * len(self.slices)))
         elif eps > 0:
@@ -525,15 +547,103 @@ class Perturbation:
 
     def state_dict(self):
         state = {"kernel": self.kernel, "generators": [g.get_state() for g in self.generators]}
-        state["detector"] = self.detector.state_dict()
+        if self.detector is not None:
+            state["detector"] = self.detector.state_dict()
         return state
 
     def load_state_dict(self, state):
         if state["kernel"] != self.kernel:
-            fail(f"the checkpoint was made with --kernel {state['kernel']}; resume with it")
+            raise ValueError(
+                f"the checkpoint was made with --kernel {state['kernel']}; resume with it"
+            )
         for generator, saved in zip(self.generators, state["generators"], strict=True):
             generator.set_state(saved)
-        self.detector.load_state_dict(state["detector"])
+        if self.detector is not None:
+            self.detector.load_state_dict(state["detector"])
+
+
+class SampledPerturbation(Perturbation):
+    """Perturbation whose step also feeds the phase detector: on every `detector.every`-th
+    optimizer step the gradient norm, the norm of the optimizer's own update and the loss,
+    taken on rank 0 (after DDP's all-reduce every rank holds the same gradients) and
+    decided there; under DDP the phase is broadcast as one integer. Only sample steps
+    read anything from the device."""
+
+    def before_step(self, grad_norm=None):
+        """On a sample step, before the optimizer step: the gradient norm (the one gradient
+        clipping measured, before it clipped, if given) and a snapshot. Only rank 0 samples:
+        after DDP's all-reduce every rank holds the same gradients."""
+        if self.rank != 0:
+            return None
+        if grad_norm is None:
+            grads = [p.grad for p in self.model_params if p.grad is not None]
+            grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        return grad_norm, self.flat.clone()
+
+    def observe(self, step, sample, loss):
+        """After the optimizer step, before the noise: one detector sample, one host sync."""
+        g = d = None
+        if self.rank == 0:
+            grad_norm, before = sample
+            update_norm = torch.linalg.vector_norm(self.flat - before)
+            g, d = torch.stack([grad_norm.float(), update_norm.float()]).tolist()
+            loss = float(loss)
+        return self.decide(step, g, d, loss)
+
+    def decide(self, step, g, d, loss):
+        """The detector's decision on rank 0; under DDP broadcast as one integer."""
+        change = self.detector.observe(step, g, d, loss) if self.rank == 0 else None
+        if self.world > 1:
+            phase = torch.tensor([self.detector.phase], device=self.flat.device)
+            dist.broadcast(phase, 0)
+            if int(phase) != self.detector.phase:
+                self.detector.phase, self.detector.phase_start = int(phase), step
+        return change
+
+    def step(self, optimizer_step, step, lr, loss, grad_norm=None):
+        """optimizer_step(), then (on a sample step) the detector's sample, then the noise, with
+        the eps decided after that sample: (eps, phase change or None). optimizer_step()
+        returning False means the grad scaler skipped the step, which is no step: no sample,
+        no noise, and (None, None) back. `loss` is the step's training loss (a tensor or a
+        number), read only on sample steps; grad_norm, if given, the gradient's global norm
+        before clipping, which the detector then samples."""
+        sampling = self.detector.due(step)
+        sample = self.before_step(grad_norm) if sampling else None
+        if optimizer_step() is False:
+            return None, None
+        change = self.observe(step, sample, loss) if sampling else None
+        return self.apply(step, lr), change
+
+
+def kernel_for(name, device):
+    """The noise kernel --kernel NAME asks for; one that cannot run here is exit 2."""
+    try:
+        return pick_kernel(name, device)
+    except ValueError as exc:
+        fail(str(exc))
+
+
+def make_perturbation(model, seed, device, kernel, rank=0, world=1):
+    """This arm's Perturbation, with the spec's settings."""
+    detector = PhaseDetector(
+        every=EVERY,
+        window=WINDOW,
+        threshold_mode=THRESHOLD_MODE,
+        tau1=TAU1,
+        tau2=TAU2,
+        tau3=TAU3,
+        tau4=TAU4,
+        tau_smooth=TAU_SMOOTH,
+        patience=PATIENCE,
+        monotonic=MONOTONIC,
+    )
+    epsilon = Epsilon(
+        eps_phase=EPS_PHASE,
+    )
+    lr_0 = LR if NOISE_SCALE == "lr" else None  # noise scale "lr": eps follows lr_t / lr_0
+    return SampledPerturbation(
+        model, seed, device, kernel, epsilon, detector, APPLY_TO, lr_0, rank, world
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -1022,6 +1132,20 @@ def evaluate_test(model, data, batch_size, best_path, device):
     return final, evaluate(best, data, batch_size, "test")
 
 
+def first_at_target(history, target):
+    """The first epoch record (a dict with "val_acc") at or above `target`, else None."""
+    return next((h for h in history if h["val_acc"] >= target), None)
+
+
+def cv_pct(losses):
+    """Sample std / mean * 100 of the validation losses (None below two losses, if one is
+    missing or non-finite, or if the mean is not positive)."""
+    if len(losses) < 2 or any(v is None or not math.isfinite(v) for v in losses):
+        return None
+    mean = statistics.fmean(losses)
+    return 100 * statistics.stdev(losses) / mean if mean > 0 else None
+
+
 def summarize(history, status, step, elapsed_s, test=None):
     """summary.json: best and final accuracy, time to target, stability of the val loss,
     and (completed runs only) the test split's numbers, measured once at the end;
@@ -1029,13 +1153,8 @@ def summarize(history, status, step, elapsed_s, test=None):
     accs = [h["val_acc"] for h in history]
     best = max(history, key=lambda h: h["val_acc"], default=None)  # the first best: best.pt
     (test_loss, test_acc), (best_loss, best_acc) = test or ((None, None), (None, None))
-    reached = next((h for h in history if h["val_acc"] >= TARGET_ACCURACY), None)
+    reached = first_at_target(history, TARGET_ACCURACY)
     losses = [h["val_loss"] for h in history[-STABILITY_WINDOW:]]
-    cv = None
-    if len(losses) >= 2 and all(math.isfinite(v) for v in losses):
-        mean = sum(losses) / len(losses)
-        std = math.sqrt(sum((v - mean) ** 2 for v in losses) / (len(losses) - 1))
-        cv = 100 * std / mean if mean > 0 else None
     return {
         "spec": SPEC_NAME,
         "arm": ARM,
@@ -1053,7 +1172,7 @@ def summarize(history, status, step, elapsed_s, test=None):
         "epochs_to_target": reached["epoch"] if reached else None,
         "steps_to_target": reached["step"] if reached else None,
         "seconds_to_target": reached["train_s"] if reached else None,  # training steps only
-        "val_loss_cv_pct": cv,  # sample std / mean * 100 over the last epochs below
+        "val_loss_cv_pct": cv_pct(losses),  # sample std / mean * 100 over the last epochs below
         "cv_epochs": len(losses),
         "elapsed_s": elapsed_s,
     }
@@ -1112,7 +1231,7 @@ def train(args, rank, world, device, stop):
         "device": str(device),
         "world_size": world,
         "smoke": args.smoke,
-        "kernel": pick_kernel(args.kernel, device),
+        "kernel": kernel_for(args.kernel, device),
         "amp": "none",
         "compile": False,
         "torch": str(torch.__version__),
@@ -1169,7 +1288,7 @@ def train(args, rank, world, device, stop):
     # dropout and drop-path draw from the global generators: a stream of each rank's own
     torch.manual_seed(derived_seed(args.seed, "dropout", rank))
     # the same noise seed on every rank and no rank offset: replicas stay bit-identical
-    perturbation = Perturbation(model, args.seed, device, config["kernel"], rank, world)
+    perturbation = make_perturbation(model, args.seed, device, config["kernel"], rank, world)
     forward = model
     if world > 1:
         forward = DistributedDataParallel(

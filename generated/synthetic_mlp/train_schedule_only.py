@@ -44,6 +44,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import sys
 import time
 import warnings
@@ -99,7 +100,7 @@ DECAY = 0.001  # lambda of exp(-lambda t), per optimizer step
 
 
 def derived_seed(seed, stream, index=0):
-    """An independent 63-bit seed for one random stream (init, data order, dropout, ...)."""
+    """An independent 63-bit seed for one random stream (init, data order, noise, ...)."""
     digest = hashlib.sha256(f"{seed}:{stream}:{index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
@@ -152,6 +153,14 @@ def split_record(train_size, val_indices, test_size):
     }
 
 
+def load_splits(root, seed, device, rank, world):
+    """The spec's train, val and test splits (load_data's, outside --smoke)."""
+    # train and val come from one draw, test from another: three disjoint splits
+    train = synthetic_split(TRAIN_SIZE + VAL_SIZE, 1, SYNTHETIC_NOISE)
+    test = synthetic_split(TEST_SIZE, 3, SYNTHETIC_NOISE)
+    return TensorData(*train, *test, VAL_SIZE, device, rank, world)
+
+
 def shard(indices, rank, world):
     """This rank's part of a global batch: under DDP every rank takes a contiguous slice of
     the same global batch, so the global batch, its order and a resume mid-epoch are those
@@ -193,10 +202,7 @@ def load_data(root, smoke, seed, device, rank=0, world=1):
     if smoke:  # 16 examples each
         train, test = synthetic_split(32, 1, 1.0), synthetic_split(16, 3, 1.0)
         return TensorData(*train, *test, 16, device, rank, world)
-    # train and val come from one draw, test from another: three disjoint splits
-    train = synthetic_split(TRAIN_SIZE + VAL_SIZE, 1, SYNTHETIC_NOISE)
-    test = synthetic_split(TEST_SIZE, 3, SYNTHETIC_NOISE)
-    return TensorData(*train, *test, VAL_SIZE, device, rank, world)
+    return load_splits(root, seed, device, rank, world)
 
 
 # ----------------------------------------------------------------------------------------
@@ -252,6 +258,19 @@ def lr_at(step, total_steps, warmup_steps, steps_per_epoch):
 
 # ----------------------------------------------------------------------------------------
 # Perturbation
+# (the method's one source is perturbgen's generator/method/, emitted here as it is)
+
+
+class Epsilon:
+    """eps(t) = eps_base * exp(-decay * t), t counting optimizer steps from 0"""
+
+    needs_detector = False
+
+    def __init__(self, eps_base, decay):
+        self.eps_base, self.decay = eps_base, decay
+
+    def __call__(self, step, detector):
+        return self.eps_base * math.exp(-self.decay * step)
 
 
 BLOCK = 1024  # elements per Triton program
@@ -276,14 +295,28 @@ if triton is not None:
         tl.store(p_ptr + offs, p + eps * tl.randn(key, offs), mask=mask)
 
 
+def noise_add(flat, n_noise, eps, key):
+    """The kernel's launcher: flat[:n_noise] += eps * xi, xi from Philox under `key`."""
+    grid = (triton.cdiv(n_noise, BLOCK),)
+    noise_add_kernel[grid](flat, n_noise, eps, key, BLOCK=BLOCK)
+
+
+def add_noise(part, eps):
+    """The torch path and the kernel's reference: target += eps * xi for one slice
+    (generator, scratch, target), xi ~ N(0, I) from the slice's generator."""
+    generator, scratch, target = part
+    scratch.normal_(generator=generator)
+    target.add_(scratch, alpha=eps)
+
+
 def pick_kernel(name, device):
-    """'torch' or 'triton' for --kernel auto|torch|triton: triton needs the package and CUDA
+    """'torch' or 'triton' for kernel auto|torch|triton: triton needs the package and CUDA
     (or TRITON_INTERPRET=1, Triton's CPU interpreter, for tests)."""
     usable = triton is not None and (
         device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
     )
     if name == "triton" and not usable:
-        fail(
+        raise ValueError(
             "--kernel triton needs the triton package and a CUDA device "
             f"(triton {'missing' if triton is None else 'present'}, device {device})"
         )
@@ -293,17 +326,13 @@ def pick_kernel(name, device):
 NOISE_STREAMS = 2  # slices of xi, a generator each (and, on big CPU models, a thread each)
 
 
-def add_noise(part, eps):
-    """target += eps * xi for one slice: (generator, scratch, target)."""
-    generator, scratch, target = part
-    scratch.normal_(generator=generator)
-    target.add_(scratch, alpha=eps)
-
-
 class Perturbation:
-    """Adds eps(t) * xi to the chosen parameters after each real optimizer step.
+    """Adds epsilon(t) * xi to the chosen parameters after each real optimizer step.
 
-    eps(t) = eps_base * exp(-lambda * t) * lr_t / lr_0
+    `epsilon(step, detector)` is the arm's eps(t) (an Epsilon policy); `detector` a
+    PhaseDetector in the arms that have one, else None; `apply_to` "all" or "weights"
+    (tensors with ndim >= 2); `lr_0` None for noise scale "absolute", else the reference
+    learning rate of noise scale "lr" (eps follows lr_t / lr_0).
     xi ~ N(0, I) comes from generators of its own, seeded from the run seed and used for
     nothing else, so the noise stream does not depend on data order or init; their state is
     saved in checkpoints so that a resumed run draws exactly the noise it would have drawn.
@@ -313,15 +342,20 @@ class Perturbation:
     on the CPU: Gaussian sampling there runs on one core, and it is most of the noise's cost.
     """
 
-    def __init__(self, model, seed, device, kernel, rank=0, world=1):
+    def __init__(
+        self, model, seed, device, kernel, epsilon, detector, apply_to, lr_0=None, rank=0, world=1
+    ):
+        self.epsilon_of, self.detector, self.lr_0 = epsilon, detector, lr_0
+        self.rank, self.world = rank, world
         params = list(model.parameters())
-        self.n_noise = sum(p.numel() for p in params if APPLY_TO == "all" or p.ndim >= 2)
+        self.model_params = params
+        self.n_noise = sum(p.numel() for p in params if apply_to == "all" or p.ndim >= 2)
         # every parameter is a view into one storage (flatten_parameters): all of it, flat
         storage = params[0].untyped_storage()
         if any(p.untyped_storage().data_ptr() != storage.data_ptr() for p in params):
             raise ValueError("Perturbation needs flatten_parameters(model) first")
         self.flat = params[0].new_empty(0).set_(storage, 0, (sum(p.numel() for p in params),))
-        self.kernel, self.generators = kernel, []
+        self.kernel, self.generators, self.pool = kernel, [], None
         if kernel == "torch":
             self.generators = [
                 torch.Generator(device=device).manual_seed(derived_seed(seed, "noise", i))
@@ -345,14 +379,13 @@ class Perturbation:
     def epsilon(self, step, lr):
         """eps(t) for optimizer step `step` (0-based), taken at learning rate `lr`; in the
         phase arms, with the phase as decided after this step's detector sample."""
-        eps = EPS_BASE * math.exp(-DECAY * step)
-        return eps * lr / LR if NOISE_SCALE == "lr" else eps
+        eps = self.epsilon_of(step, self.detector)
+        return eps if self.lr_0 is None else eps * lr / self.lr_0
 
-    def step(self, optimizer_step, step, lr, loss):
-        """optimizer_step(), then (on a sample step) the detector's sample, then the noise, with
-        the eps decided after that sample: (eps, phase change or None). optimizer_step()
-        returning False means the grad scaler skipped the step, which is no step: no sample,
-        no noise, and (None, None) back."""
+    def step(self, optimizer_step, step, lr, loss=None, grad_norm=None):
+        """optimizer_step(), then the noise: (eps, None). optimizer_step() returning False
+        means the grad scaler skipped the step, which is no step: no noise, (None, None)
+        back. loss and grad_norm are what a detector samples (SampledPerturbation)."""
         if optimizer_step() is False:
             return None, None
         return self.apply(step, lr), None
@@ -361,8 +394,7 @@ class Perturbation:
     def apply(self, step, lr):
         eps = self.epsilon(step, lr)
         if eps > 0 and self.kernel == "triton":
-            grid = (triton.cdiv(self.n_noise, BLOCK),)
-            noise_add_kernel[grid](self.flat, self.n_noise, eps, self.key_base | step, BLOCK=BLOCK)
+            noise_add(self.flat, self.n_noise, eps, self.key_base | step)
         elif eps > 0 and self.pool is not None:
             list(self.pool.map(add_noise, self.slices, [eps] * len(self.slices)))
         elif eps > 0:
@@ -372,13 +404,40 @@ class Perturbation:
 
     def state_dict(self):
         state = {"kernel": self.kernel, "generators": [g.get_state() for g in self.generators]}
+        if self.detector is not None:
+            state["detector"] = self.detector.state_dict()
         return state
 
     def load_state_dict(self, state):
         if state["kernel"] != self.kernel:
-            fail(f"the checkpoint was made with --kernel {state['kernel']}; resume with it")
+            raise ValueError(
+                f"the checkpoint was made with --kernel {state['kernel']}; resume with it"
+            )
         for generator, saved in zip(self.generators, state["generators"], strict=True):
             generator.set_state(saved)
+        if self.detector is not None:
+            self.detector.load_state_dict(state["detector"])
+
+
+def kernel_for(name, device):
+    """The noise kernel --kernel NAME asks for; one that cannot run here is exit 2."""
+    try:
+        return pick_kernel(name, device)
+    except ValueError as exc:
+        fail(str(exc))
+
+
+def make_perturbation(model, seed, device, kernel, rank=0, world=1):
+    """This arm's Perturbation, with the spec's settings."""
+    detector = None  # this arm's eps(t) needs no phase
+    epsilon = Epsilon(
+        eps_base=EPS_BASE,
+        decay=DECAY,
+    )
+    lr_0 = LR if NOISE_SCALE == "lr" else None  # noise scale "lr": eps follows lr_t / lr_0
+    return Perturbation(
+        model, seed, device, kernel, epsilon, detector, APPLY_TO, lr_0, rank, world
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -867,6 +926,20 @@ def evaluate_test(model, data, batch_size, best_path, device):
     return final, evaluate(best, data, batch_size, "test")
 
 
+def first_at_target(history, target):
+    """The first epoch record (a dict with "val_acc") at or above `target`, else None."""
+    return next((h for h in history if h["val_acc"] >= target), None)
+
+
+def cv_pct(losses):
+    """Sample std / mean * 100 of the validation losses (None below two losses, if one is
+    missing or non-finite, or if the mean is not positive)."""
+    if len(losses) < 2 or any(v is None or not math.isfinite(v) for v in losses):
+        return None
+    mean = statistics.fmean(losses)
+    return 100 * statistics.stdev(losses) / mean if mean > 0 else None
+
+
 def summarize(history, status, step, elapsed_s, test=None):
     """summary.json: best and final accuracy, time to target, stability of the val loss,
     and (completed runs only) the test split's numbers, measured once at the end;
@@ -874,13 +947,8 @@ def summarize(history, status, step, elapsed_s, test=None):
     accs = [h["val_acc"] for h in history]
     best = max(history, key=lambda h: h["val_acc"], default=None)  # the first best: best.pt
     (test_loss, test_acc), (best_loss, best_acc) = test or ((None, None), (None, None))
-    reached = next((h for h in history if h["val_acc"] >= TARGET_ACCURACY), None)
+    reached = first_at_target(history, TARGET_ACCURACY)
     losses = [h["val_loss"] for h in history[-STABILITY_WINDOW:]]
-    cv = None
-    if len(losses) >= 2 and all(math.isfinite(v) for v in losses):
-        mean = sum(losses) / len(losses)
-        std = math.sqrt(sum((v - mean) ** 2 for v in losses) / (len(losses) - 1))
-        cv = 100 * std / mean if mean > 0 else None
     return {
         "spec": SPEC_NAME,
         "arm": ARM,
@@ -898,7 +966,7 @@ def summarize(history, status, step, elapsed_s, test=None):
         "epochs_to_target": reached["epoch"] if reached else None,
         "steps_to_target": reached["step"] if reached else None,
         "seconds_to_target": reached["train_s"] if reached else None,  # training steps only
-        "val_loss_cv_pct": cv,  # sample std / mean * 100 over the last epochs below
+        "val_loss_cv_pct": cv_pct(losses),  # sample std / mean * 100 over the last epochs below
         "cv_epochs": len(losses),
         "elapsed_s": elapsed_s,
     }
@@ -957,7 +1025,7 @@ def train(args, rank, world, device, stop):
         "device": str(device),
         "world_size": world,
         "smoke": args.smoke,
-        "kernel": pick_kernel(args.kernel, device),
+        "kernel": kernel_for(args.kernel, device),
         "amp": "none",
         "compile": False,
         "torch": str(torch.__version__),
@@ -1005,7 +1073,7 @@ def train(args, rank, world, device, stop):
     # dropout and drop-path draw from the global generators: a stream of each rank's own
     torch.manual_seed(derived_seed(args.seed, "dropout", rank))
     # the same noise seed on every rank and no rank offset: replicas stay bit-identical
-    perturbation = Perturbation(model, args.seed, device, config["kernel"], rank, world)
+    perturbation = make_perturbation(model, args.seed, device, config["kernel"], rank, world)
     forward = model
     if world > 1:
         forward = DistributedDataParallel(
