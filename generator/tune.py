@@ -53,6 +53,7 @@ from generator.factories import python_path, spec_folders
 from generator.generate import render
 from generator.launch import Task, thread_env, threads_per_run
 from generator.loading import changes, merge, parse_override
+from generator.method.summary import first_at_target
 from generator.output import Rendered, write_folder
 from generator.progress import Progress
 from generator.runs import outcome
@@ -118,7 +119,7 @@ def score(history: list[dict[str, Any]], objective: str, target: float) -> float
         return max(accs)
     if objective == "final_val_acc":
         return accs[-1]
-    reached = next((r["epoch"] for r in history if r["val_acc"] >= target), None)
+    reached = (first_at_target(history, target) or {}).get("epoch")
     return float(reached if reached is not None else len(history) + 1)
 
 
