@@ -248,3 +248,16 @@ def test_elapsed_time_adds_up_over_sessions(tmp_path):
     (record,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert final["elapsed_s"] >= record["elapsed_s"] >= record["train_s"] > train_s
     assert record["elapsed_s"] > state["elapsed_s"] > 0  # the first session's time is kept
+
+
+def test_resuming_a_completed_run_touches_nothing(tmp_path):
+    """A second launcher may start a run that the first has just finished (it got the lock
+    once the first let go): the script sees a completed run and leaves it as it is."""
+    script = generate(tmp_path, SPEC.replace(f"epochs: {EPOCHS}", "epochs: 1")) / "train_fixed.py"
+    run = tmp_path / "run"
+    assert run_inprocess(script, "--out", run).returncode == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.name != LOCK}
+    again = run_inprocess(script, "--out", run, "--resume", "auto")
+    assert again.returncode == 0, again.stderr
+    assert "is complete already: nothing to do" in again.stdout + again.stderr
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.name != LOCK} == before

@@ -398,6 +398,7 @@ def test_help_explains_every_flag(tmp_path):
             "--resume",
             "--checkpoint-every",
             "--smoke",
+            "--no-test",
             "--kernel",
         ]
     )

@@ -1465,6 +1465,14 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
+def completed(out):
+    """Whether the run in `out` has finished: its summary.json says completed."""
+    try:
+        return json.loads((out / "summary.json").read_text()).get("status") == "completed"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def run_name(args):
     return f"{ARM}-smoke" if args.smoke else f"{ARM}-seed{args.seed}"
 
@@ -1611,6 +1619,9 @@ def train(args, rank, world, device, stop, experiment):
             state["elapsed_s"] = ckpt["state"].get("elapsed_s", max(last, state["train_s"]))
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             fail(f"cannot resume from {out / 'last.pt'}: {one_line(exc)}")
+        if completed(out):  # e.g. a second launcher started it while the first finished it
+            log(rank, f"{out} is complete already: nothing to do")
+            return 0
     if rank == 0:  # under DDP, rank 0 alone writes (lock_run_folder made the folder)
         write_text_atomic(out / "config.json", json.dumps(config, indent=2) + "\n")
         if Path(__file__).resolve() != (out / Path(__file__).name).resolve():
