@@ -11,7 +11,6 @@ Layout of an ablation folder:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import signal
@@ -32,11 +31,10 @@ from generator.loading import Located, changes
 from generator.output import Rendered, atomic_write, write_folder
 from generator.progress import Progress
 from generator.render import check_arms, load_spec
-from generator.runs import FINISHED
+from generator.runs import FINISHED, lock_holder
 from generator.spec import Spec, arm_names
 
 POLL_S = 0.5
-LOCK = "run.lock"  # a run folder's lock, held by the process that writes it (the scripts)
 # What a loaded NVIDIA, ROCm or WSL GPU driver puts in the file system (Linux).
 GPU_DRIVERS = ("/proc/driver/nvidia/gpus", "/dev/kfd", "/dev/dxg")
 
@@ -83,31 +81,6 @@ class Job:
         except (OSError, ValueError, IndexError):
             return 0, None
         return int(last.get("epoch", 0)), last.get("val_acc")
-
-
-def lock_holder(folder: Path) -> str | None:
-    """Who writes a run folder now ("pid N on HOST since T"), or None when no process holds
-    its lock (the one place launchers ask). It takes a shared lock and drops it at once; a
-    script that starts at that instant tries its own lock again, so it never sees it."""
-    try:
-        fd = os.open(folder / LOCK, os.O_RDONLY)
-    except OSError:
-        return None  # never locked: no run has started there
-    try:
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            return None  # closing the file drops it
-        except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: held
-            pass
-        except OSError:
-            return None  # a file system without locks: nothing can be told
-        try:
-            holder = json.loads(os.pread(fd, 4096, 0))
-            return f"pid {holder['pid']} on {holder['host']} since {holder['since']}"
-        except (OSError, ValueError, TypeError, KeyError):  # locked, not yet written
-            return "another process"
-    finally:
-        os.close(fd)
 
 
 def prepare(

@@ -11,9 +11,11 @@ summary, and refused otherwise.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +32,7 @@ NOT_SETTINGS = ("seed", "out")
 # brings (its constants, its noise kernel, an extra baseline's batch size and optimizer)
 ARM_SETTINGS = ("arm", "kernel", "batch_size", "constants", "optimizer")
 CORRUPT = "metrics.jsonl is not one history (an epoch repeats or goes back)"
+LOCK = "run.lock"  # a run folder's lock, held by the process that writes it (the scripts)
 
 
 class Refused(Exception):
@@ -335,3 +338,28 @@ def _once(runs: list[Run]) -> list[Run]:
 def arm_rank(arm: str) -> tuple[int, str]:
     arm = arm.split(" [")[0]  # "full [fingerprint]": a split arm keeps its place
     return (ARMS.index(arm), "") if arm in ARMS else (len(ARMS), arm)
+
+
+def lock_holder(folder: Path) -> str | None:
+    """Who writes a run folder now ("pid N on HOST since T"), or None when no process holds
+    its lock (the one place launchers ask). It takes a shared lock and drops it at once; a
+    script that starts at that instant tries its own lock again, so it never sees it."""
+    try:
+        fd = os.open(folder / LOCK, os.O_RDONLY)
+    except OSError:
+        return None  # never locked: no run has started there
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return None  # closing the file drops it
+        except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: held
+            pass
+        except OSError:
+            return None  # a file system without locks: nothing can be told
+        try:
+            holder = json.loads(os.pread(fd, 4096, 0))
+            return f"pid {holder['pid']} on {holder['host']} since {holder['since']}"
+        except (OSError, ValueError, TypeError, KeyError):  # locked, not yet written
+            return "another process"
+    finally:
+        os.close(fd)

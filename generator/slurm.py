@@ -354,7 +354,7 @@ def run_ablation(
 ) -> str | None:
     """Attach to the runs' recorded tasks, submit one array for the runs that are neither
     done nor queued/running, and (if `wait`) follow them until every run has ended.
-    A run whose folder another process writes (a local run: see ablate.lock_holder) is
+    A run whose folder another process writes (a local run: see runs.lock_holder) is
     waited for, and submitted in an array of its own if that process leaves it unfinished.
     Returns the first new array's job id, or None when nothing needed submitting.
     Ctrl-C while waiting raises KeyboardInterrupt and leaves the cluster jobs alone."""

@@ -46,7 +46,6 @@ import optuna
 from optuna.trial import TrialState
 
 from generator import factories, launch, slurm
-from generator.ablate import lock_holder
 from generator.checks import validate
 from generator.errors import SpecError, SpecErrors
 from generator.factories import python_path, spec_folders
@@ -56,7 +55,7 @@ from generator.loading import changes, merge, parse_override
 from generator.method.summary import first_at_target
 from generator.output import Rendered, write_folder
 from generator.progress import Progress
-from generator.runs import outcome
+from generator.runs import lock_holder, outcome
 from generator.spec import QUESTIONS, arm_kind
 from generator.tune_report import counts, write_outputs
 from generator.tune_report_md import fmt

@@ -19,7 +19,8 @@ import pytest
 import torch
 from conftest import MINIMAL, generate, run_inprocess, run_script, without_timing
 
-from generator.ablate import LOCK, lock_holder, thread_env
+from generator.launch import thread_env
+from generator.runs import LOCK, lock_holder
 
 ONE = thread_env(1)
 EPOCHS = 5
