@@ -68,6 +68,8 @@ def study_plots(study: optuna.Study, folder: Path, complete: int) -> dict[str, s
         figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
         if hasattr(axes, "flat"):  # one panel per parameter: room for each one's labels
             _spread(figure, list(axes.flat))
+        elif name == "parallel_coordinate.png":
+            _untangle(figure, axes, study)
         save_png(figure, folder / name, dpi=100)
         plt.close(figure)
         made[name] = title
@@ -77,14 +79,38 @@ def study_plots(study: optuna.Study, folder: Path, complete: int) -> dict[str, s
 def _spread(figure: Any, panels: list[Any]) -> None:
     """Optuna's slice plot puts a panel per parameter side by side in a fixed width, so that
     the dotted names and tick labels overprint: give each panel 3.2 inches, wrap the names
-    at their dots, label the major ticks only and tilt them."""
+    at their dots and label the major ticks only."""
     from matplotlib.ticker import NullFormatter
 
     figure.set_size_inches(3.2 * len(panels) + 2.0, 4.5)
     for ax in panels:
         ax.set_xlabel(ax.get_xlabel().replace(".", ".\n"), fontsize=8)
         ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.tick_params(axis="x", labelrotation=35, labelsize=7)
+        ax.tick_params(axis="x", labelsize=7)
+
+
+def _untangle(figure: Any, ax: Any, study: optuna.Study) -> None:
+    """Optuna's parallel-coordinate plot puts an axis per parameter in a fixed width and cuts
+    names at 17 characters, so that scales overprint and names are lost: give each axis 1.4
+    inches, write the names whole (wrapped at their dots), the scales small and gridless."""
+    from matplotlib.ticker import NullFormatter
+
+    # the axes follow the objective in the order of the sorted parameter names
+    names = ["Objective Value", *sorted({k for t in study.trials for k in t.params})]
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    same = len(names) == len(labels) and all(
+        n == label or (label.endswith("...") and n.startswith(label[:-3]))
+        for n, label in zip(names, labels)
+    )
+    whole = names if same else labels
+    figure.set_size_inches(1.4 * len(labels) + 2.5, 5.5)
+    ax.set_xticks(range(len(labels)), [w.replace(".", ".\n") for w in whole])
+    ax.tick_params(axis="x", labelrotation=0, labelsize=7, pad=8)  # below the scales' ends
+    for twin in figure.axes:
+        if twin is not ax and twin.get_xlim() == ax.get_xlim():  # a parameter's scale
+            twin.yaxis.set_minor_formatter(NullFormatter())
+            twin.grid(False)  # the objective's grid only: a grid per scale fills the panel
+            twin.tick_params(axis="y", labelsize=7)
 
 
 QUESTION_TEXT = {
