@@ -7,7 +7,8 @@ any spec (an invalid sample is pruned, never run); its arm is generated into the
 folder and run as a process per seed, or (`--launcher slurm`) as one Slurm job array with a
 task per seed. The tuner follows each run's metrics.jsonl (on a cluster, through the shared
 filesystem), reports every epoch's validation value to Optuna, and stops a trial the pruner
-rejects (SIGTERM locally, scancel on Slurm).
+rejects (SIGTERM locally, scancel on Slurm). The fresh-seed runs go the same way: local
+processes, or one Slurm job array recorded in DIR/runs/slurm.json and followed to the end.
 
 A trial's runs take --no-test: they evaluate and write no test metric. The tuner reads
 validation values only besides: every JSON object is read without its test keys, and of
@@ -510,10 +511,23 @@ def fresh_comparison(s: Settings, info: dict[str, Any]) -> Path:
             ablate.Job(arm, seed, script, runs / arm / f"seed{seed}", import_paths=folders)
             for seed in s.fresh_seeds
         ]
-    threads = threads_per_run(s.workers)
-    print(f"fresh seeds {s.fresh_seeds}: {len(jobs)} runs, {s.workers} at a time", flush=True)
-    with Progress(len(jobs)) as progress:
-        ablate.run_all(jobs, s.workers, [], threads, progress.update)
+    if s.resources is None:
+        threads = threads_per_run(s.workers)
+        print(f"fresh seeds {s.fresh_seeds}: {len(jobs)} runs, {s.workers} at a time", flush=True)
+        with Progress(len(jobs)) as progress:
+            ablate.run_all(jobs, s.workers, [], threads, progress.update)
+    else:  # one job array, as ablate --launcher slurm submits it; followed to the end
+        launcher = slurm.Launcher(runs, s.resources, name=f"pgen-tune-{s.study_name}-fresh")
+        print(f"fresh seeds {s.fresh_seeds}: {len(jobs)} runs as Slurm tasks", flush=True)
+        with Progress(len(jobs)) as progress:
+            slurm.run_ablation(
+                jobs,
+                launcher,
+                [],
+                1,
+                progress.update,
+                on_submit=lambda array: print(f"submitted job array {array}", flush=True),
+            )
     context = {
         "question": s.tune.question,
         "trials_per_arm": s.tune.trials,

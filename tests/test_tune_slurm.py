@@ -19,7 +19,8 @@ pytestmark = pytest.mark.xdist_group("slurm")
 
 
 def test_trials_run_as_slurm_tasks_and_a_pruned_one_is_cancelled(slurm_cluster, tmp_path):
-    spec = write(tmp_path, BASELINE.replace("PRUNER", "median"), epochs=40, train=2048)
+    tune = BASELINE.replace("PRUNER", "median").replace("fresh_seeds: 0", "fresh_seeds: 1")
+    spec = write(tmp_path, tune, epochs=40, train=2048)
     out = tmp_path / "t"
     out.mkdir()
     study = optuna.create_study(
@@ -48,6 +49,15 @@ def test_trials_run_as_slurm_tasks_and_a_pruned_one_is_cancelled(slurm_cluster, 
     assert states[ids[1]] == "CANCELLED"  # the pruned trial's task, scancelled
     summary = json.loads((folder / "0001" / "seed0" / "summary.json").read_text())
     assert summary["status"] == "stopped" and summary["epochs"] < 40
+
+    # the tuned values on the fresh seed: a Slurm task too, then the report
+    runs = out / "runs"
+    (key,) = json.loads((runs / slurm.RECORD).read_text())["tasks"]
+    (fresh,) = (runs / "baseline").iterdir()
+    assert key == f"baseline/{fresh.name}"
+    assert "# slurm task " in (fresh / "train.log").read_text()
+    assert json.loads((fresh / "summary.json").read_text())["status"] == "completed"
+    assert (out / "report" / "report.md").is_file()
 
 
 def test_ctrl_c_cancels_the_running_trials_tasks_and_a_rerun_continues(slurm_cluster, tmp_path):
