@@ -55,8 +55,8 @@ CASES = {
     ),
     "unknown arm": (
         ("[baseline, fixed]", "[baseline, fixd]"),
-        "6: variants[1]: must be one of 'baseline', 'fixed', 'phase_only', 'schedule_only' or "
-        "'full' (got 'fixd'); did you mean 'fixed'?",
+        "6: variants[1]: must be one of 'baseline', 'fixed', 'phase_only', 'schedule_only', "
+        "'full', 'gradient_noise' or 'anti_pgd' (got 'fixd'); did you mean 'fixed'?",
     ),
     "duplicate arm": (
         ("[baseline, fixed]", "[baseline, fixed, fixed]"),
