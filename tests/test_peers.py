@@ -72,7 +72,12 @@ def test_gradient_noise_goes_to_the_chosen_parameters_in_the_flat_layout():
     model.weight.data = flat[:2000].view(40, 50)
     model.bias.data = flat[2000:]
     p = GradientNoise(
-        model, 0, torch.device("cpu"), "torch", eps_gradient_noise.Epsilon(1.0, 0.0), None,
+        model,
+        0,
+        torch.device("cpu"),
+        "torch",
+        eps_gradient_noise.Epsilon(1.0, 0.0),
+        None,
         "weights",
     )
     model.weight.grad, model.bias.grad = torch.zeros(40, 50), torch.zeros(40)
