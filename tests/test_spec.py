@@ -145,6 +145,14 @@ CASES = {
         ("train:", "seed: 1\nseed: 2\ntrain:"),
         "6: seed: duplicate key (first given on line 5)",
     ),
+    "negative gradient noise": (
+        ("variants:", "perturbation:\n  gradient_noise: {eta: -0.01}\nvariants:"),
+        "7: perturbation.gradient_noise.eta: must be >= 0 (got -0.01)",
+    ),
+    "anti-PGD key misspelt": (
+        ("variants:", "perturbation:\n  anti_pgd: {sigme: 0.01}\nvariants:"),
+        "7: perturbation.anti_pgd.sigme: unknown key; did you mean 'sigma'?",
+    ),
     "python tag": (
         ("name: tiny", "name: !!python/name:os.system tiny"),
         "1: name: YAML tag 'tag:yaml.org,2002:python/name:os.system' is not allowed",
