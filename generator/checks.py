@@ -111,12 +111,16 @@ def semantic_problems(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
 
 
 # The dotted prefixes each arm's script never reads: tuning them would waste the budget.
+PEERS = ("perturbation.gradient_noise", "perturbation.anti_pgd")
+OWN = ("perturbation.fixed", "perturbation.eps", "perturbation.base", "perturbation.decay")
 UNUSED_BY_ARM = {
     "baseline": ("perturbation", "phase_detector"),
-    "fixed": ("perturbation.eps", "perturbation.base", "perturbation.decay", "phase_detector"),
-    "phase_only": ("perturbation.fixed", "perturbation.base", "perturbation.decay"),
-    "schedule_only": ("perturbation.fixed", "perturbation.eps", "phase_detector"),
-    "full": ("perturbation.fixed", "perturbation.base"),
+    "fixed": (*OWN[1:], "phase_detector", *PEERS),
+    "phase_only": ("perturbation.fixed", "perturbation.base", "perturbation.decay", *PEERS),
+    "schedule_only": ("perturbation.fixed", "perturbation.eps", "phase_detector", *PEERS),
+    "full": ("perturbation.fixed", "perturbation.base", *PEERS),
+    "gradient_noise": (*OWN, "phase_detector", PEERS[1]),
+    "anti_pgd": (*OWN, "phase_detector", PEERS[0]),
 }
 
 
@@ -127,6 +131,8 @@ NOISE = (
     "perturbation.eps.convergence",
     "perturbation.eps.fine_tuning",
     "perturbation.base",
+    "perturbation.gradient_noise.eta",
+    "perturbation.anti_pgd.sigma",
 )
 
 

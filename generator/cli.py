@@ -63,6 +63,8 @@ EPS_TEXT = {  # arm: (eps(t), phase detector, decay in phase), for `variants`
     "phase_only": ("eps_phase[p]", "yes", "no"),
     "schedule_only": ("eps_base * exp(-lambda * t)", "-", "yes"),
     "full": ("eps_phase[p] * exp(-lambda * t_p)", "yes", "yes"),
+    "gradient_noise": ("sqrt(eta / (1 + t)^gamma), in the gradient", "-", "-"),
+    "anti_pgd": ("sigma; theta gets xi_{t+1} - xi_t", "-", "-"),
 }
 
 
@@ -167,7 +169,11 @@ def diff(
 def export(
     spec: Annotated[Path, typer.Argument(help="The spec file.", show_default=False)],
     arm: Annotated[
-        str, typer.Argument(help="A perturbing arm: fixed, phase_only, schedule_only or full.")
+        str,
+        typer.Argument(
+            help="A perturbing arm: fixed, phase_only, schedule_only, full, gradient_noise or "
+            "anti_pgd."
+        ),
     ],
     out: Annotated[
         Path, typer.Option("-o", "--out", help="The module to write (its name is imported).")

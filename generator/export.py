@@ -19,7 +19,14 @@ import jinja2
 from generator.errors import SpecError, SpecErrors
 from generator.messages import did_you_mean
 from generator.method import policy
-from generator.plan import Constant, RenderModel, plan
+from generator.plan import (
+    Constant,
+    RenderModel,
+    noise_rule,
+    peer_modules,
+    perturbation_class,
+    plan,
+)
 from generator.render import BLACK_MODE, GenerationError, environment, load_spec
 
 MODULE = "adaptive_perturbation.py"  # the default file name, and the golden record's
@@ -39,6 +46,9 @@ EXPORTED = (
     "EPS_PHASE",
     "EPS_BASE",
     "DECAY",
+    "NOISE_ETA",
+    "NOISE_GAMMA",
+    "SIGMA",
     "EVERY",
     "WINDOW",
     "THRESHOLD_MODE",
@@ -73,8 +83,21 @@ class ExportModel:
 
     @property
     def perturbation_class(self) -> str:
-        """The method's class the arm builds: with the detector's samples, or the noise alone."""
-        return "SampledPerturbation" if self.detector else "Perturbation"
+        """The method's class the arm builds (plan.perturbation_class)."""
+        return perturbation_class(self.kind, self.detector)
+
+    @property
+    def peer_modules(self) -> tuple[str, ...]:
+        return peer_modules(self.kind)
+
+    @property
+    def noise_rule(self) -> tuple[str, str]:
+        return noise_rule(self.kind)
+
+    @property
+    def noise_in_gradient(self) -> bool:
+        """gradient_noise: the noise goes into the gradients, in the optimizer's pre-hook."""
+        return self.kind == "gradient_noise"
 
     @property
     def detector(self) -> bool:

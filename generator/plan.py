@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from generator import __version__
+from generator import spec as spec_module
 from generator.loading import Located
-from generator.method import POLICIES, policy, policy_arguments
+from generator.method import PERTURBATIONS, POLICIES, policy, policy_arguments
 from generator.spec import (
     SGD,
     CustomData,
@@ -48,6 +49,24 @@ class Constant:
     name: str
     value: Any
     comment: str
+
+
+# How each arm's noise enters, for docstrings: (the sentence, the update); the other
+# perturbing arms add eps(t) * xi to the parameters.
+NOISE_RULES = {
+    "gradient_noise": (
+        "Before every optimizer step the gradient receives annealed Gaussian noise:",
+        "g <- g + eps(t) * xi,   xi ~ N(0, I) from a dedicated generator",
+    ),
+    "anti_pgd": (
+        "After every optimizer step the parameters receive anticorrelated Gaussian noise:",
+        "theta <- theta + xi_(t+1) - xi_t,   xi_t = eps(t) * N(0, I) from a dedicated generator",
+    ),
+}
+PARAMETER_NOISE = (
+    "After every optimizer step each parameter receives Gaussian noise:",
+    "theta <- theta + eps(t) * xi,   xi ~ N(0, I) from a dedicated generator",
+)
 
 
 @dataclass(frozen=True)
@@ -125,8 +144,18 @@ class RenderModel:
 
     @property
     def perturbation_class(self) -> str:
-        """The method's class the arm builds: with the detector's samples, or the noise alone."""
-        return "SampledPerturbation" if self.detector else "Perturbation"
+        """The method's class the arm builds: a peer's own (gradient noise, anti-PGD), else
+        with the detector's samples, or the noise alone."""
+        return perturbation_class(self.kind, self.detector)
+
+    @property
+    def noise_rule(self) -> tuple[str, str]:
+        """How the arm's noise enters (docstrings): the sentence and the update."""
+        return noise_rule(self.kind)
+
+    @property
+    def peer_modules(self) -> tuple[str, ...]:
+        return peer_modules(self.kind)
 
     @property
     def detector(self) -> bool:
@@ -139,6 +168,23 @@ class RenderModel:
         """Whether the detector samples the pre-clip gradient norm that clipping measured,
         handed to perturbation.step, instead of measuring it itself."""
         return self.detector and self.clips
+
+
+def noise_rule(kind: str) -> tuple[str, str]:
+    """How an arm's noise enters, for docstrings: the sentence and the update."""
+    return NOISE_RULES.get(kind, PARAMETER_NOISE)
+
+
+def peer_modules(kind: str) -> tuple[str, ...]:
+    """The modules under generator/method/ a peer's class needs after noise.py."""
+    return PERTURBATIONS[kind][0] if kind in PERTURBATIONS else ()
+
+
+def perturbation_class(kind: str, detector: bool) -> str:
+    """The method's class an arm of `kind` builds (for the scripts and the export)."""
+    if kind in PERTURBATIONS:
+        return PERTURBATIONS[kind][1]
+    return "SampledPerturbation" if detector else "Perturbation"
 
 
 @dataclass(frozen=True)
@@ -164,6 +210,11 @@ LATER_FEATURES = {
         "loggers": [],
     },
     "optimizer": {"no_decay": []},
+    # the peers' settings, at their defaults (a spec without the peers never reads them)
+    "perturbation": {
+        "gradient_noise": spec_module.GradientNoise().model_dump(mode="json"),
+        "anti_pgd": spec_module.AntiPGD().model_dump(mode="json"),
+    },
 }
 
 
@@ -195,6 +246,14 @@ def eps_formula(spec: Spec, kind: str) -> tuple[str, str]:
         "full": (
             f"eps(t) = eps_phase[p] * exp(-lambda * t_p){ratio}",
             f"{phases}, lambda = {p.decay!r}",
+        ),
+        "gradient_noise": (
+            f"eps(t) = sqrt(eta / (1 + t)^gamma){ratio}, the std of the gradient noise",
+            f"eta = {p.gradient_noise.eta!r}, gamma = {p.gradient_noise.gamma!r}",
+        ),
+        "anti_pgd": (
+            f"eps(t) = sigma{ratio}, the std of xi_t; theta receives xi_(t+1) - xi_t",
+            f"sigma = {p.anti_pgd.sigma!r}",
         ),
     }[kind]
 
@@ -339,6 +398,13 @@ def constants(spec: Spec, arm: str, kind: str) -> tuple[Constant, ...]:
         c.append(Constant("EPS_BASE", p.base, "noise std at step 0, parameter units"))
     if kind in ("schedule_only", "full"):
         c.append(Constant("DECAY", p.decay, "lambda of exp(-lambda t), per optimizer step"))
+    if kind == "gradient_noise":
+        c += [
+            Constant("NOISE_ETA", p.gradient_noise.eta, "sigma_0^2, gradient units squared"),
+            Constant("NOISE_GAMMA", p.gradient_noise.gamma, "sigma_t^2 = eta / (1 + t)^gamma"),
+        ]
+    if kind == "anti_pgd":
+        c.append(Constant("SIGMA", p.anti_pgd.sigma, "std of xi_t, parameter units"))
     if kind in ("phase_only", "full"):
         d = spec.phase_detector
         c += [

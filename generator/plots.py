@@ -61,6 +61,15 @@ def _accuracy(spec: str, name: str, drawn: dict[str, Any], out: Path) -> Path:
     return path
 
 
+# the arms whose eps is not a parameter-noise std, and the line styles that keep arms with
+# the same eps (anti_pgd's sigma and fixed's eps, by default) both visible
+UNITS = {
+    "gradient_noise": "gradient_noise (std in the gradient)",
+    "anti_pgd": "anti_pgd (std of xi_t)",
+}
+LINES = {"anti_pgd": "--"}
+
+
 def _eps_phases(spec: str, name: str, drawn: dict[str, Any], out: Path) -> Path:
     plt = pyplot()
     fig, (top, bottom) = plt.subplots(
@@ -68,7 +77,8 @@ def _eps_phases(spec: str, name: str, drawn: dict[str, Any], out: Path) -> Path:
     )
     for arm, c in drawn.items():
         if not arm.startswith("baseline") and c["eps"] is not None:
-            top.plot(range(1, len(c["eps"]) + 1), c["eps"], label=arm)
+            style = {"label": UNITS.get(arm, arm), "linestyle": LINES.get(arm, "-")}
+            top.plot(range(1, len(c["eps"]) + 1), c["eps"], **style)
     top.set(ylabel="mean eps per step", title=f"{spec}: noise std eps(t), mean over seeds")
     top.grid(alpha=0.3)
     if top.lines:

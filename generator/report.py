@@ -4,7 +4,8 @@ plots.py render it).
 Runs are grouped into sections of one spec and one set of shared settings and never pooled
 across fingerprints (see runs.py). Within a section every arm is compared with baseline on
 the primary endpoint, final test accuracy, in one confirmatory Holm family together with the
-2x2 of the method's ingredients; time to target, the loss CVs and divergence are exploratory,
+2x2 of the method's ingredients and `full` against each of its peers (gradient_noise,
+anti_pgd); time to target, the loss CVs and divergence are exploratory,
 a Holm family each. Arms pair with baseline by seed (same seed: same init and data order)
 when their batch size is the same; otherwise the comparison is Welch's, and says so. A
 diverged run enters the primary endpoint at chance accuracy, 1 / NUM_CLASSES.
@@ -38,6 +39,8 @@ __all__ = ["NoRuns", "Refused", "aggregate", "build", "find_runs", "sections"]
 # the 2x2 of the method's ingredients: (detector, in-phase decay) -> arm
 CELLS = {"00": "fixed", "10": "phase_only", "01": "schedule_only", "11": "full"}
 CONTRASTS = {"first": "detector", "second": "decay", "interaction": "interaction"}
+# the method's peers (noise methods a researcher would otherwise use): `full` against each
+PEERS = ("gradient_noise", "anti_pgd")
 # the exploratory endpoints, a Holm family each: paired values of completed runs
 SECONDARY = ("cv_detrended_pct", "cv_pct")
 
@@ -269,6 +272,21 @@ def _factorial(arms: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return tests
 
 
+def _against_peers(arms: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """`full` against each of the method's peers the section holds, on the primary endpoint:
+    does the method beat the noise methods one would otherwise use?"""
+    if "full" not in arms:
+        return {}
+    full = arms["full"]["per_seed"]["primary"]
+    return {
+        f"full vs {peer}": compare(
+            full, arms[peer]["per_seed"]["primary"], _pairs(arms, "full", peer)
+        )
+        for peer in PEERS
+        if peer in arms
+    }
+
+
 def _comparisons(arms: dict[str, Any], base: str) -> dict[str, Any]:
     others = [label for label in arms if label != base]
     b = arms[base]
@@ -278,6 +296,7 @@ def _comparisons(arms: dict[str, Any], base: str) -> dict[str, Any]:
         for label in others
     }
     acc.update(_factorial(arms))
+    acc.update(_against_peers(arms))
     out = {"primary": _family(acc, "confirmatory")}
     for key in SECONDARY:
         tests = {

@@ -30,7 +30,8 @@ on it.
 - **One confirmatory family.** The primary endpoint's comparisons — every arm against
   baseline, the 2×2 of the method's ingredients (detector × in-phase decay over `fixed`,
   `phase_only`, `schedule_only`, `full`: both main effects and the interaction, each a
-  per-seed contrast) and `full` against each component — form one Holm family. Time to
+  per-seed contrast), `full` against each component and `full` against each of the
+  method's peers (`gradient_noise`, `anti_pgd`) — form one Holm family. Time to
   target, each CV and the divergence rates are exploratory, a Holm family each. A direction
   word (better/worse, faster/slower, steadier, diverges more/less often) needs a
   Holm-adjusted p < 0.05.
@@ -180,8 +181,8 @@ def _primary_table(data: dict[str, Any]) -> list[str]:
     intro = [
         f"Mean ± sd (n) over completed and diverged runs ({rule}). Δ in points against",
         "baseline; below the arms, the 2×2 contrasts (detector and decay main effects,",
-        "interaction) and `full` against each component. MDD: smallest difference detectable",
-        f"at 80 % power (at 0.05, and at 0.05 / {data['comparisons'].get('primary', {}).get('size', 1)}).",
+        "interaction), `full` against each component and each peer. MDD: smallest difference",
+        f"detectable at 80 % power (at 0.05, and at 0.05 / {data['comparisons'].get('primary', {}).get('size', 1)}).",
         "Confirmatory: one Holm family over all rows.",
     ]
     columns = ["arm", COUNTS, "test acc (%)", "Δ (points)", "95 % CI", "test", "p", "p (Holm)"]

@@ -19,7 +19,7 @@ from pydantic import (
 from generator.loading import Located, merge
 
 NAME_PATTERN = r"^[a-z][a-z0-9_]*$"
-ARMS = ("baseline", "fixed", "phase_only", "schedule_only", "full")
+ARMS = ("baseline", "fixed", "phase_only", "schedule_only", "full", "gradient_noise", "anti_pgd")
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=32)]
 INT_LIMIT = 2**31  # every count and size fits in 32 bits: anything bigger is a typo
@@ -412,6 +412,23 @@ class PhaseEps(Section):
     fine_tuning: NonNegFloat = 2.5e-4
 
 
+class GradientNoise(Section):
+    eta: NonNegFloat = Field(
+        0.01,
+        description="sigma_t^2 = eta / (1 + t)^gamma, gradient units squared (the paper's "
+        "eta in {0.01, 0.3, 1.0}; 0: no noise).",
+    )
+    gamma: NonNegFloat = Field(0.55, description="Annealing exponent (the paper's 0.55).")
+
+
+class AntiPGD(Section):
+    sigma: NonNegFloat = Field(
+        1e-3,
+        description="Std of xi_t ~ N(0, sigma^2 I), parameter units; theta receives "
+        "xi_{t+1} - xi_t (0: no noise).",
+    )
+
+
 class Perturbation(Section):
     kernel: Literal["auto", "triton", "torch"] = "auto"
     apply_to: Literal["all", "weights"] = Field(
@@ -424,6 +441,10 @@ class Perturbation(Section):
     eps: PhaseEps = PhaseEps()
     base: NonNegFloat = Field(2e-3, description="schedule_only's epsilon at step 0.")
     decay: NonNegFloat = Field(1e-3, description="lambda of exp(-lambda t), per optimizer step.")
+    gradient_noise: GradientNoise = Field(
+        GradientNoise(), description="The gradient_noise arm (Neelakantan et al. 2015)."
+    )
+    anti_pgd: AntiPGD = Field(AntiPGD(), description="The anti_pgd arm (Orvieto et al. 2022).")
 
 
 class Thresholds(Section):

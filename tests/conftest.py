@@ -287,3 +287,11 @@ def load_module(path: Path, name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def exported_peer(folder: Path, arm: str, name: str):
+    """`perturbgen export specs/mnist1d_cnn.yaml ARM` (a peer of the method), imported."""
+    out = folder / f"{name}.py"
+    result = cli("export", REPO / "specs" / "mnist1d_cnn.yaml", arm, "-o", out)
+    assert result.exit_code == 0, result.output
+    return load_module(out, name)

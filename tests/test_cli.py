@@ -146,8 +146,8 @@ def test_validate_ok():
     result = cli("validate", REPO / "specs")
     assert result.exit_code == 0, result.output
     assert (
-        "mnist1d_cnn: baseline, fixed, phase_only, schedule_only, full, baseline_adam, "
-        "baseline_sgd_constant"
+        "mnist1d_cnn: baseline, fixed, phase_only, schedule_only, full, gradient_noise, "
+        "anti_pgd, baseline_adam, baseline_sgd_constant"
     ) in result.output
 
 
@@ -161,8 +161,9 @@ def test_schema_and_variants():
     schema = json.loads(cli("schema").output)
     assert schema["additionalProperties"] is False and "optimizer" in schema["required"]
     table = cli("variants").output
-    for arm in ("baseline", "fixed", "phase_only", "schedule_only", "full"):
+    for arm in ("baseline", "fixed", "phase_only", "schedule_only", "full", "gradient_noise"):
         assert arm in table
+    assert "sigma; theta gets xi_{t+1} - xi_t" in table
     assert "eps_phase[p] * exp(-lambda * t_p)" in table
 
 

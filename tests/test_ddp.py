@@ -48,8 +48,9 @@ def summary(folder):
     return json.loads((folder / "summary.json").read_text())
 
 
-# phase_only and schedule_only run code the full arm holds too (the detector, the decay)
-@pytest.mark.parametrize("arm", ["baseline", "fixed", "full"])
+# phase_only and schedule_only run code the full arm holds too (the detector, the decay); the
+# peers add their noise elsewhere (the gradient after the all-reduce; xi_(t+1) - xi_t)
+@pytest.mark.parametrize("arm", ["baseline", "fixed", "full", "gradient_noise", "anti_pgd"])
 def test_replicas_stay_bit_identical(arm, tmp_path):
     run = tmp_path / "run"
     result = torchrun(

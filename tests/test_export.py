@@ -200,7 +200,7 @@ def test_an_absolute_scale_module_says_nothing_about_the_lr(capsys):
 # -- the proof: the same method as the scripts ---------------------------------------------
 
 
-@pytest.mark.parametrize("arm", ["full", "fixed"])
+@pytest.mark.parametrize("arm", ["full", "fixed", "gradient_noise", "anti_pgd"])
 def test_plain_loop_trains_bit_for_bit_what_the_script_trains(tmp_path, arm):
     """synthetic_mlp (Adam, apply_to weights, scale lr, an LR warm-up) for 50 steps across
     an epoch boundary: train_<arm>.py against the issue's loop on the unflattened model."""

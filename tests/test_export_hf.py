@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import GENERATED, load_module, readme_snippets
+from conftest import GENERATED, exported_peer, load_module, readme_snippets
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -90,6 +90,27 @@ def test_noise_has_the_spec_std_and_is_logged(ap, tmp_path):
     # the eps of the fifth step (t_p = 4) in exploration
     assert logged[0]["adaptive_perturbation/eps"] == ap.EPS_PHASE[0] * math.exp(-ap.DECAY * 4)
     assert logged[0]["adaptive_perturbation/phase"] == 0.0
+
+
+def test_the_peers_in_the_trainer(tmp_path):
+    """gradient_noise at eta 0 trains what a run without the callback trains, bit for bit,
+    and at eta > 0 something else, logging sigma_4 = sqrt(eta / 5^gamma) at step 5; anti_pgd
+    at lr 0: after 5 steps theta - theta_0 = xi_5, std sigma (not sqrt(5) sigma; 643 values,
+    within 10 % with probability > 0.99)."""
+    plain = flat(train(tmp_path / "p", transformers.TrainerCallback(), 5)[1])
+    gn = exported_peer(tmp_path, "gradient_noise", "ap_gn_hf")
+    off = gn.AdaptivePerturbationTrainerCallback(seed=0, noise_eta=0.0)
+    assert torch.equal(flat(train(tmp_path / "z", off, 5)[1]), plain)
+    trainer, model = train(tmp_path / "g", gn.AdaptivePerturbationTrainerCallback(seed=0), 5)
+    assert not torch.equal(flat(model), plain)
+    logged = [h for h in trainer.state.log_history if "adaptive_perturbation/eps" in h]
+    assert logged[0]["adaptive_perturbation/eps"] == math.sqrt(gn.NOISE_ETA / 5**gn.NOISE_GAMMA)
+    anti = exported_peer(tmp_path, "anti_pgd", "ap_anti_hf")
+    before = flat(Tiny())
+    model = train(
+        tmp_path / "a", anti.AdaptivePerturbationTrainerCallback(seed=0, sigma=0.01), 5, lr=0.0
+    )[1]
+    assert abs((flat(model) - before).std().item() / 0.01 - 1) < 0.1
 
 
 def test_two_runs_are_identical_and_resume_from_a_checkpoint_continues_exactly(ap, tmp_path):

@@ -28,6 +28,8 @@ def test_arms_and_extra_baselines_in_order():
         "phase_only",
         "schedule_only",
         "full",
+        "gradient_noise",
+        "anti_pgd",
         "baseline_adam",
         "baseline_sgd_constant",
     ]
@@ -57,6 +59,8 @@ def test_each_perturbing_arm_names_its_policy_file():
         "phase_only": ("eps_phase", ("eps_phase",), True),
         "schedule_only": ("eps_schedule", ("eps_base", "decay"), False),
         "full": ("eps_full", ("eps_phase", "decay"), True),
+        "gradient_noise": ("eps_gradient_noise", ("noise_eta", "noise_gamma"), False),
+        "anti_pgd": ("eps_anti_pgd", ("sigma",), False),
     }
     for arm, (policy, arguments, detector) in expected.items():
         m = models[arm]
@@ -118,6 +122,8 @@ ON = {  # a value that turns each later feature on
     "train.early_stop": "{patience: 2}",
     "train.loggers": "[tensorboard]",
     "optimizer.no_decay": "[bias]",
+    "perturbation.gradient_noise": "{eta: 0.3}",
+    "perturbation.anti_pgd": "{sigma: 0.01}",
 }
 
 

@@ -29,9 +29,11 @@ def read_jsonl(path):
 
 @pytest.fixture(scope="module")
 def tiny_scripts(tmp_path_factory):
-    """Every arm of the minimal spec (MLP, SGD, synthetic data), generated once."""
+    """Every arm of the minimal spec (MLP, SGD, synthetic data) and the method's peers,
+    generated once."""
     root = tmp_path_factory.mktemp("tiny")
-    (root / "spec.yaml").write_text(MINIMAL)
+    peers = "[baseline, fixed, gradient_noise, anti_pgd]"
+    (root / "spec.yaml").write_text(MINIMAL.replace("[baseline, fixed]", peers))
     assert cli("generate", root / "spec.yaml", "-o", root / "gen").exit_code == 0
     return root / "gen" / "tiny"
 
@@ -86,9 +88,11 @@ def test_mnist1d_baseline_reaches_its_target(tmp_path):
     assert (tmp_path / "data" / "mnist1d.pt").exists()  # made locally and cached
 
 
-def test_resume_continues_exactly(tiny_scripts, tmp_path):
-    """Stopped mid-epoch and resumed, a run ends bit-identical to an uninterrupted one."""
-    script = tiny_scripts / "train_fixed.py"
+@pytest.mark.parametrize("arm", ["fixed", "gradient_noise", "anti_pgd"])
+def test_resume_continues_exactly(tiny_scripts, tmp_path, arm):
+    """Stopped mid-epoch and resumed, a run ends bit-identical to an uninterrupted one (the
+    noise generators' state, and anti-PGD's xi_t, are in last.pt)."""
+    script = tiny_scripts / f"train_{arm}.py"
     straight = run_inprocess(script, "--smoke", "--out", tmp_path / "a")
     first = run_inprocess(script, "--smoke", "--max-steps", "3", "--out", tmp_path / "b")
     assert straight.returncode == 0 and first.returncode == 0, first.stderr

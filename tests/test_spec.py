@@ -55,8 +55,8 @@ CASES = {
     ),
     "unknown arm": (
         ("[baseline, fixed]", "[baseline, fixd]"),
-        "6: variants[1]: must be one of 'baseline', 'fixed', 'phase_only', 'schedule_only' or "
-        "'full' (got 'fixd'); did you mean 'fixed'?",
+        "6: variants[1]: must be one of 'baseline', 'fixed', 'phase_only', 'schedule_only', "
+        "'full', 'gradient_noise' or 'anti_pgd' (got 'fixd'); did you mean 'fixed'?",
     ),
     "duplicate arm": (
         ("[baseline, fixed]", "[baseline, fixed, fixed]"),
@@ -144,6 +144,14 @@ CASES = {
     "duplicate key": (
         ("train:", "seed: 1\nseed: 2\ntrain:"),
         "6: seed: duplicate key (first given on line 5)",
+    ),
+    "negative gradient noise": (
+        ("variants:", "perturbation:\n  gradient_noise: {eta: -0.01}\nvariants:"),
+        "7: perturbation.gradient_noise.eta: must be >= 0 (got -0.01)",
+    ),
+    "anti-PGD key misspelt": (
+        ("variants:", "perturbation:\n  anti_pgd: {sigme: 0.01}\nvariants:"),
+        "7: perturbation.anti_pgd.sigme: unknown key; did you mean 'sigma'?",
     ),
     "python tag": (
         ("name: tiny", "name: !!python/name:os.system tiny"),

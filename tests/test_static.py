@@ -87,6 +87,10 @@ ARM_NAMES = {
         "EVERY", "WINDOW",
     },
     "schedule_only": {"Perturbation", "Epsilon", "EPS_BASE", "DECAY"},
+    "gradient_noise": {
+        "Perturbation", "DrawnNoise", "GradientNoise", "Epsilon", "NOISE_ETA", "NOISE_GAMMA",
+    },
+    "anti_pgd": {"Perturbation", "DrawnNoise", "AntiPGD", "Epsilon", "SIGMA"},
     "full": {
         "Perturbation", "SampledPerturbation", "Epsilon", "PhaseDetector", "EPS_PHASE",
         "DECAY", "EVERY", "WINDOW",
@@ -261,7 +265,7 @@ def arm_differences(baseline_source, arm_source):
 PAIRS = [
     (p.parent / "train_baseline.py", p)
     for p in SCRIPTS
-    if p.stem.removeprefix("train_") in ("fixed", "phase_only", "schedule_only", "full")
+    if p.stem.removeprefix("train_") != "baseline" and not p.stem.startswith("train_baseline_")
 ]
 
 
@@ -276,10 +280,11 @@ def test_arms_differ_from_the_baseline_by_the_perturbation_alone(pair):
 
 @pytest.mark.parametrize("amp", ["fp16", "bf16"])
 def test_the_guard_holds_under_amp(amp, tmp_path):
-    text = MINIMAL.replace("[baseline, fixed]", "[baseline, fixed, phase_only, full]")
+    arms = ("fixed", "phase_only", "full", "gradient_noise", "anti_pgd")
+    text = MINIMAL.replace("[baseline, fixed]", f"[baseline, {', '.join(arms)}]")
     folder = generate(tmp_path, text, f"train.amp={amp}")
     base = (folder / "train_baseline.py").read_text()
-    for arm in ("fixed", "phase_only", "full"):
+    for arm in arms:
         problems = arm_differences(base, (folder / f"train_{arm}.py").read_text())
         assert not problems, arm + "\n" + "\n".join(problems)
 
@@ -313,7 +318,8 @@ def test_exported_modules_of_every_perturbing_arm_pass_ruff(tmp_path):
     and a loss_smooth threshold, checked like the scripts (the golden record carries `full`)."""
     spec = REPO / "specs" / "synthetic_mlp.yaml"
     sets = ["--set", "phase_detector.thresholds={mode: absolute, tau_smooth: 0.1}"]
-    for arm in ("fixed", "phase_only", "schedule_only", "full"):
+    sets += ["--set", "variants=[fixed, phase_only, schedule_only, full, gradient_noise, anti_pgd]"]
+    for arm in ("fixed", "phase_only", "schedule_only", "full", "gradient_noise", "anti_pgd"):
         out = tmp_path / f"ap_{arm}.py"
         assert cli("export", spec, arm, "-o", out, *sets).exit_code == 0
         source = out.read_text()

@@ -315,7 +315,7 @@ def test_amp_and_compile_smoke(setting, tmp_path):
 
 @pytest.fixture
 def fp16_full(tmp_path):
-    text = MINIMAL.replace("[baseline, fixed]", "[baseline, full]")
+    text = MINIMAL.replace("[baseline, fixed]", "[baseline, full, gradient_noise, anti_pgd]")
     return generate(tmp_path, text, "train.amp=fp16", "phase_detector.every=1")
 
 
@@ -353,7 +353,7 @@ def test_a_step_the_grad_scaler_skips_is_no_step(fp16_full):
     assert step(1, poison=False)[0] is not None and len(perturbation.detector.samples) == 2
 
 
-@pytest.mark.parametrize("arm", ["baseline", "full"])
+@pytest.mark.parametrize("arm", ["baseline", "full", "gradient_noise", "anti_pgd"])
 def test_a_skipped_step_is_not_counted_by_the_script(arm, fp16_full, tmp_path):
     """The whole script with an inf gradient at its third backward pass takes one optimizer
     step fewer than without it (the grad scaler on this tiny model skips nothing else)."""

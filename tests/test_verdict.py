@@ -41,6 +41,25 @@ def test_the_2x2_contrasts_are_per_seed_and_paired(tmp_path):
     assert data["comparisons"]["cv_pct"]["role"] == "exploratory"
 
 
+def test_full_meets_each_peer_in_the_confirmatory_family(tmp_path):
+    """The method's peers are arms like the others (against baseline), and `full` is
+    compared with each, paired by seed, in the one Holm family."""
+    study(tmp_path)
+    for seed in range(3):
+        write_run(tmp_path, "gradient_noise", seed, REACH, [1.0] * 4, test=0.83 + 0.01 * seed)
+        write_run(tmp_path, "anti_pgd", seed, REACH, [1.0] * 4, test=0.85 + 0.01 * seed)
+    family = family_of(tmp_path, "primary")
+    # full = .90 + .012 s: the differences are .07 + .002 s and .05 + .002 s, s = 0, 1, 2
+    assert family["full vs gradient_noise"]["diff"] == pytest.approx(0.07 + 0.002)
+    assert family["full vs anti_pgd"]["diff"] == pytest.approx(0.05 + 0.002)
+    assert family["full vs anti_pgd"]["design"] == "paired"
+    assert family["gradient_noise"]["diff"] == pytest.approx(0.03)  # against baseline
+    # 6 arms + 3 contrasts + 2 full-vs-component + 2 full-vs-peer
+    assert section(tmp_path)["comparisons"]["primary"]["size"] == 13
+    text = report_md.markdown(report.aggregate(report.find_runs(tmp_path)))
+    assert "| *full vs gradient_noise* |" in text
+
+
 def test_another_batch_size_does_not_pair_and_says_so(tmp_path):
     study(tmp_path)
     for seed in range(3):

@@ -6,9 +6,9 @@ After every real optimizer step the parameters the optimizer trains receive Gaus
     eps_phase = (0.002, 0.001, 0.00025), lambda = 0.001
 p is the phase the detector reports (exploration, convergence, fine_tuning);
 t_p counts optimizer steps since p began.
-This is the Perturbation section of the spec's train_full.py, the same code: with the same
-model init, data order and optimizer a loop using it trains bit for bit what the script trains.
-It needs torch only (triton, where present, for the noise kernel on CUDA).
+This is the Perturbation section of the spec's train_full.py, the same code:
+with the same model init, data order and optimizer a loop using it trains bit for bit what
+the script trains. It needs torch only (triton, where present, for the noise kernel on CUDA).
 
 A plain loop:
     from adaptive_perturbation import AdaptivePerturbation

@@ -14,9 +14,9 @@ multiplies every eps by its ratio to lr_0; pass lr=<that learning rate> to keep 
 eps values. The module prints lr_0 once when built and warns when the optimizer starts
 elsewhere.
 
-This is the Perturbation section of the spec's train_full.py, the same code: with the same
-model init, data order and optimizer a loop using it trains bit for bit what the script trains.
-It needs torch only (triton, where present, for the noise kernel on CUDA).
+This is the Perturbation section of the spec's train_full.py, the same code:
+with the same model init, data order and optimizer a loop using it trains bit for bit what
+the script trains. It needs torch only (triton, where present, for the noise kernel on CUDA).
 
 A plain loop:
     from adaptive_perturbation import AdaptivePerturbation

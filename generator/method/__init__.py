@@ -22,6 +22,15 @@ POLICIES = {
     "phase_only": "eps_phase",
     "schedule_only": "eps_schedule",
     "full": "eps_full",
+    "gradient_noise": "eps_gradient_noise",
+    "anti_pgd": "eps_anti_pgd",
+}
+
+# The peers whose noise is not added to the parameters as eps(t) * xi: kind -> (the modules
+# their class needs after noise.py, in order; the class).
+PERTURBATIONS = {
+    "gradient_noise": (("drawn", "gradient_noise"), "GradientNoise"),
+    "anti_pgd": (("drawn", "anti_pgd"), "AntiPGD"),
 }
 
 

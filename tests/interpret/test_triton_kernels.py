@@ -67,9 +67,9 @@ def test_the_noise_takes_the_eps_decided_after_the_sample(tmp_path):
     check_step_semantics(tmp_path, "triton")
 
 
-@pytest.mark.parametrize("arm", ["fixed", "full"])
+@pytest.mark.parametrize("arm", ["fixed", "full", "gradient_noise", "anti_pgd"])
 def test_resume_continues_the_same_stream(arm, tmp_path):
-    text = MINIMAL.replace("[baseline, fixed]", "[fixed, full]")
+    text = MINIMAL.replace("[baseline, fixed]", "[fixed, full, gradient_noise, anti_pgd]")
     folder = generate(
         tmp_path,
         text,
