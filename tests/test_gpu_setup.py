@@ -135,7 +135,9 @@ def one_rank_group():
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize(("spec", "running_stats"), [("cifar10_resnet18", True), ("mnist1d_cnn", False)])
+@pytest.mark.parametrize(
+    ("spec", "running_stats"), [("cifar10_resnet18", True), ("mnist1d_cnn", False)]
+)
 def test_ddp_broadcasts_buffers_only_for_running_statistics(spec, running_stats, one_rank_group):
     ns = namespace(GENERATED / spec / "train_baseline.py")
     model = ns["build_model"]()
