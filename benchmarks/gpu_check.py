@@ -1,43 +1,63 @@
-"""GPU readiness in one prepared run: every arm on the GPU, exact resume, kernel bandwidth
-and the step-time cost of the method.
+"""GPU readiness in one prepared run: every arm on the GPU, exact resume, kernel bandwidth,
+the generated loop's speed against a hand-written one, and host syncs per step.
 
-    python benchmarks/gpu_check.py [--out DIR]   # on a CUDA machine: about 5, at most 8 minutes
+    python benchmarks/gpu_check.py [--out DIR]   # on a CUDA machine: about 5, at most 10 minutes
     python benchmarks/gpu_check.py --dry-run     # the same logic on the CPU at tiny sizes,
                                                  # Triton under its interpreter (the test suite)
 
   (a) arms       every arm of every example spec for a few --smoke steps, with --kernel torch
-                 and --kernel triton (baselines have no noise kernel: they run once)
-  (b) resume     the full arm of cifar10_resnet18 with train.deterministic: true, a straight
-                 run and one stopped after 2 steps and resumed: the same bits at the end
-  (c) bandwidth  the noise-add kernel and torch's SGD step against the device's copy
-                 bandwidth and against torch's randn_like + add_, at 1M, 16M and 128M params
-  (d) overhead   step time of every arm over baseline's, ResNet-18 on CIFAR-shaped data,
-                 batch 128, each noise kernel (arms interleaved in rounds, medians)
+                 and --kernel triton (baselines have no noise kernel: they run once); the
+                 custom-factory spec with its folder on the path; a spec whose experiment
+                 trackers are not installed is skipped, and listed
+  (b) resume     the full arm of cifar10_resnet18 with train.deterministic: true and the
+                 detector sampling every 2 steps: a straight run and one stopped mid-epoch and
+                 resumed, with each kernel; model, optimizer, noise generators, detector and
+                 epoch sums must be the same bits
+  (c) bandwidth  triton.testing.do_bench (L2 flushed before every call) of the noise-add
+                 kernel, torch's randn_like + add_, and fused and foreach SGD against a copy,
+                 at 16M, 64M and 256M parameters (64 MB and up: beyond any L2)
+  (d) loop       the generated baseline and full arms (each kernel) on CIFAR-format data,
+                 through their own loop and data path: images/s from their train_s over the
+                 epochs after the first; the peer is a hand-written CIFAR ResNet-18 GPU loop
+                 (same model, data, batch, AMP; data held and augmented on the device,
+                 channels-last, fused SGD, no sync in the loop)
+  (e) syncs      host-device syncs per step of baseline and full, counted with
+                 torch.cuda.set_sync_debug_mode("warn") as the difference of two runs of
+                 different lengths (set-up and the final checkpoint cancel out)
 
-It writes DIR/gpu_check.json and DIR/gpu_check.md (default DIR: runs/gpu_check) and exits
-1 if any run failed or a resume was not exact. Each run starts afresh: the scripts and run
-folders of an earlier check in DIR (OUTPUTS) are removed first, so it can be run again. The dry run uses synthetic_mlp for (a) and
-(b), sizes of a few thousand for (c) and ResNet-18 at batch 2 with the torch kernel for (d).
+The CIFAR-format data are random images written as CIFAR-10's python batches under DIR/data
+(no download). It writes DIR/gpu_check.json and DIR/gpu_check.md (default DIR:
+runs/gpu_check) and exits 1 if any run failed or a resume was not exact. Each check starts
+afresh: what an earlier check wrote under DIR (OUTPUTS) is removed first, so it can be run
+again. The dry run uses synthetic_mlp and custom_stripes for (a), synthetic_mlp for (b), a few
+thousand parameters for (c), and ResNet-18 at batch 8 on 32 images with the torch kernel for
+(d) and (e) (the interpreter over 11M parameters would take hours); syncs are counted on CUDA
+only.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import io
 import json
 import os
+import pickle
 import runpy
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-OUTPUTS = ("scripts", "arms", "deterministic", "resume")  # what a check writes under DIR
+sys.path.insert(0, str(REPO))  # this checkout's generator, not an installed one
+OUTPUTS = ("scripts", "arms", "deterministic", "resume", "loop", "data")  # written under DIR
 SPECS = sorted((REPO / "specs").glob("*.yaml"))
+CIFAR = REPO / "specs" / "cifar10_resnet18.yaml"
 
 
 def parse_args(argv=None):
@@ -57,157 +77,224 @@ def generate(specs, out, *overrides):
 
 
 def run_inprocess(script, argv):
-    """A script's main() in this process (no interpreter start-up per run): (code, error)."""
+    """A script's main() in this process (no interpreter start-up per run):
+    (code, error, syncs), syncs the warnings of torch.cuda's sync debug mode."""
     ns = runpy.run_path(str(script), run_name="gpu_check")
     err = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-            code = ns["main"](argv)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    except Exception as exc:  # a GPU-only failure is a result of this check, not a crash
-        code, err = 1, io.StringIO(f"{type(exc).__name__}: {exc}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # every sync, not the first per place
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+                code = ns["main"]([str(a) for a in argv])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except Exception as exc:  # a GPU-only failure is a result of this check, not a crash
+            code, err = 1, io.StringIO(f"{type(exc).__name__}: {exc}")
     lines = err.getvalue().strip().splitlines()
-    return code, (lines[-1][:300] if code and lines else "")
+    syncs = sum("synchronizing" in str(w.message) for w in caught)
+    return code, (lines[-1][:300] if code and lines else ""), syncs
+
+
+def missing_trackers(spec):
+    """The experiment trackers a spec logs to that this environment cannot import."""
+    from generator.render import load_spec
+
+    loaded, _ = load_spec(spec, [])
+    return [name for name in loaded.train.loggers if importlib.util.find_spec(name) is None]
 
 
 def check_arms(out, device, kernels, specs):
     """(a) a few --smoke steps of every arm, with each noise kernel."""
-    rows = []
+    rows, skipped = [], []
     for spec in specs:
-        for script in sorted((out / "scripts" / spec.stem).glob("train_*.py")):
-            arm = script.stem.removeprefix("train_")
-            for kernel in [None] if arm.startswith("baseline") else kernels:
-                run = out / "arms" / spec.stem / f"{arm}-{kernel or 'none'}"
-                argv = ["--smoke", "--max-steps", "3", "--device", device, "--out", str(run)]
-                argv += ["--kernel", kernel] if kernel else []
-                started = time.perf_counter()
-                code, error = run_inprocess(script, argv)
-                summary = run / "summary.json"
-                steps = json.loads(summary.read_text())["steps"] if summary.exists() else None
-                rows.append(
-                    {
-                        "spec": spec.stem,
-                        "arm": arm,
-                        "kernel": kernel,
-                        "code": code,
-                        "steps": steps,
-                        "seconds": round(time.perf_counter() - started, 2),
-                        "error": error,
-                        "ok": code == 0 and steps == 3,
-                    }
-                )
-    return rows
+        missing = missing_trackers(spec)
+        if missing:
+            skipped.append({"spec": spec.stem, "missing": missing})
+            continue
+        sys.path.insert(0, str(spec.parent))  # a spec's factories are found beside it
+        try:
+            rows += [
+                arm_row(out, spec, script, kernel, device)
+                for script in sorted((out / "scripts" / spec.stem).glob("train_*.py"))
+                for kernel in ([None] if script.stem.startswith("train_baseline") else kernels)
+            ]
+        finally:
+            sys.path.remove(str(spec.parent))
+    return rows, skipped
 
 
-def check_resume(out, device, kernel, dry):
-    """(b) deterministic: true, straight vs stopped-and-resumed, each run in a fresh process
-    (the switch is process-wide and cuBLAS reads its workspace setting when CUDA starts)."""
-    import torch
-
-    spec = REPO / "specs" / ("synthetic_mlp.yaml" if dry else "cifar10_resnet18.yaml")
-    generate([spec], out / "deterministic", "train.deterministic=true")
-    script = out / "deterministic" / spec.stem / "train_full.py"
-    common = ["--smoke", "--device", device, "--kernel", kernel]
-    runs = {"straight": [], "stopped": ["--max-steps", "2"], "resumed": ["--resume"]}
-    codes = {}
-    for name, extra in runs.items():
-        target = out / "resume" / ("straight" if name == "straight" else "split")
-        command = [sys.executable, str(script), *common, "--out", str(target), *extra]
-        result = subprocess.run(command, capture_output=True, text=True, cwd=out)
-        codes[name] = result.returncode
-    a, b = (
-        (
-            torch.load(out / "resume" / n / "last.pt", weights_only=True, map_location="cpu")
-            if (out / "resume" / n / "last.pt").exists()
-            else None
-        )
-        for n in ("straight", "split")
-    )
-    exact = (
-        a is not None
-        and b is not None
-        and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-        and a["state"]["step"] == b["state"]["step"]
-    )
-    ok = exact and all(code == 0 for code in codes.values())
+def arm_row(out, spec, script, kernel, device):
+    arm = script.stem.removeprefix("train_")
+    run = out / "arms" / spec.stem / f"{arm}-{kernel or 'none'}"
+    argv = ["--smoke", "--max-steps", "3", "--device", device, "--out", run]
+    argv += ["--kernel", kernel] if kernel else []
+    started = time.perf_counter()
+    code, error, _ = run_inprocess(script, argv)
+    summary = run / "summary.json"
+    steps = json.loads(summary.read_text())["steps"] if summary.exists() else None
     return {
         "spec": spec.stem,
-        "arm": "full",
+        "arm": arm,
         "kernel": kernel,
-        "codes": codes,
-        "exact": exact,
-        "ok": ok,
+        "code": code,
+        "steps": steps,
+        "seconds": round(time.perf_counter() - started, 2),
+        "error": error,
+        "ok": code == 0 and steps == 3,
     }
 
 
-def timer(device):
-    """seconds(fn, repeats): the median time of fn, with CUDA events on a GPU."""
+def write_cifar(root, per_file):
+    """Random uint8 images and labels as CIFAR-10's python batches: 5 train files, 1 test."""
+    import numpy as np
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {
+            b"data": rng.integers(0, 256, (per_file, 3 * 32 * 32), dtype=np.uint8),
+            b"labels": rng.integers(0, 10, per_file).tolist(),
+        }
+        (folder / name).write_bytes(pickle.dumps(batch))
+    return root
+
+
+def same(a, b):
+    """Equal to the bit, through nested checkpoint state."""
     import torch
 
-    def seconds(fn, repeats):
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(same, a, b))
+    return a == b
+
+
+def check_resume(out, device, kernels, data_root, steps, stop_at):
+    """(b) deterministic: true, straight vs stopped mid-epoch and resumed, each run in a fresh
+    process (the switch is process-wide and cuBLAS reads its workspace setting when CUDA
+    starts); the detector samples every 2 steps, so its window and phases are in the state."""
+    import torch
+
+    spec = CIFAR if data_root else REPO / "specs" / "synthetic_mlp.yaml"
+    detector = ["phase_detector.every=2", "phase_detector.window=4", "phase_detector.patience=1"]
+    generate([spec], out / "deterministic", "train.deterministic=true", *detector)
+    script = out / "deterministic" / spec.stem / "train_full.py"
+    common = ["--epochs", "1", "--device", device, "--no-test"]
+    common += ["--data-root", str(data_root)] if data_root else []
+    runs = {
+        "straight": ["--out", "straight", "--max-steps", steps],
+        "stopped": ["--out", "split", "--max-steps", stop_at],
+        "resumed": ["--out", "split", "--max-steps", steps, "--resume"],
+    }
+    codes = {kernel: {} for kernel in kernels}
+    for wave in (("straight", "stopped"), ("resumed",)):  # independent runs side by side
+        started = {}
+        for kernel, name in [(k, n) for k in kernels for n in wave]:
+            folder = out / "resume" / kernel
+            folder.mkdir(parents=True, exist_ok=True)
+            command = [sys.executable, script, *common, "--kernel", kernel, *runs[name]]
+            with open(folder / f"{name}.log", "w") as log:
+                started[kernel, name] = subprocess.Popen(
+                    list(map(str, command)), stdout=log, stderr=subprocess.STDOUT, cwd=folder
+                )
+        for (kernel, name), process in started.items():
+            codes[kernel][name] = process.wait()
+    rows = []
+    for kernel in kernels:
+        folder = out / "resume" / kernel
+        a, b = (
+            torch.load(p, weights_only=True, map_location="cpu") if p.exists() else None
+            for p in (folder / "straight" / "last.pt", folder / "split" / "last.pt")
+        )
+        compared = ("model", "optimizer", "perturbation")
+        exact = (
+            a is not None
+            and b is not None
+            and all(same(a[k], b[k]) for k in compared)
+            and all(same(a["state"][k], b["state"][k]) for k in ("step", "sums", "phases"))
+        )
+        mid_epoch = b is not None and b["state"]["batch"] > 0
+        rows.append(
+            {
+                "spec": spec.stem,
+                "arm": "full",
+                "kernel": kernel,
+                "steps": steps,
+                "stopped_at": stop_at,
+                "codes": codes[kernel],
+                "mid_epoch": mid_epoch,
+                "samples": len(a["perturbation"]["detector"]["samples"]) if a else None,
+                "exact": exact,
+                "ok": exact and mid_epoch and all(code == 0 for code in codes[kernel].values()),
+            }
+        )
+    return rows
+
+
+def bench(device):
+    """seconds(fn): the median time of one call of fn. On a GPU triton.testing.do_bench,
+    which flushes L2 before each call and times each with CUDA events; on the CPU (dry run)
+    the median over back-to-back calls."""
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return lambda fn: do_bench(fn, warmup=25, rep=200, return_mode="median") / 1000
+
+    def seconds(fn):
         fn()  # compile, warm up
         times = []
-        for _ in range(repeats):
-            if device == "cuda":
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end) / 1000)
-            else:
-                started = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - started)
+        for _ in range(5):
+            started = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - started)
         return statistics.median(times)
 
     return seconds
 
 
-def check_bandwidth(out, device, sizes, repeats):
-    """(c) GB/s = bytes that must move / time, per fp32 parameter:
-    copy 8 (read, write), noise_add kernel 8 (read p, write p), torch noise 16 (randn_like
-    writes xi, add_ reads p and xi, writes p), torch SGD with momentum 20 (reads p, g, m,
-    writes p, m); the two whole updates: SGD + kernel 28, SGD + torch noise 36."""
+# bytes that must move per fp32 parameter: copy reads and writes; the noise-add kernel reads
+# and writes p; torch's noise writes xi (randn_like), then reads p and xi and writes p; SGD
+# with momentum and decay reads p, g, m and writes p, m (a foreach SGD moves about 44, but
+# GB/s here is the least traffic over the time taken, so its extra traffic shows as less)
+MOVED = {"copy": 8, "noise_add": 8, "torch_noise": 16, "sgd_fused": 20, "sgd_foreach": 20}
+MOVED["sgd_fused_noise_add"] = MOVED["sgd_fused"] + MOVED["noise_add"]
+
+
+def check_bandwidth(device, sizes):
+    """(c) GB/s = the bytes that must move (MOVED) / the time of one call."""
     import torch
 
-    ns = runpy.run_path(str(out / "scripts" / "synthetic_mlp" / "train_fixed.py"), run_name="b")
-    triton, block, kernel = ns["triton"], ns["BLOCK"], ns["noise_add_kernel"]
-    seconds = timer(device)
+    from generator.method.noise import noise_add
+
+    seconds = bench(device)
     rows = []
     for n in sizes:
         src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
-        param = torch.nn.Parameter(torch.randn(n, device=device))
-        param.grad = torch.randn(n, device=device)
-        sgd = torch.optim.SGD([param], lr=0.1, momentum=0.9, foreach=True)
-        p = param.data
-        grid = (triton.cdiv(n, block),)
+        p = torch.randn(n, device=device)
 
-        def noise_add():
-            kernel[grid](p, n, 1e-3, (1 << 32) | 7, BLOCK=block)
+        def sgd(fused):
+            param = torch.nn.Parameter(torch.randn(n, device=device))
+            param.grad = torch.randn(n, device=device)
+            kind = {"fused": True} if fused else {"foreach": True}
+            optimizer = torch.optim.SGD([param], lr=0.1, momentum=0.9, weight_decay=1e-4, **kind)
+            return optimizer.step
 
-        def torch_noise():
-            p.add_(torch.randn_like(p), alpha=1e-3)
-
+        sgd_fused, sgd_foreach = sgd(True), sgd(False)
         t = {
-            "copy": seconds(lambda: dst.copy_(src), repeats),
-            "noise_add": seconds(noise_add, repeats),
-            "torch_noise": seconds(torch_noise, repeats),
-            "sgd": seconds(sgd.step, repeats),
-            "sgd_noise_add": seconds(lambda: (sgd.step(), noise_add()), repeats),
-            "sgd_torch_noise": seconds(lambda: (sgd.step(), torch_noise()), repeats),
+            "copy": seconds(lambda: dst.copy_(src)),
+            "noise_add": seconds(lambda: noise_add(p, n, 1e-3, (1 << 32) | 7)),
+            "torch_noise": seconds(lambda: p.add_(torch.randn_like(p), alpha=1e-3)),
+            "sgd_fused": seconds(sgd_fused),
+            "sgd_foreach": seconds(sgd_foreach),
+            "sgd_fused_noise_add": seconds(
+                lambda: (sgd_fused(), noise_add(p, n, 1e-3, (1 << 32) | 7))
+            ),
         }
-        moved = {
-            "copy": 8,
-            "noise_add": 8,
-            "torch_noise": 16,
-            "sgd": 20,
-            "sgd_noise_add": 28,
-            "sgd_torch_noise": 36,
-        }
-        gbs = {k: moved[k] * n / t[k] / 1e9 for k in t}
+        gbs = {k: MOVED[k] * n / t[k] / 1e9 for k in t}
         rows.append(
             {
                 "params": n,
@@ -215,43 +302,150 @@ def check_bandwidth(out, device, sizes, repeats):
                 "gbs": {k: float(f"{v:.4g}") for k, v in gbs.items()},
                 "noise_add_of_copy": round(gbs["noise_add"] / gbs["copy"], 3),
                 "noise_add_speedup_over_torch_noise": round(t["torch_noise"] / t["noise_add"], 2),
-                "step_speedup": round(t["sgd_torch_noise"] / t["sgd_noise_add"], 2),
+                "fused_speedup_over_foreach": round(t["sgd_foreach"] / t["sgd_fused"], 2),
             }
         )
+        del src, dst, p
     return rows
 
 
-def check_overhead(out, device, kernels, batch, rounds, steps, arms):
-    """(d) per-step time of each arm over baseline's: ResNet-18, CIFAR-shaped random data."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from overhead import Arm
+def generated_rate(script, argv, run):
+    """Images/s of one generated arm through its own loop: the training images of the epochs
+    after the first over their train_s (the first holds cuDNN tuning and kernel compilation)."""
+    code, error, _ = run_inprocess(script, [*argv, "--out", run])
+    if code != 0:
+        return {"code": code, "error": error, "images_per_s": None}
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = json.loads((run / "config.json").read_text())["splits"]["train"]
+    seconds = history[-1]["train_s"] - history[0]["train_s"]
+    return {"code": 0, "error": "", "images_per_s": round(train * (len(history) - 1) / seconds, 1)}
 
-    rows = []
-    for kernel in kernels:
-        built = {
-            arm: Arm("cifar10_resnet18", arm, batch, kernel, device, out / "scripts")
-            for arm in arms
+
+def handwritten_rate(script, data_root, device, epochs, batch):
+    """The peer: a hand-written CIFAR loop, the way fast CIFAR code is written. The model is
+    the generated script's build_model() (the same network), the data the same files and
+    train split; it holds the split on the device, draws each epoch's order, crops and flips
+    there at once, runs channels-last with the spec's AMP and a fused SGD, never syncs inside
+    an epoch, and is timed over the epochs after the first, synchronised at their edges."""
+    import torch
+    import torch.nn.functional as F
+
+    ns = runpy.run_path(str(script), run_name="gpu_check")
+    cuda = device == "cuda"
+    x, y, _, _ = ns["load_cifar"](data_root)
+    train, _ = ns["split_off_val"](len(y), ns["VAL_SIZE"])
+    x, y = x[train].to(device), y[train].to(device)
+    mean = torch.tensor(ns["NORM_MEAN"], device=device).view(1, 3, 1, 1)
+    std = torch.tensor(ns["NORM_STD"], device=device).view(1, 3, 1, 1)
+    model = ns["build_model"]().to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=ns["LR"],
+        momentum=ns["MOMENTUM"],
+        nesterov=ns["NESTEROV"],
+        weight_decay=ns["WEIGHT_DECAY"],
+        fused=cuda,
+    )
+    amp = ns.get("AMP_DTYPE")
+    n = len(y)
+    steps = torch.arange(32, device=device)
+
+    def epoch():
+        order = torch.randperm(n, device=device)
+        xs, ys = F.pad(x[order], (4, 4, 4, 4)), y[order]
+        rows = torch.randint(0, 9, (n, 1), device=device) + steps
+        cols = torch.randint(0, 9, (n, 1), device=device) + steps
+        index = torch.arange(n, device=device)[:, None, None, None]
+        channel = torch.arange(3, device=device)[None, :, None, None]
+        xs = xs[index, channel, rows[:, None, :, None], cols[:, None, None, :]]
+        xs = torch.where(torch.rand(n, 1, 1, 1, device=device) < 0.5, xs.flip(3), xs)
+        xs = ((xs.float() / 255 - mean) / std).contiguous(memory_format=torch.channels_last)
+        for i in range(0, n, batch):
+            with torch.autocast(device, dtype=amp, enabled=amp is not None):
+                loss = F.cross_entropy(model(xs[i : i + batch]), ys[i : i + batch])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    epoch()
+    sync()
+    started = time.perf_counter()
+    for _ in range(epochs - 1):
+        epoch()
+    sync()
+    return round(n * (epochs - 1) / (time.perf_counter() - started), 1)
+
+
+def check_loop(out, device, kernels, data_root, epochs, batch):
+    """(d) images/s of the generated arms and of the hand-written peer, and the ratios."""
+    folder = out / "loop" / CIFAR.stem
+    argv = ["--epochs", epochs, "--batch-size", batch, "--device", device, "--no-test"]
+    argv += ["--data-root", data_root]
+    rows = [
+        {
+            "arm": "baseline",
+            "kernel": None,
+            **generated_rate(
+                folder / "train_baseline.py", argv, out / "loop" / "runs" / "baseline"
+            ),
         }
-        times = {arm: [] for arm in built}
-        for arm in built.values():  # warm-up: allocator, cuDNN, kernel compilation
-            arm.step()
-        for _ in range(rounds):
-            for name, arm in built.items():
-                started = time.perf_counter()
-                for _ in range(steps):
-                    arm.step()  # each step ends in loss.item(): the GPU has caught up
-                times[name].append((time.perf_counter() - started) / steps)
-        base = statistics.median(times["baseline"])
-        for name, values in times.items():
-            median = statistics.median(values)
-            rows.append(
-                {
-                    "kernel": kernel,
-                    "arm": name,
-                    "ms_per_step": round(1000 * median, 3),
-                    "ratio_to_baseline": round(median / base, 3),
-                }
-            )
+    ]
+    rows += [
+        {
+            "arm": "full",
+            "kernel": kernel,
+            **generated_rate(
+                folder / "train_full.py",
+                [*argv, "--kernel", kernel],
+                out / "loop" / "runs" / kernel,
+            ),
+        }
+        for kernel in kernels
+    ]
+    peer = handwritten_rate(folder / "train_baseline.py", data_root, device, epochs, batch)
+    base = rows[0]["images_per_s"]
+    for row in rows:
+        rate = row["images_per_s"]
+        row["of_handwritten"] = round(rate / peer, 3) if rate else None
+        row["step_time_over_baseline"] = round(base / rate, 3) if rate and base else None
+    return {"handwritten_images_per_s": peer, "batch": batch, "epochs": epochs, "arms": rows}
+
+
+def check_syncs(out, device, kernel, data_root, short, long):
+    """(e) host-device syncs per step: (syncs of a --max-steps `long` run - those of a
+    `short` run) / (long - short), both inside the first epoch. Counted on CUDA only."""
+    import torch
+
+    folder = out / "loop" / CIFAR.stem
+    common = ["--epochs", 1, "--device", device, "--no-test", "--data-root", data_root]
+    rows = []
+    for arm, extra in (("baseline", []), ("full", ["--kernel", kernel])):
+        counts = {}
+        for steps in (short, long):
+            run = out / "loop" / "syncs" / f"{arm}-{steps}"
+            argv = [*common, *extra, "--max-steps", steps, "--out", run]
+            if device == "cuda":
+                torch.cuda.set_sync_debug_mode("warn")
+            try:
+                code, error, counts[steps] = run_inprocess(folder / f"train_{arm}.py", argv)
+            finally:
+                if device == "cuda":
+                    torch.cuda.set_sync_debug_mode("default")
+            if code != 0:
+                counts = {"error": error}
+                break
+        per_step = None
+        if "error" not in counts and device == "cuda":
+            per_step = round((counts[long] - counts[short]) / (long - short), 2)
+        rows.append(
+            {
+                "arm": arm,
+                "kernel": extra[-1] if extra else None,
+                "counts": counts,
+                "syncs_per_step": per_step,
+            }
+        )
     return rows
 
 
@@ -261,8 +455,8 @@ def markdown(report):
         f"torch {report['torch']}, triton {report['triton']}, dry run: "
         f"{report['dry_run']}, {report['seconds']:.0f} s in all, ok: {report['ok']}",
         "",
-    ]
-    lines += [
+        "seconds per part: " + ", ".join(f"{k} {v}" for k, v in report["part_seconds"].items()),
+        "",
         "## (a) every arm, a few --smoke steps",
         "",
         "| spec | arm | kernel | exit | steps | s | error |",
@@ -273,48 +467,64 @@ def markdown(report):
         f"| {r['seconds']} | {r['error']} |"
         for r in report["arms"]
     ]
-    r = report["resume"]
+    lines += [
+        f"\nskipped {s['spec']}: {', '.join(s['missing'])} not installed"
+        for s in report["skipped"]
+    ]
     lines += [
         "",
-        "## (b) exact resume with train.deterministic: true",
+        "## (b) exact resume mid-epoch, train.deterministic: true, detector every 2 steps",
         "",
-        f"{r['spec']} / {r['arm']}, kernel {r['kernel']}: exit codes {r['codes']}, "
-        f"bit-identical: {r['exact']}",
-        "",
-        "## (c) bandwidth, GB/s (fraction of copy)",
-        "",
-        "| params | copy | noise_add | torch noise | sgd | sgd+noise_add | sgd+torch noise "
-        "| step speed-up |",
+        "| spec | kernel | steps | stopped at | mid-epoch | samples | exit codes | bit-identical |",
         "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['spec']} | {r['kernel']} | {r['steps']} | {r['stopped_at']} | {r['mid_epoch']} "
+        f"| {r['samples']} | {r['codes']} | {r['exact']} |"
+        for r in report["resume"]
+    ]
+    lines += [
+        "",
+        "## (c) bandwidth, GB/s (fraction of copy), do_bench medians",
+        "",
+        "| params | copy | noise_add | torch noise | SGD fused | SGD foreach | SGD fused + "
+        "noise_add |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in report["bandwidth"]:
         g = row["gbs"]
         cells = [
             f"{g[k]:.1f} ({g[k] / g['copy']:.2f})"
-            for k in ("noise_add", "torch_noise", "sgd", "sgd_noise_add", "sgd_torch_noise")
+            for k in ("noise_add", "torch_noise", "sgd_fused", "sgd_foreach")
+            + ("sgd_fused_noise_add",)
         ]
-        lines.append(
-            f"| {row['params']:,} | {g['copy']:.1f} | "
-            + " | ".join(cells)
-            + f" | {row['step_speedup']} |"
-        )
+        lines.append(f"| {row['params']:,} | {g['copy']:.1f} | " + " | ".join(cells) + " |")
+    loop = report["loop"]
     lines += [
         "",
-        "## (d) step time over baseline, ResNet-18, CIFAR shape",
+        f"## (d) the generated loop, CIFAR-format data, batch {loop['batch']}, "
+        f"{loop['epochs']} epochs (the first not timed)",
         "",
-        "| kernel | arm | ms/step | ratio |",
-        "|---|---|---|---|",
+        f"hand-written peer: {loop['handwritten_images_per_s']} images/s",
+        "",
+        "| arm | kernel | images/s | of hand-written | step time over baseline | error |",
+        "|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['kernel']} | {r['arm']} | {r['ms_per_step']} | {r['ratio_to_baseline']} |"
-        for r in report["overhead"]
+        f"| {r['arm']} | {r['kernel'] or '-'} | {r['images_per_s']} | {r['of_handwritten']} "
+        f"| {r['step_time_over_baseline']} | {r['error']} |"
+        for r in loop["arms"]
     ]
+    lines += ["", "## (e) host-device syncs per step", "", "| arm | syncs/step | counts |"]
+    lines += ["|---|---|---|"]
+    lines += [f"| {r['arm']} | {r['syncs_per_step']} | {r['counts']} |" for r in report["syncs"]]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.dry_run:
+    dry = args.dry_run
+    if dry:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported
     import torch
 
@@ -322,11 +532,11 @@ def main(argv=None):
         import triton
     except ImportError:
         triton = None
-    if not args.dry_run and not torch.cuda.is_available():
+    if not dry and not torch.cuda.is_available():
         sys.exit("gpu_check needs a CUDA GPU (or --dry-run); none is visible here")
     if triton is None:
         sys.exit("gpu_check needs the triton package")
-    device = "cpu" if args.dry_run else "cuda"
+    device = "cpu" if dry else "cuda"
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     for name in OUTPUTS:  # an earlier check's runs would refuse a second one
@@ -334,25 +544,58 @@ def main(argv=None):
     started = time.perf_counter()
     kernels = ["torch", "triton"]
     report = {
-        "device_name": "CPU (dry run)" if args.dry_run else torch.cuda.get_device_name(),
-        "dry_run": args.dry_run,
+        "device_name": "CPU (dry run)" if dry else torch.cuda.get_device_name(),
+        "dry_run": dry,
         "torch": torch.__version__,
         "triton": triton.__version__,
     }
-    specs = [REPO / "specs" / "synthetic_mlp.yaml"] if args.dry_run else SPECS
-    generate(sorted({*specs, REPO / "specs" / "cifar10_resnet18.yaml"}), out / "scripts")
-    report["arms"] = check_arms(out, device, kernels, specs)
-    report["resume"] = check_resume(out, device, "triton", args.dry_run)
-    sizes = [1000, 5003] if args.dry_run else [2**20, 2**24, 2**27]
-    report["bandwidth"] = check_bandwidth(out, device, sizes, 2 if args.dry_run else 20)
-    if args.dry_run:  # the interpreter over 11M parameters would take hours: torch alone
-        report["overhead"] = check_overhead(out, device, ["torch"], 2, 1, 1, ["baseline", "full"])
-    else:
-        arms = ["baseline", "fixed", "phase_only", "schedule_only", "full"]
-        report["overhead"] = check_overhead(out, device, kernels, 128, 5, 20, arms)
-    report["ok"] = all(r["ok"] for r in report["arms"]) and report["resume"]["ok"]
+    parts = report["part_seconds"] = {}  # where the time goes: the budget is 10 minutes
+
+    def part(name, check, *arguments):
+        began = time.perf_counter()
+        result = check(*arguments)
+        parts[name] = round(time.perf_counter() - began, 1)
+        return result
+
+    custom = REPO / "specs" / "custom_stripes.yaml"
+    specs = [REPO / "specs" / "synthetic_mlp.yaml", custom] if dry else SPECS
+    part("generate", generate, specs, out / "scripts")
+    report["arms"], report["skipped"] = part("arms", check_arms, out, device, kernels, specs)
+    # CIFAR-format data: 5 x 8 train images less 8 for val (dry), or 20,000 less 5,000
+    data_root = write_cifar(out / "data", 8 if dry else 4000)
+    part("generate_loop", generate, [CIFAR], out / "loop", *(["data.val_size=8"] if dry else []))
+    report["resume"] = part(
+        "resume",
+        check_resume,
+        out,
+        device,
+        kernels,
+        None if dry else data_root,
+        *((10, 5) if dry else (40, 17)),
+    )
+    sizes = [1000, 5003] if dry else [2**24, 2**26, 2**28]
+    report["bandwidth"] = part("bandwidth", check_bandwidth, device, sizes)
+    loop_kernels = ["torch"] if dry else kernels  # the interpreter: hours over 11M params
+    report["loop"] = part(
+        "loop", check_loop, out, device, loop_kernels, data_root, *((2, 8) if dry else (3, 128))
+    )
+    report["syncs"] = part(
+        "syncs",
+        check_syncs,
+        out,
+        device,
+        loop_kernels[-1],
+        data_root,
+        *((1, 3) if dry else (10, 40)),
+    )
+    report["ok"] = (
+        all(r["ok"] for r in report["arms"])
+        and all(r["ok"] for r in report["resume"])
+        and all(r["code"] == 0 for r in report["loop"]["arms"])
+        and all("error" not in r["counts"] for r in report["syncs"])
+    )
     report["seconds"] = round(time.perf_counter() - started, 1)
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     (out / "gpu_check.md").write_text(markdown(report))
     print(markdown(report))
     return 0 if report["ok"] else 1

@@ -12,7 +12,8 @@ For each size (millions of fp32 parameters) it times, with CUDA events, in one p
 and prints GB/s (bytes above / time), the kernel's fraction of copy bandwidth, and its
 speed-up over the torch sequence. The kernel is that of an emitted script
 (generated/mnist1d_cnn/train_fixed.py). Needs CUDA and triton; it says so and stops otherwise.
-benchmarks/gpu_check.py runs the same measurement at 1M, 16M and 128M parameters.
+benchmarks/gpu_check.py measures the kernel with triton.testing.do_bench at 16M, 64M and 256M
+parameters (beyond any L2), beside fused and foreach SGD.
 """
 
 from __future__ import annotations

@@ -143,6 +143,14 @@ class RenderModel:
         return {name: TRACKER_PACKAGES[name] for name in self.loggers}
 
     @property
+    def static_graph(self) -> bool:
+        """DDP's static_graph: only where the graph is known to be the same at every step
+        (a built-in architecture; no no_sync micro-batches, under which DDP's static graph
+        mis-counts gradients, pytorch#143580; not compiled, a pairing not measured)."""
+        library = self.arch in ("custom", "torchvision", "timm")
+        return not (library or self.accumulates or self.compile)
+
+    @property
     def perturbation_class(self) -> str:
         """The method's class the arm builds: a peer's own (gradient noise, anti-PGD), else
         with the detector's samples, or the noise alone."""

@@ -3,13 +3,14 @@ tiny sizes, with Triton's interpreter, so that the script cannot rot before a GP
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, load_module
 
 
 def dry_run(out):
@@ -22,6 +23,7 @@ def dry_run(out):
     )
 
 
+@pytest.mark.timeout(600)  # two whole dry runs, each 2 min on a busy 2-core machine
 def test_gpu_check_dry_run(tmp_path):
     """Run twice into the same folder: the second run starts afresh (it used to find every
     arm's run folder taken by the first)."""
@@ -31,13 +33,47 @@ def test_gpu_check_dry_run(tmp_path):
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["ok"] and report["dry_run"]
-    arms = {(r["arm"], r["kernel"]) for r in report["arms"] if r["ok"]}
-    assert len(arms) == len(report["arms"]) == 9  # baseline once, 4 arms x 2 kernels
-    assert ("full", "triton") in arms and ("baseline", None) in arms
-    assert report["resume"]["exact"] and report["resume"]["kernel"] == "triton"
+    arms = {(r["spec"], r["arm"], r["kernel"]) for r in report["arms"] if r["ok"]}
+    # synthetic_mlp: baseline once, 4 arms x 2 kernels; custom_stripes (its factories found
+    # beside the spec): baseline once, 2 arms x 2 kernels
+    assert len(arms) == len(report["arms"]) == 9 + 5
+    assert ("custom_stripes", "full", "triton") in arms
+    assert ("synthetic_mlp", "baseline", None) in arms
+    resume = {r["kernel"]: r for r in report["resume"]}
+    assert set(resume) == {"torch", "triton"}
+    for row in resume.values():  # stopped inside the epoch, after detector samples
+        assert row["exact"] and row["mid_epoch"] and row["samples"] >= 2
     assert [r["params"] for r in report["bandwidth"]] == [1000, 5003]
     assert all(v > 0 for r in report["bandwidth"] for v in r["gbs"].values())
-    ratios = {r["arm"]: r["ratio_to_baseline"] for r in report["overhead"]}
-    assert ratios["baseline"] == 1.0 and ratios["full"] > 0
+    loop = report["loop"]
+    assert loop["handwritten_images_per_s"] > 0
+    assert [(r["arm"], r["kernel"]) for r in loop["arms"]] == [
+        ("baseline", None),
+        ("full", "torch"),
+    ]
+    assert all(r["images_per_s"] > 0 and r["of_handwritten"] > 0 for r in loop["arms"])
+    assert loop["arms"][0]["step_time_over_baseline"] == 1.0
+    # syncs are counted on CUDA only; the runs themselves went through on the CPU
+    assert [r["arm"] for r in report["syncs"]] == ["baseline", "full"]
+    assert all(set(r["counts"]) == {"1", "3"} for r in report["syncs"])
     table = (tmp_path / "gpu_check.md").read_text()
-    assert "## (c) bandwidth" in table and "| synthetic_mlp | full | triton | 0 | 3 |" in table
+    assert "| custom_stripes | full | triton | 0 | 3 |" in table
+    for section in ("## (b) exact resume mid-epoch", "## (c) bandwidth", "## (d) the gen"):
+        assert section in table
+    assert "## (e) host-device syncs per step" in table
+
+
+def test_specs_whose_trackers_are_missing_are_skipped(monkeypatch, tmp_path):
+    """mnist1d_cnn_toolkit logs to tensorboard: without it the spec is listed, not run."""
+    gpu_check = load_module(REPO / "benchmarks" / "gpu_check.py", "gpu_check")
+    toolkit = REPO / "specs" / "mnist1d_cnn_toolkit.yaml"
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name: None if name == "tensorboard" else find_spec(name),
+    )
+    assert gpu_check.missing_trackers(toolkit) == ["tensorboard"]
+    assert gpu_check.missing_trackers(REPO / "specs" / "synthetic_mlp.yaml") == []
+    rows, skipped = gpu_check.check_arms(tmp_path, "cpu", ["torch"], [toolkit])
+    assert rows == [] and skipped == [{"spec": "mnist1d_cnn_toolkit", "missing": ["tensorboard"]}]

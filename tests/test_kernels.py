@@ -8,6 +8,7 @@ import os
 import runpy
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,31 @@ def test_a_script_refuses_triton_with_exit_2(tmp_path, monkeypatch):
         folder / "train_fixed.py", "--smoke", "--kernel", "triton", "--out", tmp_path / "run"
     )
     assert result.returncode == 2 and "--kernel triton needs" in result.stderr
+
+
+def test_the_kernel_launches_on_the_parameters_device(monkeypatch):
+    """One process with --device cuda:1 never calls set_device: the current device stays 0.
+    torch's own device guard runs for a tensor that says it lives on cuda:1 (only the
+    driver's device switch is replaced, by a recorder), and the launch must see device 1."""
+    pytest.importorskip("triton", reason="the triton package is a test dependency")
+    current, launched = [0], []
+
+    def exchange(index):  # torch.cuda's device switch: make `index` current, return the old
+        previous = current[0]
+        if index >= 0:
+            current[0] = index
+        return previous
+
+    class Kernel:  # noise_add_kernel[grid](...): records the device current at launch
+        def __getitem__(self, grid):
+            return lambda flat, *args, **kwargs: launched.append((current[0], flat))
+
+    monkeypatch.setattr(torch.cuda, "_exchange_device", exchange)
+    monkeypatch.setattr(torch.cuda, "_maybe_exchange_device", exchange)
+    monkeypatch.setattr(noise, "noise_add_kernel", Kernel())
+    on_cuda_1 = types.SimpleNamespace(is_cuda=True, get_device=lambda: 1)
+    noise.noise_add(on_cuda_1, 10, 0.1, 7)
+    assert launched == [(1, on_cuda_1)] and current == [0]  # launched on 1, then restored
 
 
 def flat_linear(n):

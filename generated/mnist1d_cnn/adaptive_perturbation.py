@@ -309,9 +309,12 @@ if triton is not None:
 
 
 def noise_add(flat, n_noise, eps, key):
-    """The kernel's launcher: flat[:n_noise] += eps * xi, xi from Philox under `key`."""
+    """The kernel's launcher: flat[:n_noise] += eps * xi, xi from Philox under `key`.
+    Triton launches on the current CUDA device, which one process given --device cuda:1
+    never sets: the launch enters the parameters' device (a no-op for CPU tensors)."""
     grid = (triton.cdiv(n_noise, BLOCK),)
-    noise_add_kernel[grid](flat, n_noise, eps, key, BLOCK=BLOCK)
+    with torch.cuda.device_of(flat):
+        noise_add_kernel[grid](flat, n_noise, eps, key, BLOCK=BLOCK)
 
 
 def add_noise(part, eps):
