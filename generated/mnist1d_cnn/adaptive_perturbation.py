@@ -373,7 +373,7 @@ class Perturbation:
         if any(p.untyped_storage().data_ptr() != storage.data_ptr() for p in params):
             raise ValueError("Perturbation needs flatten_parameters(model) first")
         self.flat = params[0].new_empty(0).set_(storage, 0, (sum(p.numel() for p in params),))
-        self.views = [p.data_ptr() for p in params]  # where each parameter lies in it
+        self.placed = [(p, p.data_ptr()) for p in params]  # each parameter, where it lies
         self.kernel, self.generators, self.pool = kernel, [], None
         if kernel == "torch":
             self.generators = [
@@ -400,7 +400,7 @@ class Perturbation:
         model.to(memory_format=...) after construction gives parameters new storage, and the
         noise and the update norm would act on a buffer that nothing reads. Host metadata
         only: no device sync."""
-        if any(p.data_ptr() != ptr for p, ptr in zip(self.model_params, self.views)):
+        if any(p.data_ptr() != ptr for p, ptr in self.placed):
             raise StorageReplaced(
                 "the parameters no longer lie in the flat buffer that the noise acts on: "
                 "convert the model (dtype, memory format) before flatten_parameters, not after"
@@ -494,8 +494,9 @@ class SampledPerturbation(Perturbation):
         the eps decided after that sample: (eps, phase change or None). optimizer_step()
         returning False means the grad scaler skipped the step, which is no step: no sample,
         no noise, and (None, None) back. `loss` is the step's training loss (a tensor or a
-        number), read only on sample steps, which also check the flat buffer; grad_norm, if given, the gradient's global norm
-        before clipping, which the detector then samples."""
+        number), read only on sample steps; grad_norm, if given, the gradient's global norm
+        before clipping, which the detector then samples. Sample steps also check that the
+        parameters still lie in the flat buffer."""
         sampling = self.detector.due(step)
         if sampling:
             self.check_storage()

@@ -104,7 +104,7 @@ class Perturbation:
         if any(p.untyped_storage().data_ptr() != storage.data_ptr() for p in params):
             raise ValueError("Perturbation needs flatten_parameters(model) first")
         self.flat = params[0].new_empty(0).set_(storage, 0, (sum(p.numel() for p in params),))
-        self.views = [p.data_ptr() for p in params]  # where each parameter lies in it
+        self.placed = [(p, p.data_ptr()) for p in params]  # each parameter, where it lies
         self.kernel, self.generators, self.pool = kernel, [], None
         if kernel == "torch":
             self.generators = [
@@ -131,7 +131,7 @@ class Perturbation:
         model.to(memory_format=...) after construction gives parameters new storage, and the
         noise and the update norm would act on a buffer that nothing reads. Host metadata
         only: no device sync."""
-        if any(p.data_ptr() != ptr for p, ptr in zip(self.model_params, self.views)):
+        if any(p.data_ptr() != ptr for p, ptr in self.placed):
             raise StorageReplaced(
                 "the parameters no longer lie in the flat buffer that the noise acts on: "
                 "convert the model (dtype, memory format) before flatten_parameters, not after"

@@ -49,8 +49,9 @@ class SampledPerturbation(Perturbation):
         the eps decided after that sample: (eps, phase change or None). optimizer_step()
         returning False means the grad scaler skipped the step, which is no step: no sample,
         no noise, and (None, None) back. `loss` is the step's training loss (a tensor or a
-        number), read only on sample steps, which also check the flat buffer; grad_norm, if given, the gradient's global norm
-        before clipping, which the detector then samples."""
+        number), read only on sample steps; grad_norm, if given, the gradient's global norm
+        before clipping, which the detector then samples. Sample steps also check that the
+        parameters still lie in the flat buffer."""
         sampling = self.detector.due(step)
         if sampling:
             self.check_storage()
