@@ -216,6 +216,7 @@ LATER_FEATURES = {
         "ema": None,
         "early_stop": None,
         "loggers": [],
+        "channels_last": "auto",
     },
     "optimizer": {"no_decay": []},
     # the peers' settings, at their defaults (a spec without the peers never reads them)
@@ -366,6 +367,7 @@ def constants(spec: Spec, arm: str, kind: str) -> tuple[Constant, ...]:
         Constant("TARGET_ACCURACY", spec.train.target_accuracy, "for time-to-target"),
         Constant("STABILITY_WINDOW", spec.train.stability_window, "epochs, for the val-loss CV"),
         Constant("DETERMINISTIC", spec.train.deterministic, "deterministic GPU kernels only"),
+        Constant("CHANNELS_LAST", spec.train.channels_last, "NHWC conv weights and images"),
     ]
     t = spec.train
     if t.clip_grad_norm is not None:

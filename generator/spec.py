@@ -381,6 +381,11 @@ class Train(Section):
     )
     amp: Literal["none", "bf16", "fp16"] = "none"
     compile: bool = False
+    channels_last: Literal["auto", True, False] = Field(
+        "auto",
+        description="Channels-last (NHWC) memory for 4-D weights and image batches: 'auto' "
+        "chooses it for conv nets on CUDA, true on every device, false never.",
+    )
     deterministic: bool = Field(
         False,
         description="Deterministic kernels only (torch, cuDNN, cuBLAS): bit-exact GPU runs.",

@@ -223,8 +223,8 @@ def test_ema_is_the_recurrence_over_the_raw_trajectory(tmp_path, bn_net):
     init = []
     original_init = module.EMA.__init__
 
-    def init_recording(self, model, device):
-        original_init(self, model, device)
+    def init_recording(self, model, *args):
+        original_init(self, model, *args)
         init.append([p.detach().clone() for p in model.parameters()])
 
     module.EMA.__init__ = init_recording

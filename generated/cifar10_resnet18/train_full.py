@@ -91,6 +91,7 @@ EPOCHS = 200  # passes over the training set
 TARGET_ACCURACY = 0.93  # for time-to-target
 STABILITY_WINDOW = 20  # epochs, for the val-loss CV
 DETERMINISTIC = False  # deterministic GPU kernels only
+CHANNELS_LAST = "auto"  # NHWC conv weights and images
 KERNEL = "auto"  # noise kernel: auto, triton or torch (--kernel)
 APPLY_TO = "all"  # 'weights': only tensors with ndim >= 2
 NOISE_SCALE = "absolute"  # 'lr': eps follows lr_t / lr_0
@@ -219,28 +220,55 @@ def load_splits(root, seed, device, rank, world):
     return TensorData(*load_cifar(root), VAL_SIZE, device, rank, world)
 
 
-def random_crop_flip(x, generator):
-    """Standard CIFAR augmentation on a batch: 4-pixel zero pad, random crop, random flip."""
+def crop_flip_draws(seed, epoch, first, sizes):
+    """random_crop_flip's draws (dy, dx, flip) for batches first, first + 1, ... of `sizes`
+    examples each, concatenated: each batch's from a generator of its own, so that a resume
+    mid-epoch draws what the straight run drew."""
+    draws = []
+    for batch, n in enumerate(sizes, start=first):
+        g = torch.Generator().manual_seed(derived_seed(seed, "augment", epoch * 2**20 + batch))
+        dy = torch.randint(0, 9, (n,), generator=g)
+        dx = torch.randint(0, 9, (n,), generator=g)
+        draws.append(torch.stack([dy, dx, (torch.rand(n, generator=g) < 0.5).long()]))
+    return torch.cat(draws, dim=1)
+
+
+def random_crop_flip(x, dy, dx, flip):
+    """Standard CIFAR augmentation on a batch: 4-pixel zero pad, the crop at offsets (dy, dx),
+    flipped where `flip` is 1; the draws lie on x's device already."""
     n, _, h, w = x.shape
     padded = F.pad(x, (4, 4, 4, 4)).permute(0, 2, 3, 1)  # NHWC, so one gather takes crops
-    dy = torch.randint(0, 9, (n,), generator=generator)
-    dx = torch.randint(0, 9, (n,), generator=generator)
-    flip = torch.rand(n, generator=generator) < 0.5
-    rows = dy[:, None] + torch.arange(h)
-    cols = dx[:, None] + torch.arange(w)
-    cols = torch.where(flip[:, None], cols.flip(1), cols)  # a flip is a reversed column index
-    rows, cols = rows.to(x.device), cols.to(x.device)
+    rows = dy[:, None] + torch.arange(h, device=x.device)
+    cols = dx[:, None] + torch.arange(w, device=x.device)
+    cols = torch.where(flip[:, None] == 1, cols.flip(1), cols)  # a flip: reversed columns
     batch = torch.arange(n, device=x.device)[:, None, None]
     return padded[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
-def normalize(x):
-    """uint8 images to standardised floats; smoke data is already float and passes through."""
-    if x.dtype != torch.uint8:
+def to_device(tensor, device):
+    """One host-to-device copy; on CUDA from pinned memory and non-blocking, so it overlaps
+    the work queued before it."""
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+class Inputs:
+    """Batches as the model takes them: uint8 images standardised with per-channel constants
+    made once on `device` (smoke data is float already and passes), in the memory layout of
+    the model's weights (memory_format, which train() sets once the model is built)."""
+
+    def __init__(self, device):
+        self.memory_format = torch.preserve_format
+        self.mean = torch.tensor(NORM_MEAN, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(NORM_STD, device=device).view(1, -1, 1, 1)
+
+    def __call__(self, x):
+        if x.ndim == 4:  # images: the layout changes before the bytes grow fourfold
+            x = x.to(memory_format=self.memory_format)
+        if x.dtype == torch.uint8:
+            x = (x.float() / 255 - self.mean) / self.std
         return x
-    mean = torch.tensor(NORM_MEAN, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(NORM_STD, device=x.device).view(1, -1, 1, 1)
-    return (x.float() / 255 - mean) / std
 
 
 def shard(indices, rank, world):
@@ -263,26 +291,29 @@ class TensorData:
             "test": (x_test[rank::world].to(device), y_test[rank::world].to(device)),
         }
         self.train_size, self.rank, self.world = len(self.x_train), rank, world
+        self.inputs = Inputs(device)
 
     def train_batches(self, order, first, batch_size, seed, epoch):
-        """Batches `first`, `first + 1`, ... of the epoch whose example order is `order`."""
-        for batch in range(first, (len(order) + batch_size - 1) // batch_size):
-            idx = order[batch * batch_size : (batch + 1) * batch_size]
-            idx = shard(idx, self.rank, self.world).to(self.x_train.device)
-            x = self.x_train[idx]
+        """Batches `first`, `first + 1`, ... of the epoch whose example order is `order`: their
+        indices and augmentation draws reach the device in one copy, not one per batch."""
+        batches = [shard(b, self.rank, self.world) for b in order.split(batch_size)[first:]]
+        if not batches:
+            return
+        sizes = [len(b) for b in batches]
+        rows = torch.cat(batches)[None]  # row 0: the examples
+        if AUGMENT:  # rows 1-3: their crop offsets dy, dx and flips
+            rows = torch.cat([rows, crop_flip_draws(seed, epoch, first, sizes)])
+        for block in to_device(rows, self.x_train.device).split(sizes, dim=1):
+            x = self.x_train[block[0]]
             if AUGMENT:
-                g = torch.Generator().manual_seed(
-                    derived_seed(seed, "augment", epoch * 2**20 + batch)
-                )
-                x = random_crop_flip(x, g)
-            x = normalize(x)
-            yield x, self.y_train[idx]
+                x = random_crop_flip(x, *block[1:])
+            yield self.inputs(x), self.y_train[block[0]]
 
     def eval_batches(self, split, batch_size):
         """Batches of this rank's part of split "val" or "test"."""
         x, y = self.eval_sets[split]
         for i in range(0, len(x), batch_size):
-            yield normalize(x[i : i + batch_size]), y[i : i + batch_size]
+            yield self.inputs(x[i : i + batch_size]), y[i : i + batch_size]
 
 
 def load_data(root, smoke, seed, device, rank=0, world=1):
@@ -352,18 +383,34 @@ def build_model():
     return ResNet18(INPUT_SHAPE[0], min(INPUT_SHAPE[1:]), NUM_CLASSES)
 
 
-def flatten_parameters(model):
+def memory_format_for(model, device):
+    """The layout of 4-D weights and image batches: channels-last (NHWC) for a conv net where
+    CHANNELS_LAST says so ("auto": on CUDA, whose convolutions run fastest on it), else
+    torch's default; one layout for weights and inputs, so no convolution converts either."""
+    wanted = CHANNELS_LAST is True or (CHANNELS_LAST == "auto" and device.type == "cuda")
+    conv = any(p.ndim == 4 for p in model.parameters())
+    return torch.channels_last if wanted and conv else torch.preserve_format
+
+
+def flatten_parameters(model, memory_format=torch.preserve_format):
     """Make the parameters views into one flat fp32 buffer, those with ndim >= 2 first.
     Every arm does this, so every arm trains the same memory layout with the same torch
-    optimizer; it is also what lets one operation cover all parameters."""
+    optimizer; it is also what lets one operation cover all parameters. Under channels-last
+    a 4-D weight's slice holds it as (O, H, W, I), permuted to the (O, I, H, W) shape torch
+    expects: channels-last strides, and still a view of the one buffer."""
     params = sorted(model.parameters(), key=lambda p: p.ndim < 2)  # stable: weights first
     flat = torch.empty(sum(p.numel() for p in params), device=params[0].device)
     offset = 0
     for p in params:
-        size = p.numel()
-        flat[offset : offset + size].copy_(p.detach().reshape(-1))
-        p.data = flat[offset : offset + size].view_as(p)
-        offset += size
+        view = flat[offset : offset + p.numel()]
+        if memory_format == torch.channels_last and p.ndim == 4:
+            o, i, h, w = p.shape
+            view = view.view(o, h, w, i).permute(0, 3, 1, 2)
+        else:
+            view = view.view_as(p)
+        view.copy_(p.detach())
+        p.data = view
+        offset += p.numel()
 
 
 def build_optimizer(model):
@@ -597,6 +644,11 @@ def pick_kernel(name, device):
 
 
 NOISE_STREAMS = 2  # slices of xi, a generator each (and, on big CPU models, a thread each)
+STORAGE_CHECK_EVERY = 100  # optimizer steps between checks of the flat buffer (no detector)
+
+
+class StorageReplaced(RuntimeError):
+    """A parameter no longer views the flat buffer that the noise acts on."""
 
 
 class Perturbation:
@@ -628,6 +680,7 @@ class Perturbation:
         if any(p.untyped_storage().data_ptr() != storage.data_ptr() for p in params):
             raise ValueError("Perturbation needs flatten_parameters(model) first")
         self.flat = params[0].new_empty(0).set_(storage, 0, (sum(p.numel() for p in params),))
+        self.placed = [(p, p.data_ptr()) for p in params]  # each parameter, where it lies
         self.kernel, self.generators, self.pool = kernel, [], None
         if kernel == "torch":
             self.generators = [
@@ -649,6 +702,17 @@ class Perturbation:
         if kernel == "triton":
             self.key_base = ((derived_seed(seed, "noise") & 0x7FFFFFFF) + 1) << 32
 
+    def check_storage(self):
+        """Stop when a parameter has left the flat buffer: a model.half() or
+        model.to(memory_format=...) after construction gives parameters new storage, and the
+        noise and the update norm would act on a buffer that nothing reads. Host metadata
+        only: no device sync."""
+        if any(p.data_ptr() != ptr for p, ptr in self.placed):
+            raise StorageReplaced(
+                "the parameters no longer lie in the flat buffer that the noise acts on: "
+                "convert the model (dtype, memory format) before flatten_parameters, not after"
+            )
+
     def epsilon(self, step, lr):
         """eps(t) for optimizer step `step` (0-based), taken at learning rate `lr`; in the
         phase arms, with the phase as decided after this step's detector sample."""
@@ -659,6 +723,8 @@ class Perturbation:
         """optimizer_step(), then the noise: (eps, None). optimizer_step() returning False
         means the grad scaler skipped the step, which is no step: no noise, (None, None)
         back. loss and grad_norm are what a detector samples (SampledPerturbation)."""
+        if step % STORAGE_CHECK_EVERY == 0:
+            self.check_storage()
         if optimizer_step() is False:
             return None, None
         return self.apply(step, lr), None
@@ -736,8 +802,11 @@ class SampledPerturbation(Perturbation):
         returning False means the grad scaler skipped the step, which is no step: no sample,
         no noise, and (None, None) back. `loss` is the step's training loss (a tensor or a
         number), read only on sample steps; grad_norm, if given, the gradient's global norm
-        before clipping, which the detector then samples."""
+        before clipping, which the detector then samples. Sample steps also check that the
+        parameters still lie in the flat buffer."""
         sampling = self.detector.due(step)
+        if sampling:
+            self.check_storage()
         sample = self.before_step(grad_norm) if sampling else None
         if optimizer_step() is False:
             return None, None
@@ -1355,6 +1424,8 @@ def main(argv=None):
             gc.collect()  # free DDP's reducer (a reference cycle) while the group still exists
             dist.barrier()  # and let no rank leave while another still talks to it
         return code
+    except StorageReplaced as exc:  # e.g. a model.half() added after make_perturbation
+        fail(str(exc))
     finally:  # every exit path, errors included, leaves the process group
         if lock is not None:
             os.close(lock)  # releases the run folder
@@ -1430,6 +1501,7 @@ def train(args, rank, world, device, stop):
             "TARGET_ACCURACY": TARGET_ACCURACY,
             "STABILITY_WINDOW": STABILITY_WINDOW,
             "DETERMINISTIC": DETERMINISTIC,
+            "CHANNELS_LAST": CHANNELS_LAST,
             "KERNEL": KERNEL,
             "APPLY_TO": APPLY_TO,
             "NOISE_SCALE": NOISE_SCALE,
@@ -1456,7 +1528,9 @@ def train(args, rank, world, device, stop):
 
     torch.manual_seed(derived_seed(args.seed, "init"))
     model = build_model().to(device)  # the same init on every rank: same seed
-    flatten_parameters(model)
+    memory_format = memory_format_for(model, device)
+    flatten_parameters(model, memory_format)
+    data.inputs.memory_format = memory_format  # the batches in the weights' layout
     # dropout and drop-path draw from the global generators: a stream of each rank's own
     torch.manual_seed(derived_seed(args.seed, "dropout", rank))
     # the same noise seed on every rank and no rank offset: replicas stay bit-identical

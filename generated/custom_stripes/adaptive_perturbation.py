@@ -340,6 +340,11 @@ def pick_kernel(name, device):
 
 
 NOISE_STREAMS = 2  # slices of xi, a generator each (and, on big CPU models, a thread each)
+STORAGE_CHECK_EVERY = 100  # optimizer steps between checks of the flat buffer (no detector)
+
+
+class StorageReplaced(RuntimeError):
+    """A parameter no longer views the flat buffer that the noise acts on."""
 
 
 class Perturbation:
@@ -371,6 +376,7 @@ class Perturbation:
         if any(p.untyped_storage().data_ptr() != storage.data_ptr() for p in params):
             raise ValueError("Perturbation needs flatten_parameters(model) first")
         self.flat = params[0].new_empty(0).set_(storage, 0, (sum(p.numel() for p in params),))
+        self.placed = [(p, p.data_ptr()) for p in params]  # each parameter, where it lies
         self.kernel, self.generators, self.pool = kernel, [], None
         if kernel == "torch":
             self.generators = [
@@ -392,6 +398,17 @@ class Perturbation:
         if kernel == "triton":
             self.key_base = ((derived_seed(seed, "noise") & 0x7FFFFFFF) + 1) << 32
 
+    def check_storage(self):
+        """Stop when a parameter has left the flat buffer: a model.half() or
+        model.to(memory_format=...) after construction gives parameters new storage, and the
+        noise and the update norm would act on a buffer that nothing reads. Host metadata
+        only: no device sync."""
+        if any(p.data_ptr() != ptr for p, ptr in self.placed):
+            raise StorageReplaced(
+                "the parameters no longer lie in the flat buffer that the noise acts on: "
+                "convert the model (dtype, memory format) before flatten_parameters, not after"
+            )
+
     def epsilon(self, step, lr):
         """eps(t) for optimizer step `step` (0-based), taken at learning rate `lr`; in the
         phase arms, with the phase as decided after this step's detector sample."""
@@ -402,6 +419,8 @@ class Perturbation:
         """optimizer_step(), then the noise: (eps, None). optimizer_step() returning False
         means the grad scaler skipped the step, which is no step: no noise, (None, None)
         back. loss and grad_norm are what a detector samples (SampledPerturbation)."""
+        if step % STORAGE_CHECK_EVERY == 0:
+            self.check_storage()
         if optimizer_step() is False:
             return None, None
         return self.apply(step, lr), None
@@ -479,8 +498,11 @@ class SampledPerturbation(Perturbation):
         returning False means the grad scaler skipped the step, which is no step: no sample,
         no noise, and (None, None) back. `loss` is the step's training loss (a tensor or a
         number), read only on sample steps; grad_norm, if given, the gradient's global norm
-        before clipping, which the detector then samples."""
+        before clipping, which the detector then samples. Sample steps also check that the
+        parameters still lie in the flat buffer."""
         sampling = self.detector.due(step)
+        if sampling:
+            self.check_storage()
         sample = self.before_step(grad_norm) if sampling else None
         if optimizer_step() is False:
             return None, None

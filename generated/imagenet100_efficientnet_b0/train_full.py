@@ -95,6 +95,7 @@ EPOCHS = 200  # passes over the training set
 TARGET_ACCURACY = 0.75  # for time-to-target
 STABILITY_WINDOW = 20  # epochs, for the val-loss CV
 DETERMINISTIC = False  # deterministic GPU kernels only
+CHANNELS_LAST = "auto"  # NHWC conv weights and images
 KERNEL = "auto"  # noise kernel: auto, triton or torch (--kernel)
 APPLY_TO = "all"  # 'weights': only tensors with ndim >= 2
 NOISE_SCALE = "absolute"  # 'lr': eps follows lr_t / lr_0
@@ -196,7 +197,8 @@ class ImageFolder(torch.utils.data.Dataset):
     """Images given as (path, label), decoded and augmented (when `train`) one by one."""
 
     def __init__(self, samples, train, seed):
-        self.samples, self.train, self.seed, self.epoch = samples, train, seed, 0
+        self.samples, self.train, self.seed = samples, train, seed
+        self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # set by the trainer
 
     def __len__(self):
         return len(self.samples)
@@ -211,7 +213,7 @@ class ImageFolder(torch.utils.data.Dataset):
             return None, f"cannot read image {path}: {one_line(exc)}"
         if self.train and AUGMENT:  # random-resized crop (8-100 % of the area) and flip
             g = torch.Generator().manual_seed(
-                derived_seed(self.seed, "crop", self.epoch * len(self) + index)
+                derived_seed(self.seed, "crop", int(self.epoch) * len(self) + index)
             )
             img = random_resized_crop(img, g)
         else:  # resize the shorter side to size / 0.875, then the centre crop
@@ -268,13 +270,30 @@ def load_splits(root, seed, device, rank, world):
     return LoaderData(*folder_splits(root, seed), device, rank, world, seed)
 
 
-def normalize(x):
-    """uint8 images to standardised floats; smoke data is already float and passes through."""
-    if x.dtype != torch.uint8:
+def to_device(tensor, device):
+    """One host-to-device copy; on CUDA from pinned memory and non-blocking, so it overlaps
+    the work queued before it."""
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+class Inputs:
+    """Batches as the model takes them: uint8 images standardised with per-channel constants
+    made once on `device` (smoke data is float already and passes), in the memory layout of
+    the model's weights (memory_format, which train() sets once the model is built)."""
+
+    def __init__(self, device):
+        self.memory_format = torch.preserve_format
+        self.mean = torch.tensor(NORM_MEAN, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(NORM_STD, device=device).view(1, -1, 1, 1)
+
+    def __call__(self, x):
+        if x.ndim == 4:  # images: the layout changes before the bytes grow fourfold
+            x = x.to(memory_format=self.memory_format)
+        if x.dtype == torch.uint8:
+            x = (x.float() / 255 - self.mean) / self.std
         return x
-    mean = torch.tensor(NORM_MEAN, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(NORM_STD, device=x.device).view(1, -1, 1, 1)
-    return (x.float() / 255 - mean) / std
 
 
 def shard(indices, rank, world):
@@ -297,21 +316,25 @@ class TensorData:
             "test": (x_test[rank::world].to(device), y_test[rank::world].to(device)),
         }
         self.train_size, self.rank, self.world = len(self.x_train), rank, world
+        self.inputs = Inputs(device)
 
     def train_batches(self, order, first, batch_size, seed, epoch):
-        """Batches `first`, `first + 1`, ... of the epoch whose example order is `order`."""
-        for batch in range(first, (len(order) + batch_size - 1) // batch_size):
-            idx = order[batch * batch_size : (batch + 1) * batch_size]
-            idx = shard(idx, self.rank, self.world).to(self.x_train.device)
-            x = self.x_train[idx]
-            x = normalize(x)
-            yield x, self.y_train[idx]
+        """Batches `first`, `first + 1`, ... of the epoch whose example order is `order`: their
+        indices reach the device in one copy, not one per batch."""
+        batches = [shard(b, self.rank, self.world) for b in order.split(batch_size)[first:]]
+        if not batches:
+            return
+        sizes = [len(b) for b in batches]
+        rows = torch.cat(batches)[None]  # row 0: the examples
+        for block in to_device(rows, self.x_train.device).split(sizes, dim=1):
+            x = self.x_train[block[0]]
+            yield self.inputs(x), self.y_train[block[0]]
 
     def eval_batches(self, split, batch_size):
         """Batches of this rank's part of split "val" or "test"."""
         x, y = self.eval_sets[split]
         for i in range(0, len(x), batch_size):
-            yield normalize(x[i : i + batch_size]), y[i : i + batch_size]
+            yield self.inputs(x[i : i + batch_size]), y[i : i + batch_size]
 
 
 def collate(samples):
@@ -322,50 +345,68 @@ def collate(samples):
     return torch.utils.data.default_collate(samples)
 
 
+class EpochBatches:
+    """A persistent DataLoader's batch sampler: the batches of the pass to come."""
+
+    def __init__(self, batches=()):
+        self.batches = list(batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
 class LoaderData:
     """Examples loaded by DataLoader workers, batch by batch: the training batches in the
     order of (seed, epoch), so a resume mid-epoch and DDP's split of each global batch are
-    those of the tensor datasets."""
+    those of the tensor datasets. One loader per split, its workers kept from pass to pass."""
 
     def __init__(self, splits, train_set, eval_sets, device, rank, world, seed):
         self.splits, self.train_set, self.eval_sets = splits, train_set, eval_sets
         self.train_size, self.device = len(self.train_set), device
         self.rank, self.world, self.seed = rank, world, seed
+        self.inputs, self.loaders = Inputs(device), {}
 
-    def _load(self, dataset, batches, seed):
-        # Each pass starts by drawing its workers' base seed from the loader's generator;
+    def _load(self, split, dataset, batches, seed):
+        # A loader's first pass draws its workers' base seed from the loader's generator;
         # from the global stream (the model's dropout) that draw would shift every later mask
         # when a resume starts a pass mid-epoch. Worker w seeds torch, random and numpy with
-        # base + w. Random draws inside a dataset's own __getitem__ are the one thing a resume
-        # mid-epoch does not replay: workers restart at another example (with WORKERS = 0
-        # they come from the global stream).
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_sampler=batches,
-            num_workers=WORKERS,
-            collate_fn=collate,
-            pin_memory=self.device.type == "cuda",
-            generator=torch.Generator().manual_seed(seed),
-        )
+        # base + w once; the workers persist, so later passes continue their streams. Random
+        # draws inside a dataset's own __getitem__ are the one thing a resume does not replay:
+        # workers restart at another example (with WORKERS = 0 they come from the global
+        # stream). The loader of this session's first pass of a split is kept for the rest.
+        if split not in self.loaders:
+            workers = {"persistent_workers": True, "prefetch_factor": 2} if WORKERS else {}
+            self.loaders[split] = torch.utils.data.DataLoader(  # prefetch: batches per worker
+                dataset,
+                batch_sampler=EpochBatches(),
+                num_workers=WORKERS,
+                collate_fn=collate,
+                pin_memory=self.device.type == "cuda",
+                generator=torch.Generator().manual_seed(seed),
+                **workers,
+            )
+        loader = self.loaders[split]
+        loader.batch_sampler.batches = batches
         for x, y in loader:  # pinned on CUDA: the copies overlap the step before
             if x is None:
                 fail(y)
-            yield normalize(x.to(self.device, non_blocking=True)), y.to(
-                self.device, non_blocking=True
-            )
+            yield self.inputs(to_device(x, self.device)), to_device(y, self.device)
 
     def train_batches(self, order, first, batch_size, seed, epoch):
-        self.train_set.epoch = epoch  # workers start per epoch and see it
+        self.train_set.epoch.fill_(epoch)  # shared memory: persistent workers see it too
         batches = [shard(b, self.rank, self.world) for b in order.split(batch_size)[first:]]
         loader_seed = derived_seed(seed, f"loader-{self.rank}", epoch)
-        yield from self._load(self.train_set, [b.tolist() for b in batches], loader_seed)
+        yield from self._load("train", self.train_set, [b.tolist() for b in batches], loader_seed)
 
     def eval_batches(self, split, batch_size):
         """Batches of this rank's part of split "val" or "test"."""
         dataset = self.eval_sets[split]
         indices = torch.arange(self.rank, len(dataset), self.world).split(batch_size)
         loader_seed = derived_seed(self.seed, f"{split}-loader-{self.rank}")
-        yield from self._load(dataset, [b.tolist() for b in indices], loader_seed)
+        yield from self._load(split, dataset, [b.tolist() for b in indices], loader_seed)
 
 
 def load_data(root, smoke, seed, device, rank=0, world=1):
@@ -463,18 +504,34 @@ def build_model():
     return EfficientNetB0(INPUT_SHAPE[0], NUM_CLASSES)
 
 
-def flatten_parameters(model):
+def memory_format_for(model, device):
+    """The layout of 4-D weights and image batches: channels-last (NHWC) for a conv net where
+    CHANNELS_LAST says so ("auto": on CUDA, whose convolutions run fastest on it), else
+    torch's default; one layout for weights and inputs, so no convolution converts either."""
+    wanted = CHANNELS_LAST is True or (CHANNELS_LAST == "auto" and device.type == "cuda")
+    conv = any(p.ndim == 4 for p in model.parameters())
+    return torch.channels_last if wanted and conv else torch.preserve_format
+
+
+def flatten_parameters(model, memory_format=torch.preserve_format):
     """Make the parameters views into one flat fp32 buffer, those with ndim >= 2 first.
     Every arm does this, so every arm trains the same memory layout with the same torch
-    optimizer; it is also what lets one operation cover all parameters."""
+    optimizer; it is also what lets one operation cover all parameters. Under channels-last
+    a 4-D weight's slice holds it as (O, H, W, I), permuted to the (O, I, H, W) shape torch
+    expects: channels-last strides, and still a view of the one buffer."""
     params = sorted(model.parameters(), key=lambda p: p.ndim < 2)  # stable: weights first
     flat = torch.empty(sum(p.numel() for p in params), device=params[0].device)
     offset = 0
     for p in params:
-        size = p.numel()
-        flat[offset : offset + size].copy_(p.detach().reshape(-1))
-        p.data = flat[offset : offset + size].view_as(p)
-        offset += size
+        view = flat[offset : offset + p.numel()]
+        if memory_format == torch.channels_last and p.ndim == 4:
+            o, i, h, w = p.shape
+            view = view.view(o, h, w, i).permute(0, 3, 1, 2)
+        else:
+            view = view.view_as(p)
+        view.copy_(p.detach())
+        p.data = view
+        offset += p.numel()
 
 
 def build_optimizer(model):
@@ -708,6 +765,11 @@ def pick_kernel(name, device):
 
 
 NOISE_STREAMS = 2  # slices of xi, a generator each (and, on big CPU models, a thread each)
+STORAGE_CHECK_EVERY = 100  # optimizer steps between checks of the flat buffer (no detector)
+
+
+class StorageReplaced(RuntimeError):
+    """A parameter no longer views the flat buffer that the noise acts on."""
 
 
 class Perturbation:
@@ -739,6 +801,7 @@ class Perturbation:
         if any(p.untyped_storage().data_ptr() != storage.data_ptr() for p in params):
             raise ValueError("Perturbation needs flatten_parameters(model) first")
         self.flat = params[0].new_empty(0).set_(storage, 0, (sum(p.numel() for p in params),))
+        self.placed = [(p, p.data_ptr()) for p in params]  # each parameter, where it lies
         self.kernel, self.generators, self.pool = kernel, [], None
         if kernel == "torch":
             self.generators = [
@@ -760,6 +823,17 @@ class Perturbation:
         if kernel == "triton":
             self.key_base = ((derived_seed(seed, "noise") & 0x7FFFFFFF) + 1) << 32
 
+    def check_storage(self):
+        """Stop when a parameter has left the flat buffer: a model.half() or
+        model.to(memory_format=...) after construction gives parameters new storage, and the
+        noise and the update norm would act on a buffer that nothing reads. Host metadata
+        only: no device sync."""
+        if any(p.data_ptr() != ptr for p, ptr in self.placed):
+            raise StorageReplaced(
+                "the parameters no longer lie in the flat buffer that the noise acts on: "
+                "convert the model (dtype, memory format) before flatten_parameters, not after"
+            )
+
     def epsilon(self, step, lr):
         """eps(t) for optimizer step `step` (0-based), taken at learning rate `lr`; in the
         phase arms, with the phase as decided after this step's detector sample."""
@@ -770,6 +844,8 @@ class Perturbation:
         """optimizer_step(), then the noise: (eps, None). optimizer_step() returning False
         means the grad scaler skipped the step, which is no step: no noise, (None, None)
         back. loss and grad_norm are what a detector samples (SampledPerturbation)."""
+        if step % STORAGE_CHECK_EVERY == 0:
+            self.check_storage()
         if optimizer_step() is False:
             return None, None
         return self.apply(step, lr), None
@@ -847,8 +923,11 @@ class SampledPerturbation(Perturbation):
         returning False means the grad scaler skipped the step, which is no step: no sample,
         no noise, and (None, None) back. `loss` is the step's training loss (a tensor or a
         number), read only on sample steps; grad_norm, if given, the gradient's global norm
-        before clipping, which the detector then samples."""
+        before clipping, which the detector then samples. Sample steps also check that the
+        parameters still lie in the flat buffer."""
         sampling = self.detector.due(step)
+        if sampling:
+            self.check_storage()
         sample = self.before_step(grad_norm) if sampling else None
         if optimizer_step() is False:
             return None, None
@@ -1466,6 +1545,8 @@ def main(argv=None):
             gc.collect()  # free DDP's reducer (a reference cycle) while the group still exists
             dist.barrier()  # and let no rank leave while another still talks to it
         return code
+    except StorageReplaced as exc:  # e.g. a model.half() added after make_perturbation
+        fail(str(exc))
     finally:  # every exit path, errors included, leaves the process group
         if lock is not None:
             os.close(lock)  # releases the run folder
@@ -1545,6 +1626,7 @@ def train(args, rank, world, device, stop):
             "TARGET_ACCURACY": TARGET_ACCURACY,
             "STABILITY_WINDOW": STABILITY_WINDOW,
             "DETERMINISTIC": DETERMINISTIC,
+            "CHANNELS_LAST": CHANNELS_LAST,
             "KERNEL": KERNEL,
             "APPLY_TO": APPLY_TO,
             "NOISE_SCALE": NOISE_SCALE,
@@ -1571,7 +1653,9 @@ def train(args, rank, world, device, stop):
 
     torch.manual_seed(derived_seed(args.seed, "init"))
     model = build_model().to(device)  # the same init on every rank: same seed
-    flatten_parameters(model)
+    memory_format = memory_format_for(model, device)
+    flatten_parameters(model, memory_format)
+    data.inputs.memory_format = memory_format  # the batches in the weights' layout
     # dropout and drop-path draw from the global generators: a stream of each rank's own
     torch.manual_seed(derived_seed(args.seed, "dropout", rank))
     # the same noise seed on every rank and no rank offset: replicas stay bit-identical

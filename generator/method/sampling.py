@@ -50,8 +50,11 @@ class SampledPerturbation(Perturbation):
         returning False means the grad scaler skipped the step, which is no step: no sample,
         no noise, and (None, None) back. `loss` is the step's training loss (a tensor or a
         number), read only on sample steps; grad_norm, if given, the gradient's global norm
-        before clipping, which the detector then samples."""
+        before clipping, which the detector then samples. Sample steps also check that the
+        parameters still lie in the flat buffer."""
         sampling = self.detector.due(step)
+        if sampling:
+            self.check_storage()
         sample = self.before_step(grad_norm) if sampling else None
         if optimizer_step() is False:
             return None, None
