@@ -40,6 +40,22 @@ def two_splits(root, size=96, bad=None):
     return Items(size, 1, bad), Items(32, 2)
 
 
+class Jittered(Items):
+    """Items augmented in __getitem__ from torch's, random's and numpy's global streams."""
+
+    def __getitem__(self, i):
+        import random
+
+        import numpy as np
+
+        x, y = super().__getitem__(i)
+        return x + 0.1 * torch.randn(x.shape) + random.gauss(0, 0.1) + np.random.normal(0, 0.1), y
+
+
+def jittered(root):
+    return Jittered(96, 1), Jittered(32, 2)
+
+
 def float_labels(root, **args):
     return [(torch.zeros(1, 12), 0.5)], [(torch.zeros(1, 12), 0)]
 
@@ -218,11 +234,14 @@ DROPOUT = "model.args={hidden: 8, dropout: 0.5}"
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_resume_mid_epoch_is_exact_with_dataloader_workers(user, workers, monkeypatch):
+@pytest.mark.parametrize("factory", ["two_splits", "jittered"])
+def test_resume_mid_epoch_is_exact_with_dataloader_workers(user, factory, workers, monkeypatch):
     """5 steps per epoch: stopping after step 8 is mid-epoch 2; the resumed run must end on
-    the same parameters, metrics and phases as the uninterrupted one, bit for bit."""
+    the same parameters, metrics and phases as the uninterrupted one, bit for bit — also
+    when the dataset draws its own augmentation in __getitem__ (`jittered`)."""
     monkeypatch.syspath_prepend(str(user))
-    folder = generate(user / "g", SPEC, f"data.workers={workers}", DROPOUT)
+    data = f"data.factory=user_code:{factory}"
+    folder = generate(user / "g", SPEC, f"data.workers={workers}", DROPOUT, data)
     script = folder / "train_full.py"
     assert run_inprocess(script, "--out", user / "a").returncode == 0
     first = run_inprocess(script, "--out", user / "b", "--max-steps", "8")
@@ -238,8 +257,15 @@ def test_resume_mid_epoch_is_exact_with_dataloader_workers(user, workers, monkey
 def torchrun(user, script, *args):
     """The script under 2-rank torchrun (gloo), the user's factories on PYTHONPATH."""
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(script), *map(str, args)],
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+            *map(str, args),
+        ],
         cwd=user,
         capture_output=True,
         text=True,

@@ -42,6 +42,7 @@ Regenerate rather than edit.
 """
 
 import argparse
+import contextlib
 import fcntl
 import gc
 import hashlib
@@ -51,6 +52,7 @@ import json
 import math
 import operator
 import os
+import random
 import shutil
 import signal
 import socket
@@ -182,12 +184,33 @@ def split_record(train_size, val_indices, test_size):
     }
 
 
+@contextlib.contextmanager
+def example_streams(seed):
+    """torch's, random's and numpy's global streams seeded for one example, then restored."""
+    numpy = sys.modules.get("numpy")
+    saved = random.getstate(), numpy.random.get_state() if numpy else None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        if numpy:
+            numpy.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(saved[0])
+            if numpy:
+                numpy.random.set_state(saved[1])
+
+
 class CheckedSplit(torch.utils.data.Dataset):
     """Examples `indices` of one split of the data factory's, each checked on the way out:
-    (x, y) with x a float32 tensor of INPUT_SHAPE and y an int class, or (None, message)."""
+    (x, y) with x a float32 tensor of INPUT_SHAPE and y an int class, or (None, message).
+    Each example is loaded under random streams of its own, seeded from (run seed, split,
+    epoch, index): the factory's random draws (augmentation) are the same whichever worker
+    loads it, and a resume, mid-epoch too, replays them; the model's stream never moves."""
 
-    def __init__(self, dataset, indices, split):
-        self.dataset, self.indices, self.split = dataset, indices, split
+    def __init__(self, dataset, indices, split, seed):
+        self.dataset, self.indices, self.split, self.seed = dataset, indices, split, seed
         self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # set by the trainer
 
     def __len__(self):
@@ -195,7 +218,9 @@ class CheckedSplit(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         index = int(self.indices[i])
-        sample = self.dataset[index]
+        stream = f"{self.split}-example-{int(self.epoch)}"
+        with example_streams(derived_seed(self.seed, stream, index)):
+            sample = self.dataset[index]
         where = f"{self.split} example {index} of {DATA_FACTORY}"
         if not isinstance(sample, (tuple, list)) or len(sample) != 2:
             return None, f"{where} is a {type(sample).__name__}, not a pair (x, y)"
@@ -215,7 +240,7 @@ class CheckedSplit(torch.utils.data.Dataset):
         return x, label
 
 
-def custom_splits(root):
+def custom_splits(root, seed):
     """(split record, train set, {"val", "test"} sets) of the data factory's splits, each
     a CheckedSplit; val is carved from train when the factory returns none."""
     factory = import_factory(DATA_FACTORY, "data.factory")
@@ -250,17 +275,17 @@ def custom_splits(root):
         train, val = split_off_val(len(train_set), VAL_SIZE)
     return (
         split_record(len(train), val, len(test_set)),
-        CheckedSplit(train_set, train, "train"),
+        CheckedSplit(train_set, train, "train", seed),
         {
-            "val": CheckedSplit(val_set, val, "val"),
-            "test": CheckedSplit(test_set, torch.arange(len(test_set)), "test"),
+            "val": CheckedSplit(val_set, val, "val", seed),
+            "test": CheckedSplit(test_set, torch.arange(len(test_set)), "test", seed),
         },
     )
 
 
 def load_splits(root, seed, device, rank, world):
     """The spec's train, val and test splits (load_data's, outside --smoke)."""
-    return LoaderData(*custom_splits(root), device, rank, world, seed)
+    return LoaderData(*custom_splits(root, seed), device, rank, world, seed)
 
 
 def to_device(tensor, device):
@@ -395,11 +420,10 @@ class LoaderData:
     def _load(self, split, dataset, batches, seed):
         # A loader's first pass draws its workers' base seed from the loader's generator;
         # from the global stream (the model's dropout) that draw would shift every later mask
-        # when a resume starts a pass mid-epoch. Worker w seeds torch, random and numpy with
-        # base + w once; the workers persist, so later passes continue their streams. Random
-        # draws inside a dataset's own __getitem__ are the one thing a resume does not replay:
-        # workers restart at another example (with WORKERS = 0 they come from the global
-        # stream). The loader of this session's first pass of a split is kept for the rest.
+        # when a resume starts a pass mid-epoch. The workers' own streams are never used: each
+        # example is loaded under streams seeded from (seed, split, epoch, index) (custom data:
+        # CheckedSplit; image folders seed their crops so). The loader of this session's first
+        # pass of a split is kept for the rest (persistent workers).
         if split not in self.loaders:
             workers = {"persistent_workers": True, "prefetch_factor": 2} if WORKERS else {}
             self.loaders[split] = torch.utils.data.DataLoader(  # prefetch: batches per worker

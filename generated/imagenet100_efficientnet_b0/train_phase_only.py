@@ -370,11 +370,10 @@ class LoaderData:
     def _load(self, split, dataset, batches, seed):
         # A loader's first pass draws its workers' base seed from the loader's generator;
         # from the global stream (the model's dropout) that draw would shift every later mask
-        # when a resume starts a pass mid-epoch. Worker w seeds torch, random and numpy with
-        # base + w once; the workers persist, so later passes continue their streams. Random
-        # draws inside a dataset's own __getitem__ are the one thing a resume does not replay:
-        # workers restart at another example (with WORKERS = 0 they come from the global
-        # stream). The loader of this session's first pass of a split is kept for the rest.
+        # when a resume starts a pass mid-epoch. The workers' own streams are never used: each
+        # example is loaded under streams seeded from (seed, split, epoch, index) (custom data:
+        # CheckedSplit; image folders seed their crops so). The loader of this session's first
+        # pass of a split is kept for the rest (persistent workers).
         if split not in self.loaders:
             workers = {"persistent_workers": True, "prefetch_factor": 2} if WORKERS else {}
             self.loaders[split] = torch.utils.data.DataLoader(  # prefetch: batches per worker
