@@ -162,6 +162,7 @@ LATER_FEATURES = {
         "ema": None,
         "early_stop": None,
         "loggers": [],
+        "check_every": 50,  # when it reads the device: the same numbers at any value
     },
     "optimizer": {"no_decay": []},
 }
@@ -299,6 +300,7 @@ def constants(spec: Spec, arm: str, kind: str) -> tuple[Constant, ...]:
         Constant("TARGET_ACCURACY", spec.train.target_accuracy, "for time-to-target"),
         Constant("STABILITY_WINDOW", spec.train.stability_window, "epochs, for the val-loss CV"),
         Constant("DETERMINISTIC", spec.train.deterministic, "deterministic GPU kernels only"),
+        Constant("CHECK_EVERY", spec.train.check_every, "optimizer steps between check points"),
     ]
     t = spec.train
     if t.clip_grad_norm is not None:
