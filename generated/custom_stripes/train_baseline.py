@@ -1237,7 +1237,9 @@ def train(args, rank, world, device, stop):
         log(
             rank,
             f"error: {what} in steps {since}..{step - 1} (epoch {epoch + 1}; read every "
-            f"{CHECK_EVERY} steps): the learning rate ({lr:.3g}) is likely too large; the last good checkpoint is {out / 'last.pt'}",
+            f"{CHECK_EVERY} steps): the learning rate ({lr:.3g}) "
+            f"is likely too large; "
+            f"the last good checkpoint is {out / 'last.pt'}",
             error=True,
         )
         return True

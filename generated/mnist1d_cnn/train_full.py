@@ -621,19 +621,18 @@ class SampledPerturbation(Perturbation):
 
     def observe(self, step, sample, loss):
         """After the optimizer step, before the noise: one detector sample, one host sync.
-        Under DDP the loss sampled is the mean of the ranks' (a collective: every rank
-        comes here on a sample step)."""
-        loss = torch.as_tensor(loss, device=self.flat.device).detach().double()
+        `loss` is a tensor or a number; under DDP the loss sampled is the mean of the ranks'
+        (a collective: every rank comes here on a sample step)."""
+        loss = torch.as_tensor(loss, device=self.flat.device).detach().float().reshape(())
         if self.world > 1:
-            loss = loss.clone()
+            loss = loss.clone()  # the caller's tensor stays as it is
             dist.all_reduce(loss)
             loss /= self.world
         g = d = None
         if self.rank == 0:
             grad_norm, before = sample
             update_norm = torch.linalg.vector_norm(self.flat - before)
-            sampled = [grad_norm.float().double(), update_norm.float().double(), loss]
-            g, d, loss = torch.stack(sampled).tolist()  # fp32 norms, the loss as given
+            g, d, loss = torch.stack([grad_norm.float(), update_norm.float(), loss]).tolist()
         return self.decide(step, g, d, loss)
 
     def decide(self, step, g, d, loss):
@@ -1536,8 +1535,9 @@ def train(args, rank, world, device, stop):
         log(
             rank,
             f"error: {what} in steps {since}..{step - 1} (epoch {epoch + 1}; read every "
-            f"{CHECK_EVERY} steps): the learning rate ({lr:.3g}) or the noise "
-            f"is likely too large; the last good checkpoint is {out / 'last.pt'}",
+            f"{CHECK_EVERY} steps): the learning rate ({lr:.3g}) "
+            f"or the noise is likely too large; "
+            f"the last good checkpoint is {out / 'last.pt'}",
             error=True,
         )
         return True
