@@ -217,6 +217,7 @@ LATER_FEATURES = {
         "early_stop": None,
         "loggers": [],
         "channels_last": "auto",
+        "check_every": 50,  # when it reads the device: the same numbers at any value
     },
     "optimizer": {"no_decay": []},
     # the peers' settings, at their defaults (a spec without the peers never reads them)
@@ -368,6 +369,7 @@ def constants(spec: Spec, arm: str, kind: str) -> tuple[Constant, ...]:
         Constant("STABILITY_WINDOW", spec.train.stability_window, "epochs, for the val-loss CV"),
         Constant("DETERMINISTIC", spec.train.deterministic, "deterministic GPU kernels only"),
         Constant("CHANNELS_LAST", spec.train.channels_last, "NHWC conv weights and images"),
+        Constant("CHECK_EVERY", spec.train.check_every, "optimizer steps between check points"),
     ]
     t = spec.train
     if t.clip_grad_norm is not None:

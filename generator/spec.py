@@ -407,6 +407,13 @@ class Train(Section):
         [], description="Experiment trackers the run logs to (each an optional extra)."
     )
     log_every: PosInt = Field(10, description="Optimizer steps between per-step scalars.")
+    check_every: PosInt = Field(
+        50,
+        description="Optimizer steps between check points, where the device's loss sums and "
+        "finiteness are read and a stop signal is agreed across ranks; no other step waits "
+        "for the host. A signal or divergence is acted on at most this many steps late; 50 "
+        "makes the read cost 1/50 of a per-step sync.",
+    )
     ema: EMA | None = Field(None, description="An exponential moving average of the weights.")
     early_stop: EarlyStop | None = Field(None, description="Stop when val accuracy stalls.")
 

@@ -120,7 +120,7 @@ def test_divergence_stops_both_ranks(tmp_path):
         folder / "train_fixed.py", "--smoke", "--out", tmp_path / "run", cwd=tmp_path
     )
     assert result.returncode != 0
-    assert result.stderr.count("error: the training loss is nan at step") == 2  # both ranks
+    assert result.stderr.count("error: the training loss is nan in steps 0..") == 2  # both ranks
     assert "exitcode  : 3" in result.stderr
     assert summary(tmp_path / "run")["status"] == "diverged"
 

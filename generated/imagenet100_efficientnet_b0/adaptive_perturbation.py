@@ -473,13 +473,19 @@ class SampledPerturbation(Perturbation):
         return grad_norm, self.flat.clone()
 
     def observe(self, step, sample, loss):
-        """After the optimizer step, before the noise: one detector sample, one host sync."""
+        """After the optimizer step, before the noise: one detector sample, one host sync.
+        `loss` is a tensor or a number; under DDP the loss sampled is the mean of the ranks'
+        (a collective: every rank comes here on a sample step)."""
+        loss = torch.as_tensor(loss, device=self.flat.device).detach().float().reshape(())
+        if self.world > 1:
+            loss = loss.clone()  # the caller's tensor stays as it is
+            dist.all_reduce(loss)
+            loss /= self.world
         g = d = None
         if self.rank == 0:
             grad_norm, before = sample
             update_norm = torch.linalg.vector_norm(self.flat - before)
-            g, d = torch.stack([grad_norm.float(), update_norm.float()]).tolist()
-            loss = float(loss)
+            g, d, loss = torch.stack([grad_norm.float(), update_norm.float(), loss]).tolist()
         return self.decide(step, g, d, loss)
 
     def decide(self, step, g, d, loss):
@@ -701,7 +707,7 @@ class AdaptivePerturbation(SampledPerturbation):
         self.gather()
         if sampling and sample is None and self.rank == 0:
             raise RuntimeError("the optimizer stepped without gradients: nothing to sample")
-        self.change = self.observe(step, sample, self.loss_value(loss)) if sampling else None
+        self.change = self.observe(step, sample, self.given(loss)) if sampling else None
         self.eps = self.apply(step, lr)
         if self.eps > 0:
             self.scatter()
@@ -718,18 +724,14 @@ class AdaptivePerturbation(SampledPerturbation):
             "optimizer.step()"
         )
 
-    def loss_value(self, loss):
-        """The step's loss as a float; under DDP the mean over the ranks, as in the scripts."""
+    def given(self, loss):
+        """The step's loss (a tensor or a number), which the detector samples; observe()
+        takes the mean over the ranks under DDP, as in the scripts."""
         if loss is None:
             raise ValueError(
                 "perturb.step(loss) needs the step's training loss: the detector samples it"
             )
-        loss = torch.as_tensor(loss.detach() if torch.is_tensor(loss) else loss)
-        loss = loss.float().to(self.flat.device).reshape(())
-        if self.world > 1:
-            dist.all_reduce(loss)
-            loss = loss / self.world
-        return float(loss)
+        return loss
 
     @torch.no_grad()
     def gather(self):

@@ -88,6 +88,7 @@ TARGET_ACCURACY = 0.9  # for time-to-target
 STABILITY_WINDOW = 20  # epochs, for the val-loss CV
 DETERMINISTIC = False  # deterministic GPU kernels only
 CHANNELS_LAST = "auto"  # NHWC conv weights and images
+CHECK_EVERY = 50  # optimizer steps between check points
 KERNEL = "auto"  # noise kernel: auto, triton or torch (--kernel)
 APPLY_TO = "all"  # 'weights': only tensors with ndim >= 2
 NOISE_SCALE = "absolute"  # 'lr': eps follows lr_t / lr_0
@@ -297,7 +298,7 @@ def flatten_parameters(model, memory_format=torch.preserve_format):
     Every arm does this, so every arm trains the same memory layout with the same torch
     optimizer; it is also what lets one operation cover all parameters. Under channels-last
     a 4-D weight's slice holds it as (O, H, W, I), permuted to the (O, I, H, W) shape torch
-    expects: channels-last strides, and still a view of the one buffer."""
+    expects: channels-last strides, and still a view of the one buffer. Returns the buffer."""
     params = sorted(model.parameters(), key=lambda p: p.ndim < 2)  # stable: weights first
     flat = torch.empty(sum(p.numel() for p in params), device=params[0].device)
     offset = 0
@@ -311,6 +312,7 @@ def flatten_parameters(model, memory_format=torch.preserve_format):
         view.copy_(p.detach())
         p.data = view
         offset += p.numel()
+    return flat
 
 
 def build_optimizer(model):
@@ -930,16 +932,16 @@ def pick_device(name):
 
 @torch.no_grad()
 def evaluate(model, data, batch_size, split="val"):
-    """Mean cross-entropy and accuracy over the whole of split "val" or "test"."""
+    """Mean cross-entropy and accuracy over the whole of split "val" or "test": summed on
+    the device, read once."""
     model.eval()
-    loss_sum, correct, count = 0.0, 0, 0
+    sums = DeviceSums(next(model.parameters()).device)
     for xb, yb in data.eval_batches(split, batch_size):
         logits = model(xb)
-        loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum").item()
-        correct += (logits.argmax(1) == yb).sum().item()
-        count += len(yb)
+        loss_sum = F.cross_entropy(logits.float(), yb, reduction="sum")
+        sums.add(loss_sum, (logits.argmax(1) == yb).sum(), len(yb))
     model.train()
-    loss_sum, correct, count = all_sum([loss_sum, correct, count])
+    loss_sum, correct, count = all_sum(sums.read())
     return loss_sum / count, correct / count
 
 
@@ -951,6 +953,30 @@ def all_sum(values):
     totals = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(totals)
     return totals.tolist()
+
+
+class DeviceSums:
+    """A summed loss and correct count over batches, kept on the device so that no batch
+    waits for the host (in fp64: a sum of fp32 values, exact in any order at these sizes);
+    `read` brings them over in one transfer. The example count is known on the host."""
+
+    def __init__(self, device):
+        self.totals = torch.zeros(2, dtype=torch.float64, device=device)
+        self.seen = 0
+
+    def add(self, loss_sum, correct, n):
+        """A batch of n examples: its summed loss and its correct count, device tensors."""
+        self.totals += torch.stack([loss_sum.detach().double(), correct.double()])
+        self.seen += n
+
+    def read(self, *flags):
+        """[loss sum, correct, seen, *flags] of this process, and the sums start again at 0:
+        one read of the device, the 0-d device tensors in `flags` riding along."""
+        flags = [flag.double().view(1) for flag in flags]
+        loss_sum, correct, *flags = torch.cat([self.totals, *flags]).tolist()
+        self.totals.zero_()
+        seen, self.seen = self.seen, 0
+        return [loss_sum, correct, seen, *flags]
 
 
 def setup_distributed(name):
@@ -1071,6 +1097,46 @@ def cv_pct(losses):
         return None
     mean = statistics.fmean(losses)
     return 100 * statistics.stdev(losses) / mean if mean > 0 else None
+
+
+class StepTimer:
+    """The sum over optimizer steps of each step's compute, from the step's first operation
+    to its last: data loading, evaluation and checkpoints fall between steps and are not
+    counted. On the CPU a step's work is done when the host leaves it: perf_counter around
+    it. On CUDA the host only queues the work (backward, optimizer and noise finish during
+    a later step), so a pair of CUDA events is recorded on the device's stream around each
+    step, without waiting, and the pairs are read by `total()` (at the end of an epoch and
+    at a stop), which waits for the last one. Synchronising at each step's edges instead
+    would stall the queue that the loop is built to keep full."""
+
+    def __init__(self, device, seconds=0.0):
+        self.device, self.seconds = device, seconds  # seconds: earlier sessions' and steps'
+        self.cuda = device.type == "cuda"
+        self.pairs = []  # CUDA (start, end) events not yet read
+        self.started = None
+
+    def start(self):
+        if self.cuda:
+            self.started = torch.cuda.Event(enable_timing=True)
+            self.started.record(torch.cuda.current_stream(self.device))
+        else:
+            self.started = time.perf_counter()
+
+    def stop(self):
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record(torch.cuda.current_stream(self.device))
+            self.pairs.append((self.started, end))
+        else:
+            self.seconds += time.perf_counter() - self.started
+
+    def total(self):
+        """Seconds inside the steps so far; on CUDA, once the last step recorded has run."""
+        if self.pairs:
+            self.pairs[-1][1].synchronize()
+            self.seconds += sum(start.elapsed_time(end) for start, end in self.pairs) / 1000
+            self.pairs.clear()
+        return self.seconds
 
 
 def summarize(history, status, step, elapsed_s, test=None):
@@ -1196,6 +1262,7 @@ def train(args, rank, world, device, stop):
             "STABILITY_WINDOW": STABILITY_WINDOW,
             "DETERMINISTIC": DETERMINISTIC,
             "CHANNELS_LAST": CHANNELS_LAST,
+            "CHECK_EVERY": CHECK_EVERY,
             "KERNEL": KERNEL,
             "APPLY_TO": APPLY_TO,
             "NOISE_SCALE": NOISE_SCALE,
@@ -1213,7 +1280,7 @@ def train(args, rank, world, device, stop):
     torch.manual_seed(derived_seed(args.seed, "init"))
     model = build_model().to(device)  # the same init on every rank: same seed
     memory_format = memory_format_for(model, device)
-    flatten_parameters(model, memory_format)
+    weights = flatten_parameters(model, memory_format)
     data.inputs.memory_format = memory_format  # the batches in the weights' layout
     # dropout and drop-path draw from the global generators: a stream of each rank's own
     torch.manual_seed(derived_seed(args.seed, "dropout", rank))
@@ -1311,9 +1378,43 @@ def train(args, rank, world, device, stop):
         """The run's wall time: this session's so far and all earlier sessions'."""
         return before + time.perf_counter() - session
 
-    step, train_s = state["step"], state["train_s"]  # train_s: seconds inside training steps
+    step = state["step"]
+    timer = StepTimer(device, state["train_s"])  # seconds inside training steps
+    window = DeviceSums(device)  # the steps' loss and correct count since the last check
     last_checkpoint = -math.inf  # so that epoch 1 (of this process) writes one
     stopping = False  # set, on every rank at once, when any rank received SIGTERM or SIGINT
+    checked = step  # the steps before it are read and agreed
+
+    def diverged_at_check(sums):
+        """A check point: the window's sums, whether the loss and the weights are finite and
+        whether a rank received a signal, read from the device once and summed over the
+        ranks in one all-reduce, so that every rank decides alike at the same step. A
+        non-finite loss or weight ends the run (True): last.pt, written at an earlier check
+        point, stays the last good checkpoint, and no checkpoint is written now."""
+        nonlocal stopping, checked
+        nonfinite = ~torch.isfinite(weights).all()  # a stop now would save these weights
+        signalled = float(stop.received is not None)
+        loss_sum, correct, seen, bad, signalled = all_sum(window.read(nonfinite) + [signalled])
+        sums["loss"] += loss_sum
+        sums["correct"] += int(correct)
+        sums["seen"] += int(seen)
+        stopping = signalled > 0  # acted on before the next step, with a checkpoint
+        since, checked = checked, step
+        finite = math.isfinite(loss_sum)
+        if finite and not bad:
+            return False
+        finish("diverged")
+        what = "the weights are not finite" if finite else f"the training loss is {loss_sum}"
+        log(
+            rank,
+            f"error: {what} in steps {since}..{step - 1} (epoch {epoch + 1}; read every "
+            f"{CHECK_EVERY} steps): the learning rate ({lr:.3g}) "
+            f"or the noise is likely too large; "
+            f"the last good checkpoint is {out / 'last.pt'}",
+            error=True,
+        )
+        return True
+
     model.train()
     for epoch in range(state["epoch"], epochs):
         first = state["batch"] if epoch == state["epoch"] else 0
@@ -1328,7 +1429,7 @@ def train(args, rank, world, device, stop):
                     batch=batch,
                     step=step,
                     sums=sums,
-                    train_s=train_s,
+                    train_s=timer.total(),
                     elapsed_s=elapsed(),
                 )
                 checkpoint()
@@ -1336,41 +1437,25 @@ def train(args, rank, world, device, stop):
                 why = "by a signal" if stopping else "(--max-steps)"
                 log(rank, f"stopped {why} after {step} steps; continue with --resume")
                 return stop.code if stopping else 0
-            step_started = time.perf_counter()  # the step's compute, not data loading or I/O
+            timer.start()  # the step's compute, not data loading or I/O
             lr = lr_at(step, total_steps, warmup_steps, steps_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             logits = forward(xb)
             loss = F.cross_entropy(logits, yb)
-            # one host sync per step; under DDP one all-reduce, so a non-finite loss or a
-            # signal on any rank stops every rank at the same step
             correct = (logits.argmax(1) == yb).sum()
-            local = torch.stack([loss.detach().float() * len(yb), correct.float()]).tolist()
-            signalled = float(stop.received is not None)
-            loss_sum, correct, seen, signalled = all_sum([*local, len(yb), signalled])
-            stopping = signalled > 0  # acted on before the next step, with a checkpoint
-            loss_value = loss_sum / seen
-            if not math.isfinite(loss_value):
-                finish("diverged")
-                log(
-                    rank,
-                    f"error: the training loss is {loss_value} at step {step} "
-                    f"(epoch {epoch + 1}): the learning rate ({lr:.3g}) "
-                    f"or the noise is likely too large; "
-                    f"the last good checkpoint is {out / 'last.pt'}",
-                    error=True,
-                )
-                return 3
-            sums["loss"] += loss_sum
-            sums["correct"] += int(correct)
-            sums["seen"] += int(seen)
+            window.add(loss.detach().float() * len(yb), correct, len(yb))  # no host sync
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            eps, _ = perturbation.step(optimizer.step, step, lr, loss_value)
-            train_s += time.perf_counter() - step_started  # a skipped step's compute counts
+            eps, _ = perturbation.step(optimizer.step, step, lr)
+            timer.stop()  # a skipped step's compute counts
             sums["eps"] += eps
             step += 1
             sums["steps"] += 1
+            if (step % CHECK_EVERY == 0 or step == args.max_steps) and diverged_at_check(sums):
+                return 3
+        if diverged_at_check(sums):  # the epoch's last check point, before it is evaluated
+            return 3
         val_loss, val_acc = evaluate(forward, data, batch_size)
         record = {
             "epoch": epoch + 1,
@@ -1381,7 +1466,7 @@ def train(args, rank, world, device, stop):
             "val_acc": val_acc,
             "lr": lr,
             "eps": sums["eps"] / max(1, sums["steps"]),  # mean eps applied per step
-            "train_s": train_s,
+            "train_s": timer.total(),
             "elapsed_s": elapsed(),
         }
         history.append(record)
@@ -1390,7 +1475,7 @@ def train(args, rank, world, device, stop):
             batch=0,
             step=step,
             sums=epoch_sums(),
-            train_s=train_s,
+            train_s=record["train_s"],
             elapsed_s=record["elapsed_s"],
         )
         if val_acc > best_acc:

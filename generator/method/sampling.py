@@ -25,13 +25,19 @@ class SampledPerturbation(Perturbation):
         return grad_norm, self.flat.clone()
 
     def observe(self, step, sample, loss):
-        """After the optimizer step, before the noise: one detector sample, one host sync."""
+        """After the optimizer step, before the noise: one detector sample, one host sync.
+        `loss` is a tensor or a number; under DDP the loss sampled is the mean of the ranks'
+        (a collective: every rank comes here on a sample step)."""
+        loss = torch.as_tensor(loss, device=self.flat.device).detach().float().reshape(())
+        if self.world > 1:
+            loss = loss.clone()  # the caller's tensor stays as it is
+            dist.all_reduce(loss)
+            loss /= self.world
         g = d = None
         if self.rank == 0:
             grad_norm, before = sample
             update_norm = torch.linalg.vector_norm(self.flat - before)
-            g, d = torch.stack([grad_norm.float(), update_norm.float()]).tolist()
-            loss = float(loss)
+            g, d, loss = torch.stack([grad_norm.float(), update_norm.float(), loss]).tolist()
         return self.decide(step, g, d, loss)
 
     def decide(self, step, g, d, loss):
