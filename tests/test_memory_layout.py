@@ -49,7 +49,7 @@ def test_a_conversion_after_construction_is_caught_at_the_next_check(arms, arm, 
 @pytest.mark.parametrize("arm", ["fixed", "full"])
 def test_a_run_whose_model_is_converted_late_stops_with_one_line(arms, tmp_path, arm):
     source = (arms / f"train_{arm}.py").read_text()
-    late = "    forward = model\n"
+    late = "    forward = wrap_ddp(model, device) if world > 1 else model\n"
     assert source.count(late) == 1
     # what model.half() or model.to(memory_format=...) does to each parameter, dtype kept
     script = tmp_path / f"train_{arm}.py"

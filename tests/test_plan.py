@@ -122,6 +122,7 @@ ON = {  # a value that turns each later feature on
     "train.early_stop": "{patience: 2}",
     "train.loggers": "[tensorboard]",
     "train.check_every": "10",
+    "train.channels_last": "true",
     "optimizer.no_decay": "[bias]",
     "perturbation.gradient_noise": "{eta: 0.3}",
     "perturbation.anti_pgd": "{sigma: 0.01}",
