@@ -309,3 +309,59 @@ def test_the_bootstrap_band_holds_the_curve_and_is_reproducible():
     assert stats.expected_max_band(scores) == (low, high)
     flat_low, flat_high = stats.expected_max_band([0.9] * 5)
     assert flat_low == pytest.approx([0.9] * 5) and flat_high == pytest.approx([0.9] * 5)
+
+
+# --- what mutmut's survivors showed untested (benchmarks/mutation.py stats) ----------------
+
+
+def test_the_detectable_difference_scales_with_the_sd_and_two_pairs_suffice():
+    """The noncentrality is delta sqrt(n) / sd, so the mdd is proportional to sd; a paired t
+    test needs two pairs (df 1), and Stein's pilot too."""
+    assert stats.min_detectable(3.0, 10) == pytest.approx(3 * stats.min_detectable(1.0, 10))
+    assert stats.min_detectable(1.0, 2) > stats.min_detectable(1.0, 3) > 0
+    assert stats.stein_n(1.0, 2, 1.0) == math.ceil(sp.t.ppf(0.975, 1) ** 2)
+
+
+def test_detrended_cv_of_three_losses_with_a_mean_below_one():
+    """(0.5, 0.7, 0.5): the line is flat at the mean 1.7/3, the residuals -h/3, 2h/3, -h/3
+    (h = 0.2) square to 2h^2/3 over n - 2 = 1 degree of freedom."""
+    expected = 100 * math.sqrt(2 / 3) * 0.2 / (1.7 / 3)
+    assert stats.detrended_cv_pct([0.5, 0.7, 0.5]) == pytest.approx(expected)
+
+
+def test_fisher_counts_each_arms_runs_that_did_not_diverge():
+    assert stats.fisher(1, 4, 2, 5)["p"] == pytest.approx(sp.fisher_exact([[1, 3], [2, 3]])[1])
+
+
+def test_logrank_of_one_reach_each_and_of_identical_times():
+    """a reaches at 1, b at 2: at t = 1 two at risk, E = 1/2, variance 1/4; at t = 2 one
+    at risk adds no variance: chi2 = (1/2)^2 / (1/4) = 1."""
+    result = stats.logrank([(1.0, True)], [(2.0, True)])
+    assert (result["o_minus_e"], result["chi2"]) == (0.5, 1.0)
+    assert result["p"] == pytest.approx(sp.chi2.sf(1.0, 1))
+    same = stats.logrank([(1.0, True)], [(1.0, True)])  # both at once: no information
+    assert (same["p"], same["note"]) == (None, "identical times: no test")
+    never = stats.logrank([(1.0, False)], [(2.0, False)])
+    assert (never["p"], never["note"]) == (None, "not testable (no run reached the target)")
+
+
+def test_sign_flip_monte_carlo_p_counts_the_observed_pattern_once():
+    """n = 40 equal differences: only the two constant sign patterns reach |sum| = 40, and
+    65536 random patterns hit one with probability 65536 * 2^-39 (about 1e-7): p is the
+    observed pattern alone, 1 / (RESAMPLES + 1)."""
+    assert stats.sign_flip_p([1.0] * 40) == 1 / (stats.RESAMPLES + 1)
+
+
+def test_paired_needs_pairs_and_tests_nothing_on_identical_values():
+    with pytest.raises(ValueError):
+        stats.paired([1.0, 2.0, 3.0], [1.0, 2.0])
+    same = stats.paired([1.0, 2.0], [1.0, 2.0])
+    assert (same["p"], same["p_exact"], same["note"]) == (None, None, "identical values: no test")
+
+
+def test_welch_with_an_empty_arm_tests_nothing():
+    assert stats.welch([], [1.0, 2.0])["p"] is None
+
+
+def test_the_expected_max_band_of_one_score_is_that_score():
+    assert stats.expected_max_band([0.7]) == ([0.7], [0.7])
