@@ -320,6 +320,10 @@ def test_the_detectable_difference_scales_with_the_sd_and_two_pairs_suffice():
     assert stats.min_detectable(3.0, 10) == pytest.approx(3 * stats.min_detectable(1.0, 10))
     assert stats.min_detectable(1.0, 2) > stats.min_detectable(1.0, 3) > 0
     assert stats.stein_n(1.0, 2, 1.0) == math.ceil(sp.t.ppf(0.975, 1) ** 2)
+    with pytest.raises(ValueError) as refused:
+        stats.stein_n(1.0, 1, 1.0)
+    message = "Stein's procedure needs a pilot of n0 >= 2 and a half-width > 0"
+    assert str(refused.value) == message
 
 
 def test_detrended_cv_of_three_losses_with_a_mean_below_one():
@@ -330,19 +334,30 @@ def test_detrended_cv_of_three_losses_with_a_mean_below_one():
 
 
 def test_fisher_counts_each_arms_runs_that_did_not_diverge():
-    assert stats.fisher(1, 4, 2, 5)["p"] == pytest.approx(sp.fisher_exact([[1, 3], [2, 3]])[1])
+    p = sp.fisher_exact([[1, 3], [2, 3]])[1]
+    assert stats.fisher(1, 4, 2, 5) == {"p": pytest.approx(p), "note": ""}
+    assert stats.fisher(0, 0, 1, 2) == {"p": None, "note": "no finished run: no test"}
 
 
 def test_logrank_of_one_reach_each_and_of_identical_times():
     """a reaches at 1, b at 2: at t = 1 two at risk, E = 1/2, variance 1/4; at t = 2 one
     at risk adds no variance: chi2 = (1/2)^2 / (1/4) = 1."""
-    result = stats.logrank([(1.0, True)], [(2.0, True)])
-    assert (result["o_minus_e"], result["chi2"]) == (0.5, 1.0)
-    assert result["p"] == pytest.approx(sp.chi2.sf(1.0, 1))
-    same = stats.logrank([(1.0, True)], [(1.0, True)])  # both at once: no information
-    assert (same["p"], same["note"]) == (None, "identical times: no test")
-    never = stats.logrank([(1.0, False)], [(2.0, False)])
-    assert (never["p"], never["note"]) == (None, "not testable (no run reached the target)")
+    assert stats.logrank([(1.0, True)], [(2.0, True)]) == {
+        "p": pytest.approx(sp.chi2.sf(1.0, 1)),
+        "chi2": 1.0,
+        "o_minus_e": 0.5,
+        "note": "",
+    }
+    untested = {"p": None, "chi2": None, "o_minus_e": 0.0}
+    # both at once: E = O, and (n - d) = 0 leaves no variance
+    assert stats.logrank([(1.0, True)], [(1.0, True)]) == {
+        **untested,
+        "note": "identical times: no test",
+    }
+    assert stats.logrank([(1.0, False)], [(2.0, False)]) == {
+        **untested,
+        "note": "not testable (no run reached the target)",
+    }
 
 
 def test_sign_flip_monte_carlo_p_counts_the_observed_pattern_once():
@@ -352,15 +367,47 @@ def test_sign_flip_monte_carlo_p_counts_the_observed_pattern_once():
     assert stats.sign_flip_p([1.0] * 40) == 1 / (stats.RESAMPLES + 1)
 
 
-def test_paired_needs_pairs_and_tests_nothing_on_identical_values():
+def test_paired_needs_pairs_and_says_why_it_tests_nothing():
     with pytest.raises(ValueError):
         stats.paired([1.0, 2.0, 3.0], [1.0, 2.0])
-    same = stats.paired([1.0, 2.0], [1.0, 2.0])
-    assert (same["p"], same["p_exact"], same["note"]) == (None, None, "identical values: no test")
+    none = {"design": "paired", "ci": None, "p": None, "p_exact": None}
+    assert stats.paired([], []) == {
+        **none,
+        "n": 0,
+        "diff": None,
+        "sd": None,
+        "note": "no pairs to compare",
+    }
+    assert stats.paired([1.0, 2.0], [1.0, 2.0]) == {
+        **none,
+        "n": 2,
+        "diff": 0.0,
+        "sd": 0.0,
+        "note": "identical values: no test",
+    }
+    # d = (1, 1): no interval, but the exact sign-flip p is 2 of 4 patterns
+    assert stats.paired([2.0, 3.0], [1.0, 2.0]) == {
+        **none,
+        "n": 2,
+        "diff": 1.0,
+        "sd": 0.0,
+        "p": 0.5,
+        "p_exact": 0.5,
+        "note": "identical differences: no interval",
+    }
 
 
 def test_welch_with_an_empty_arm_tests_nothing():
-    assert stats.welch([], [1.0, 2.0])["p"] is None
+    assert stats.welch([], [1.0, 2.0]) == {
+        "design": "unpaired",
+        "n": [0, 2],
+        "diff": None,
+        "sd": None,
+        "ci": None,
+        "p": None,
+        "p_exact": None,
+        "note": "no values to compare",
+    }
 
 
 def test_the_expected_max_band_of_one_score_is_that_score():
