@@ -334,8 +334,8 @@ def test_detrended_cv_of_three_losses_with_a_mean_below_one():
 
 
 def test_fisher_counts_each_arms_runs_that_did_not_diverge():
-    p = sp.fisher_exact([[1, 3], [2, 3]])[1]
-    assert stats.fisher(1, 4, 2, 5) == {"p": pytest.approx(p), "note": ""}
+    p = sp.fisher_exact([[0, 5], [5, 0]])[1]  # 2 / C(10, 5) = 0.0079
+    assert stats.fisher(0, 5, 5, 5) == {"p": pytest.approx(p), "note": ""}
     assert stats.fisher(0, 0, 1, 2) == {"p": None, "note": "no finished run: no test"}
 
 
@@ -397,6 +397,13 @@ def test_paired_needs_pairs_and_says_why_it_tests_nothing():
     }
 
 
+def test_the_note_says_why_there_is_no_test_and_is_empty_when_there_is_one():
+    assert stats.paired([1.0, 2.0, 4.0], [0.5, 1.0, 1.0])["note"] == ""
+    assert stats.welch([1.0, 2.0], [3.0, 5.0])["note"] == ""
+    assert stats.welch([1.0, 1.0], [1.0, 1.0])["note"] == "identical values: no test"
+    assert stats.welch([1.0, 1.0], [2.0, 2.0])["note"] == "not testable (zero variance)"
+
+
 def test_welch_with_an_empty_arm_tests_nothing():
     assert stats.welch([], [1.0, 2.0]) == {
         "design": "unpaired",
@@ -415,11 +422,15 @@ def test_the_expected_max_band_of_one_score_is_that_score():
 
 
 def test_the_expected_max_band_takes_its_two_quantiles():
-    """Scores 0..19, k = 1: the bootstrap mean of 20 draws, about normal with mean 9.5 and sd
-    sqrt(399/12/20) = 1.29, so the 95 % band is 9.5 -+ 2.53. With 1000 resamples the
-    Monte Carlo s.e. of a 2.5 % quantile is about 0.11; the bound 0.3 is 2.7 s.e. (the
-    seed is fixed: the same draws every run). The 5 % or 0.8 % quantile lies 0.4 off."""
-    low, high = stats.expected_max_band([float(i) for i in range(20)])
-    half = sp.norm.ppf(0.975) * math.sqrt(399 / 12 / 20)
-    assert low[0] == pytest.approx(9.5 - half, abs=0.3)
-    assert high[0] == pytest.approx(9.5 + half, abs=0.3)
+    """Scores 0..19, k = 1: the curve is the mean of 20 draws with replacement, whose exact
+    distribution is the 20-fold convolution of the uniform one (steps of 0.05). With 10^5
+    resamples the Monte Carlo s.e. of a 2.5 % quantile is about 0.011, so the band's edges
+    lie within 0.1 of the exact 2.5 % and 97.5 % quantiles; the 1.7 % or 5 % quantile lies
+    0.2 or more off."""
+    pmf = np.ones(1)
+    for _ in range(20):
+        pmf = np.convolve(pmf, np.full(20, 1 / 20))
+    cdf = np.cumsum(pmf)
+    low, high = stats.expected_max_band([float(i) for i in range(20)], resamples=100_000)
+    assert low[0] == pytest.approx(np.searchsorted(cdf, 0.025) / 20, abs=0.1)
+    assert high[0] == pytest.approx(np.searchsorted(cdf, 0.975) / 20, abs=0.1)
