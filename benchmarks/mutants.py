@@ -46,6 +46,9 @@ SUMMARY = "generator/method/summary.py"  # the scripts' summary and the report s
 TRAINING = "templates/_training.py.jinja"
 DETECTOR_TESTS = "tests/test_detector.py::"
 STATS_TESTS = "tests/test_stats.py::"
+METHOD_TESTS = "tests/test_method_mutants.py::"
+# tests/interpret/ (the Triton kernel under TRITON_INTERPRET=1) runs through this test
+INTERPRETER = "tests/test_kernels.py::test_triton_kernels_under_the_interpreter"
 TREE_TESTS = (
     "tests/test_phase_tree.py::test_each_comparison_of_the_tree_at_its_threshold",
     "tests/test_phase_tree.py::test_the_tree_compares_each_statistic_with_its_own_threshold",
@@ -135,6 +138,49 @@ MUTANTS = [
         "generator.set_state(saved)",
         "generator.get_state()",
         (DETECTOR_TESTS + "test_resume_restores_the_detector_and_schedule_exactly",),
+    ),
+    # --- what mutmut leaves alone: decorated functions (benchmarks/mutation.py) ---
+    Mutant(
+        "kernel_mask_one_past",
+        NOISE,
+        "mask = offs < n_noise",
+        "mask = offs <= n_noise",
+        (INTERPRETER,),
+    ),
+    Mutant(
+        "kernel_overwrites",
+        NOISE,
+        "tl.store(p_ptr + offs, p + eps * tl.randn(key, offs), mask=mask)",
+        "tl.store(p_ptr + offs, eps * tl.randn(key, offs), mask=mask)",
+        (INTERPRETER,),
+    ),
+    Mutant(
+        "kernel_same_noise_every_block",
+        NOISE,
+        "p + eps * tl.randn(key, offs)",
+        "p + eps * tl.randn(key, tl.arange(0, BLOCK))",
+        (INTERPRETER,),
+    ),
+    Mutant(
+        "triton_key_without_step",
+        NOISE,
+        "noise_add(self.flat, self.n_noise, eps, self.key_base | step)",
+        "noise_add(self.flat, self.n_noise, eps, self.key_base)",
+        (INTERPRETER,),
+    ),
+    Mutant(
+        "torch_path_first_slice_only",
+        NOISE,
+        "for part in self.slices:",
+        "for part in self.slices[:1]:",
+        (METHOD_TESTS + "test_the_torch_path_adds_eps_times_its_own_streams",),
+    ),
+    Mutant(
+        "threads_first_slice_only",
+        NOISE,
+        "list(self.pool.map(add_noise, self.slices, [eps] * len(self.slices)))",
+        "list(self.pool.map(add_noise, self.slices[:1], [eps]))",
+        (METHOD_TESTS + "test_threads_from_a_million_values_on_the_cpu_draw_the_same_stream",),
     ),
     Mutant(
         "ema_decay_swapped",

@@ -309,3 +309,128 @@ def test_the_bootstrap_band_holds_the_curve_and_is_reproducible():
     assert stats.expected_max_band(scores) == (low, high)
     flat_low, flat_high = stats.expected_max_band([0.9] * 5)
     assert flat_low == pytest.approx([0.9] * 5) and flat_high == pytest.approx([0.9] * 5)
+
+
+# --- what mutmut's survivors showed untested (benchmarks/mutation.py stats) ----------------
+
+
+def test_the_detectable_difference_scales_with_the_sd_and_two_pairs_suffice():
+    """The noncentrality is delta sqrt(n) / sd, so the mdd is proportional to sd; a paired t
+    test needs two pairs (df 1), and Stein's pilot too."""
+    assert stats.min_detectable(3.0, 10) == pytest.approx(3 * stats.min_detectable(1.0, 10))
+    assert stats.min_detectable(1.0, 2) > stats.min_detectable(1.0, 3) > 0
+    assert stats.stein_n(1.0, 2, 1.0) == math.ceil(sp.t.ppf(0.975, 1) ** 2)
+    with pytest.raises(ValueError) as refused:
+        stats.stein_n(1.0, 1, 1.0)
+    message = "Stein's procedure needs a pilot of n0 >= 2 and a half-width > 0"
+    assert str(refused.value) == message
+
+
+def test_detrended_cv_of_three_losses_with_a_mean_below_one():
+    """(0.5, 0.7, 0.5): the line is flat at the mean 1.7/3, the residuals -h/3, 2h/3, -h/3
+    (h = 0.2) square to 2h^2/3 over n - 2 = 1 degree of freedom."""
+    expected = 100 * math.sqrt(2 / 3) * 0.2 / (1.7 / 3)
+    assert stats.detrended_cv_pct([0.5, 0.7, 0.5]) == pytest.approx(expected)
+
+
+def test_fisher_counts_each_arms_runs_that_did_not_diverge():
+    p = sp.fisher_exact([[0, 5], [5, 0]])[1]  # 2 / C(10, 5) = 0.0079
+    assert stats.fisher(0, 5, 5, 5) == {"p": pytest.approx(p), "note": ""}
+    assert stats.fisher(0, 0, 1, 2) == {"p": None, "note": "no finished run: no test"}
+
+
+def test_logrank_of_one_reach_each_and_of_identical_times():
+    """a reaches at 1, b at 2: at t = 1 two at risk, E = 1/2, variance 1/4; at t = 2 one
+    at risk adds no variance: chi2 = (1/2)^2 / (1/4) = 1."""
+    assert stats.logrank([(1.0, True)], [(2.0, True)]) == {
+        "p": pytest.approx(sp.chi2.sf(1.0, 1)),
+        "chi2": 1.0,
+        "o_minus_e": 0.5,
+        "note": "",
+    }
+    untested = {"p": None, "chi2": None, "o_minus_e": 0.0}
+    # both at once: E = O, and (n - d) = 0 leaves no variance
+    assert stats.logrank([(1.0, True)], [(1.0, True)]) == {
+        **untested,
+        "note": "identical times: no test",
+    }
+    assert stats.logrank([(1.0, False)], [(2.0, False)]) == {
+        **untested,
+        "note": "not testable (no run reached the target)",
+    }
+
+
+def test_sign_flip_monte_carlo_p_counts_the_observed_pattern_once():
+    """n = 40 equal differences: only the two constant sign patterns reach |sum| = 40, and
+    65536 random patterns hit one with probability 65536 * 2^-39 (about 1e-7): p is the
+    observed pattern alone, 1 / (RESAMPLES + 1)."""
+    assert stats.sign_flip_p([1.0] * 40) == 1 / (stats.RESAMPLES + 1)
+
+
+def test_paired_needs_pairs_and_says_why_it_tests_nothing():
+    with pytest.raises(ValueError):
+        stats.paired([1.0, 2.0, 3.0], [1.0, 2.0])
+    none = {"design": "paired", "ci": None, "p": None, "p_exact": None}
+    assert stats.paired([], []) == {
+        **none,
+        "n": 0,
+        "diff": None,
+        "sd": None,
+        "note": "no pairs to compare",
+    }
+    assert stats.paired([1.0, 2.0], [1.0, 2.0]) == {
+        **none,
+        "n": 2,
+        "diff": 0.0,
+        "sd": 0.0,
+        "note": "identical values: no test",
+    }
+    # d = (1, 1): no interval, but the exact sign-flip p is 2 of 4 patterns
+    assert stats.paired([2.0, 3.0], [1.0, 2.0]) == {
+        **none,
+        "n": 2,
+        "diff": 1.0,
+        "sd": 0.0,
+        "p": 0.5,
+        "p_exact": 0.5,
+        "note": "identical differences: no interval",
+    }
+
+
+def test_the_note_says_why_there_is_no_test_and_is_empty_when_there_is_one():
+    assert stats.paired([1.0, 2.0, 4.0], [0.5, 1.0, 1.0])["note"] == ""
+    assert stats.welch([1.0, 2.0], [3.0, 5.0])["note"] == ""
+    assert stats.welch([1.0, 1.0], [1.0, 1.0])["note"] == "identical values: no test"
+    assert stats.welch([1.0, 1.0], [2.0, 2.0])["note"] == "not testable (zero variance)"
+
+
+def test_welch_with_an_empty_arm_tests_nothing():
+    assert stats.welch([], [1.0, 2.0]) == {
+        "design": "unpaired",
+        "n": [0, 2],
+        "diff": None,
+        "sd": None,
+        "ci": None,
+        "p": None,
+        "p_exact": None,
+        "note": "no values to compare",
+    }
+
+
+def test_the_expected_max_band_of_one_score_is_that_score():
+    assert stats.expected_max_band([0.7]) == ([0.7], [0.7])
+
+
+def test_the_expected_max_band_takes_its_two_quantiles():
+    """Scores 0..19, k = 1: the curve is the mean of 20 draws with replacement, whose exact
+    distribution is the 20-fold convolution of the uniform one (steps of 0.05). With 10^5
+    resamples the Monte Carlo s.e. of a 2.5 % quantile is about 0.011, so the band's edges
+    lie within 0.1 of the exact 2.5 % and 97.5 % quantiles; the 1.7 % or 5 % quantile lies
+    0.2 or more off."""
+    pmf = np.ones(1)
+    for _ in range(20):
+        pmf = np.convolve(pmf, np.full(20, 1 / 20))
+    cdf = np.cumsum(pmf)
+    low, high = stats.expected_max_band([float(i) for i in range(20)], resamples=100_000)
+    assert low[0] == pytest.approx(np.searchsorted(cdf, 0.025) / 20, abs=0.1)
+    assert high[0] == pytest.approx(np.searchsorted(cdf, 0.975) / 20, abs=0.1)
