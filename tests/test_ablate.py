@@ -37,11 +37,13 @@ def test_ablate_smoke_end_to_end(tmp_path):
         "mnist1d_cnn_eps_phases.png",
     }
     assert sorted(p.name for p in (out / "scripts").glob("train_*.py")) == [
+        "train_anti_pgd.py",
         "train_baseline.py",
         "train_baseline_adam.py",
         "train_baseline_sgd_constant.py",
         "train_fixed.py",
         "train_full.py",
+        "train_gradient_noise.py",
         "train_phase_only.py",
         "train_schedule_only.py",
     ]
