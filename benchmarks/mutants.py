@@ -42,12 +42,16 @@ OUTSIDE_GENERATION = {"generator/report.py", STATS}
 DETECTOR = "generator/method/detector.py"
 EPS_FULL = "generator/method/eps_full.py"
 NOISE = "generator/method/noise.py"
+ANTI_PGD = "generator/method/anti_pgd.py"
 SUMMARY = "generator/method/summary.py"  # the scripts' summary and the report share it
 TRAINING = "templates/_training.py.jinja"
 DETECTOR_TESTS = "tests/test_detector.py::"
 STATS_TESTS = "tests/test_stats.py::"
 METHOD_TESTS = "tests/test_method_mutants.py::"
 # tests/interpret/ (the Triton kernel under TRITON_INTERPRET=1) runs through this test
+ANTICORRELATED = (
+    "tests/test_peers.py::test_anti_pgd_perturbations_are_anticorrelated_and_do_not_accumulate"
+)
 INTERPRETER = "tests/test_kernels.py::test_triton_kernels_under_the_interpreter"
 TREE_TESTS = (
     "tests/test_phase_tree.py::test_each_comparison_of_the_tree_at_its_threshold",
@@ -181,6 +185,21 @@ MUTANTS = [
         "list(self.pool.map(add_noise, self.slices, [eps] * len(self.slices)))",
         "list(self.pool.map(add_noise, self.slices[:1], [eps]))",
         (METHOD_TESTS + "test_threads_from_a_million_values_on_the_cpu_draw_the_same_stream",),
+    ),
+    # AntiPGD.apply is under @torch.no_grad() too
+    Mutant(
+        "anti_pgd_xi_never_taken_out",
+        ANTI_PGD,
+        "if self.last > 0:",
+        "if self.last < 0:",
+        (ANTICORRELATED,),
+    ),
+    Mutant(
+        "anti_pgd_xi_added_twice",
+        ANTI_PGD,
+        "self.theta.add_(self.flat)",
+        "self.theta.add_(self.flat, alpha=2)",
+        (ANTICORRELATED,),
     ),
     Mutant(
         "ema_decay_swapped",

@@ -92,7 +92,7 @@ class Clock:
     """A fake clock for perf_counter and for CUDA events (which record the stream's time)."""
 
     def __init__(self):
-        self.now, self.syncs = 0.0, 0
+        self.now = 0.0
 
     def advance(self, seconds):
         self.now += seconds
@@ -125,20 +125,28 @@ def test_cuda_train_s_reads_events_at_the_end_and_never_waits_inside_a_step(monk
             self.at = clock.now  # the stream reaches it when the queued work before it ran
 
         def synchronize(self):
-            clock.syncs += 1
+            synced.append(self)
 
         def elapsed_time(self, end):
-            assert clock.syncs, "read before the events completed"
+            assert synced, "read before the events completed"
             return (end.at - self.at) * 1000  # milliseconds
 
+    synced = []
     monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device: f"stream of {device}")
-    timer = StepTimer(torch.device("cuda:1"))
-    for compute, loading in ((0.25, 2.0), (0.5, 4.0)):
-        clock.advance(loading)
-        timer.start()
-        clock.advance(compute)
-        timer.stop()
-    assert clock.syncs == 0  # the steps never waited
-    assert timer.total() == 0.75 and clock.syncs == 1
-    assert timer.total() == 0.75 and clock.syncs == 1  # read once: nothing more to wait for
+    timer = StepTimer(torch.device("cuda:1"))  # a fresh run: no earlier seconds
+
+    def steps(*computes):
+        for compute in computes:
+            clock.advance(2.0)  # loading the batch: not a step
+            timer.start()
+            clock.advance(compute)
+            timer.stop()
+        return timer.pairs[-1][1]  # the last step's end
+
+    last = steps(0.25, 0.5, 0.125)
+    assert synced == []  # the steps never waited
+    assert timer.total() == 0.875 and synced == [last]  # one wait, for the last step
+    assert timer.total() == 0.875 and len(synced) == 1  # read once: nothing more to wait for
+    last = steps(0.5)  # the next epoch's steps add to the total
+    assert timer.total() == 1.375 and synced[1:] == [last]

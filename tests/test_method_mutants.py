@@ -291,6 +291,24 @@ def test_a_checkpoint_restores_the_noise_stream():
         b.load_state_dict({**state, "generators": state["generators"][:1]})
 
 
+def test_a_parameter_moved_out_of_the_buffer_is_caught_every_storage_check_steps():
+    """Without a detector the storage is checked on every STORAGE_CHECK_EVERY-th step (0
+    included) and on no other, with a message that says what to do."""
+    model = flat_linear(9)
+    p = fixed(model)
+    model.weight.data = model.weight.data.clone()  # what model.half() does to the storage
+    every = noise.STORAGE_CHECK_EVERY
+    for step in (1, every - 1, every + 1):
+        assert p.step(lambda: None, step, 0.1) == (0.5, None), step
+    for step in (0, every, 3 * every):
+        with pytest.raises(noise.StorageReplaced) as caught:
+            p.step(lambda: None, step, 0.1)
+        assert str(caught.value) == (
+            "the parameters no longer lie in the flat buffer that the noise acts on: "
+            "convert the model (dtype, memory format) before flatten_parameters, not after"
+        )
+
+
 # --- the detector's samples around the step ---------------------------------------------------
 
 
@@ -339,6 +357,17 @@ def test_other_ranks_take_the_phase_rank_0_broadcasts(monkeypatch):
     assert sent == [([EXPLORATION], 0)] and (d.phase, d.phase_start) == (FINE_TUNING, 7)
     p.decide(9, None, None, None)  # the same phase again: t_p keeps counting from step 7
     assert (d.phase, d.phase_start) == (FINE_TUNING, 7)
+
+
+def test_under_ddp_the_loss_sampled_is_the_mean_of_the_ranks(monkeypatch):
+    """Two ranks with losses 1 and 3: the detector samples 2, and the caller's tensor stays 1."""
+    monkeypatch.setattr(sampling.dist, "all_reduce", lambda t: t.add_(3.0))  # the other rank's
+    monkeypatch.setattr(sampling.dist, "broadcast", lambda t, src: None)
+    d = detector()
+    _, p = sampled(d, rank=0, world=2)
+    loss = torch.tensor(1.0)
+    assert p.observe(0, (torch.tensor(2.0), p.flat.clone()), loss) is None
+    assert d.samples == [[2.0, 0.0, 2.0]] and loss.item() == 1.0
 
 
 def test_the_step_samples_every_n_steps_and_noises_with_the_eps_decided_after():

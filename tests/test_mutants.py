@@ -75,3 +75,44 @@ def test_the_mutmut_section_of_pyproject_is_the_stats_target():
     ours = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["mutmut"]
     section = mutation.mutmut_section(mutation.TARGETS["stats"])
     assert ours == tomllib.loads(section)["tool"]["mutmut"]
+
+
+def test_the_gate_passes_only_the_known_equivalents():
+    """Exit 0 needs the survivors to be exactly the listed equivalents: an unlisted survivor
+    (or a mutant no test reached) fails, and so does a listed one that was killed or is no
+    longer made (a stale list). A timeout is detected."""
+    known = {"m.x_f__mutmut_1": "why", "m.x_f__mutmut_2": "why"}
+    status = {"m.x_f__mutmut_1": "survived", "m.x_f__mutmut_2": "survived"}
+    assert mutation.judge({**status, "m.x_f__mutmut_3": "timeout"}, known) == ([], [])
+    for other in ("survived", "no tests", "suspicious"):
+        unknown = mutation.judge({**status, "m.x_f__mutmut_3": other}, known)
+        assert unknown == (["m.x_f__mutmut_3"], []), other
+    killed = mutation.judge({**status, "m.x_f__mutmut_2": "killed"}, known)
+    assert killed == ([], ["m.x_f__mutmut_2"])
+    assert mutation.judge({"m.x_f__mutmut_1": "survived"}, known) == ([], ["m.x_f__mutmut_2"])
+
+
+@pytest.mark.parametrize("name", sorted(mutation.TARGETS))
+def test_the_docs_tables_of_equivalents_are_the_list(name):
+    """docs/mutation.md shows each target's equivalents as benchmarks/mutation_equivalents.toml
+    lists them; `python benchmarks/mutation.py TARGET --doc` rewrites the table."""
+    known = mutation.equivalents()[name]
+    assert known and all(why.strip() and "|" not in why for why in known.values())
+    text = (REPO / "docs" / "mutation.md").read_text()
+    assert mutation.with_table(text, name, known) == text, (
+        f"python benchmarks/mutation.py {name} --doc"
+    )
+
+
+def test_equivalents_of_an_unknown_target_are_refused(tmp_path):
+    listed = tmp_path / "equivalents.toml"
+    listed.write_text('[stat]\n"generator.stats.x_f__mutmut_1" = "why"\n')
+    with pytest.raises(ValueError, match="stat is not a target"):
+        mutation.equivalents(listed)
+
+
+def test_a_malformed_list_of_equivalents_is_refused_with_its_path(tmp_path):
+    listed = tmp_path / "equivalents.toml"
+    listed.write_text("[method\n")
+    with pytest.raises(ValueError, match=f"^{listed}: "):
+        mutation.equivalents(listed)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import MINIMAL, generate, run_inprocess
+from test_method_mutants import draws
 
 from generator.method import eps_anti_pgd, eps_gradient_noise
 from generator.method.anti_pgd import AntiPGD
@@ -85,6 +86,35 @@ def test_gradient_noise_goes_to_the_chosen_parameters_in_the_flat_layout():
     assert torch.equal(model.weight.grad.reshape(-1), p.flat)
     assert torch.count_nonzero(model.bias.grad) == 0
     assert model.weight.grad.std().item() == pytest.approx(1.0, rel=0.1)  # 2000 values
+
+
+def test_gradient_noise_follows_the_learning_rate_under_scale_lr():
+    """scale lr: eps = eps(t) * lr_t / lr_0, and the gradient receives eps times the draws of
+    the noise streams (two slices of 5, as every arm draws them)."""
+    policy = eps_gradient_noise.Epsilon(0.25, 0.5)
+    model = flat_model(10)
+    p = GradientNoise(model, 3, torch.device("cpu"), "torch", policy, None, "all", lr_0=0.2)
+    model.w.grad = torch.zeros(10)
+    eps, change = p.step(lambda: None, 3, lr=0.05)
+    assert change is None and eps == pytest.approx((0.25 / 4**0.5) ** 0.5 * 0.05 / 0.2)
+    assert torch.allclose(model.w.grad, eps * draws(3, (5, 5)), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("apply_to", ["all", "weights"])
+def test_gradient_noise_pairs_follow_the_flat_layout_not_the_models_order(apply_to):
+    """A vector registered before a matrix: the flat layout puts the matrix first, so the
+    matrix's gradient receives the buffer's first 20 values, the vector the next 3 (or none)."""
+    flat = torch.zeros(20 + 3)
+    model = torch.nn.Module()
+    model.a = torch.nn.Parameter(flat[20:])
+    model.w = torch.nn.Parameter(flat[:20].view(4, 5))
+    policy = eps_gradient_noise.Epsilon(1.0, 0.0)
+    p = GradientNoise(model, 0, torch.device("cpu"), "torch", policy, None, apply_to)
+    model.a.grad, model.w.grad = torch.zeros(3), torch.zeros(4, 5)
+    p.step(lambda: None, 0, 0.1)
+    assert torch.equal(model.w.grad.reshape(-1), p.flat[:20])
+    assert torch.equal(model.a.grad, p.flat[20:] if apply_to == "all" else torch.zeros(3))
+    assert torch.count_nonzero(p.flat) == p.n_noise
 
 
 def test_anti_pgd_perturbations_are_anticorrelated_and_do_not_accumulate():
