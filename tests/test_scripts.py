@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import runpy
 import statistics
 
 import pytest
@@ -21,6 +20,7 @@ from conftest import (
 )
 
 from generator import stats
+from generator.scriptload import load_script
 
 
 def read_jsonl(path):
@@ -128,7 +128,7 @@ def test_summary_cv_is_the_sample_cv_of_the_last_window(tmp_path):
     the last STABILITY_WINDOW validation losses; stats.cv_pct is the same number."""
     text = MINIMAL.replace("[baseline, fixed]", "[baseline]")
     folder = generate(tmp_path, text, "train.stability_window=3")
-    summarize = runpy.run_path(str(folder / "train_baseline.py"), run_name="perturbgen_test")[
+    summarize = load_script(str(folder / "train_baseline.py"), run_name="perturbgen_test")[
         "summarize"
     ]
     history = [
