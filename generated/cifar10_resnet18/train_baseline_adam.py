@@ -20,7 +20,8 @@ DDP, one process per GPU (gloo on the CPU): --batch-size is the global batch, an
 replicas stay bit-identical.
 
 The run folder receives config.json, metrics.jsonl (one line per epoch), phases.jsonl,
-summary.json, last.pt and best.pt, and a copy of this script; run.lock names the process
+summary.json, last.pt and best.pt, and copies of this script and of
+cifar10_resnet18_support.py; run.lock names the process
 that writes it, and a second one refuses (exit 2). SIGTERM, SIGUSR1 or Ctrl-C stops the run
 after the current step with a checkpoint (exit 143, 138 or 130; --resume continues).
 Exit codes: 0 done, 2 bad arguments, data or run folder, 3 the training loss became

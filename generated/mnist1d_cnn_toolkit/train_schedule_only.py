@@ -26,7 +26,8 @@ Each optimizer step runs ACCUMULATE micro-batches; a run stops and checkpoints o
 optimizer steps, never inside one.
 
 The run folder receives config.json, metrics.jsonl (one line per epoch), phases.jsonl,
-summary.json, last.pt and best.pt, and a copy of this script; run.lock names the process
+summary.json, last.pt and best.pt, and copies of this script and of
+mnist1d_cnn_toolkit_support.py; run.lock names the process
 that writes it, and a second one refuses (exit 2). SIGTERM, SIGUSR1 or Ctrl-C stops the run
 after the current step with a checkpoint (exit 143, 138 or 130; --resume continues).
 The run is also logged to tensorboard (train.loggers; see ExperimentLog).
