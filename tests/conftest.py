@@ -200,9 +200,10 @@ def check_step_semantics(tmp_path: Path, kernel: str) -> None:
             z = torch.cat([part[1] for part in perturbation.slices])
         else:  # the same Philox stream at eps = 1 onto zeros
             z = torch.zeros(perturbation.n_noise)
-            grid = (ns["triton"].cdiv(len(z), ns["BLOCK"]),)
-            ns["noise_add_kernel"][grid](
-                z, len(z), 1.0, perturbation.key_base | step, BLOCK=ns["BLOCK"]
+            shared = ns["flatten_parameters"].__globals__  # the folder's support module
+            grid = (shared["triton"].cdiv(len(z), shared["BLOCK"]),)
+            shared["noise_add_kernel"][grid](
+                z, len(z), 1.0, perturbation.key_base | step, BLOCK=shared["BLOCK"]
             )
         noise = (flat - stepped[0])[: perturbation.n_noise]
         start = 4 if step >= 4 else 0
@@ -283,12 +284,14 @@ def readme_snippets(section: str, doc: str = "README.md") -> list[str]:
 
 
 def load_module(path: Path, name: str):
-    """Import the Python file at `path` as a module called `name` (an exported module)."""
+    """Import the Python file at `path` as a module called `name` (an exported module, or a
+    script with its own folder's support module)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    with scriptload.beside(path):
+        spec.loader.exec_module(module)
     return module
 
 
