@@ -14,11 +14,12 @@ benchmark (benchmarks/loop.py) sees on top of the training itself.
 from __future__ import annotations
 
 import argparse
-import runpy
 import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from generator.scriptload import load_script
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -53,7 +54,7 @@ def main():
     parser.add_argument("--old", type=Path, default=None)
     parser.add_argument("--rounds", type=int, default=200)
     args = parser.parse_args()
-    new = runpy.run_path(str(REPO / "generated" / "mnist1d_cnn" / "train_fixed.py"), run_name="b")
+    new = load_script(str(REPO / "generated" / "mnist1d_cnn" / "train_fixed.py"), run_name="b")
     variants = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -67,7 +68,7 @@ def main():
         variants["current (improved epoch)"] = after
         variants["current (other epoch)"] = lambda: log.append(history[-1])
         if args.old:
-            old = runpy.run_path(str(args.old / "train_fixed.py"), run_name="b")
+            old = load_script(str(args.old / "train_fixed.py"), run_name="b")
 
             def before():
                 old["write_jsonl"](folder / "old.jsonl", history)

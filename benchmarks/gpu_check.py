@@ -44,7 +44,6 @@ import io
 import json
 import os
 import pickle
-import runpy
 import shutil
 import statistics
 import subprocess
@@ -52,6 +51,8 @@ import sys
 import time
 import warnings
 from pathlib import Path
+
+from generator.scriptload import load_script
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # this checkout's generator, not an installed one
@@ -79,7 +80,7 @@ def generate(specs, out, *overrides):
 def run_inprocess(script, argv):
     """A script's main() in this process (no interpreter start-up per run):
     (code, error, syncs), syncs the warnings of torch.cuda's sync debug mode."""
-    ns = runpy.run_path(str(script), run_name="gpu_check")
+    ns = load_script(str(script), run_name="gpu_check")
     err = io.StringIO()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")  # every sync, not the first per place
@@ -330,7 +331,7 @@ def handwritten_rate(script, data_root, device, epochs, batch):
     import torch
     import torch.nn.functional as F
 
-    ns = runpy.run_path(str(script), run_name="gpu_check")
+    ns = load_script(str(script), run_name="gpu_check")
     cuda = device == "cuda"
     x, y, _, _ = ns["load_cifar"](data_root)
     train, _ = ns["split_off_val"](len(y), ns["VAL_SIZE"])

@@ -19,12 +19,13 @@ parameters (beyond any L2), beside fused and foreach SGD.
 from __future__ import annotations
 
 import argparse
-import runpy
 import statistics
 import sys
 from pathlib import Path
 
 import torch
+
+from generator.scriptload import load_script
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -50,7 +51,8 @@ def main():
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/kernels.py needs a CUDA GPU; none is visible here")
-    ns = runpy.run_path(str(REPO / "generated" / "mnist1d_cnn" / "train_fixed.py"), run_name="b")
+    script = load_script(str(REPO / "generated" / "mnist1d_cnn" / "train_fixed.py"), run_name="b")
+    ns = script["flatten_parameters"].__globals__  # the kernels live in the support module
     if ns["triton"] is None:
         sys.exit("benchmarks/kernels.py needs the triton package")
     triton, block = ns["triton"], ns["BLOCK"]

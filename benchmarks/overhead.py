@@ -15,13 +15,14 @@ tensors of the spec's shape (the data pipeline is the same in every arm).
 from __future__ import annotations
 
 import argparse
-import runpy
 import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from generator.scriptload import load_script
 
 REPO = Path(__file__).resolve().parent.parent
 ARMS = ("baseline", "fixed", "phase_only", "schedule_only", "full")
@@ -35,7 +36,7 @@ class Arm:
     """One arm's training step, built from its generated script, on random data."""
 
     def __init__(self, spec, arm, batch, kernel, device="cpu", folder=REPO / "generated"):
-        ns = runpy.run_path(str(Path(folder) / spec / f"train_{arm}.py"), run_name="bench")
+        ns = load_script(str(Path(folder) / spec / f"train_{arm}.py"), run_name="bench")
         device = torch.device(device)
         torch.manual_seed(0)
         self.model = ns["build_model"]().to(device)

@@ -11,7 +11,7 @@ from generator import __version__
 from generator.export import golden_sources
 from generator.loading import Located
 from generator.output import Rendered
-from generator.plan import ReadmeModel, RenderModel, plan, spec_hash
+from generator.plan import ReadmeModel, RenderModel, plan, spec_hash, support_module
 from generator.render import (
     check_arms,
     format_sources,
@@ -19,6 +19,7 @@ from generator.render import (
     load_spec,
     render_readme,
     script_source,
+    support_source,
 )
 from generator.spec import Spec, arm_names
 
@@ -58,8 +59,11 @@ def render_all(
         chosen = set(arms)
         if arms and keep_arms and previous:
             chosen.update(arms_in(previous / spec.name, spec))
-        models = [m for m in plan(spec, doc) if not chosen or m.arm in chosen]
-        sources = {m.script: script_source(m) for m in models}
+        every_arm = plan(spec, doc)
+        models = [m for m in every_arm if not chosen or m.arm in chosen]
+        support = support_source(every_arm)  # the same file whichever arms are written
+        sources = {m.script: script_source(m, support) for m in models}
+        sources[f"{support_module(spec.name)}.py"] = support
         sources.update(golden_sources(models))  # the drop-in module (perturbgen export)
         drafts.append((spec, models, sources))
     scripts, todo = {}, {}

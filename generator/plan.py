@@ -104,6 +104,13 @@ class RenderModel:
     no_decay: bool = False  # optimizer.no_decay: two parameter groups, one without decay
     policy: str = ""  # the eps(t) policy's module under generator/method/ ("" in a baseline)
     policy_arguments: tuple[str, ...] = ()  # its constructor keywords: constants, lower case
+    # the names this arm's script takes from the spec's support module (render fills it in)
+    support_imports: tuple[str, ...] = ()
+
+    @property
+    def support_module(self) -> str:
+        """The module beside the scripts that every arm of the spec shares (its import name)."""
+        return support_module(self.spec_name)
 
     @property
     def perturbs(self) -> bool:
@@ -176,6 +183,11 @@ class RenderModel:
         """Whether the detector samples the pre-clip gradient norm that clipping measured,
         handed to perturbation.step, instead of measuring it itself."""
         return self.detector and self.clips
+
+
+def support_module(spec_name: str) -> str:
+    """The shared module's name: the spec's, so scripts of two specs never share one."""
+    return f"{spec_name}_support"
 
 
 def noise_rule(kind: str) -> tuple[str, str]:

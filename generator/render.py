@@ -7,6 +7,7 @@ import ast
 import math
 import multiprocessing as mp
 import os
+from dataclasses import replace
 from functools import cache
 from itertools import pairwise
 from pathlib import Path
@@ -183,13 +184,33 @@ def _guarded_format(block: str) -> tuple[str, str]:
         return "error", f"{type(exc).__name__}: {exc}"
 
 
-def script_source(model: RenderModel) -> str:
-    """An arm's script before black (format_sources formats many at once)."""
-    return _render("train.py.jinja", model)
+def support_source(models: list[RenderModel]) -> str:
+    """The spec's support module before black: one file for all its arms. It is made from
+    spec-wide fields only, so every arm's model must give the same text."""
+    texts = {_render("support.py.jinja", model) for model in models}
+    if len(texts) != 1:
+        raise GenerationError(f"the support module of {models[0].spec_name} differs by arm")
+    return texts.pop()
 
 
-def render_script(model: RenderModel) -> str:
-    return format_sources({model.script: script_source(model)})[model.script]
+def script_source(model: RenderModel, support: str) -> str:
+    """An arm's script before black (format_sources formats many at once): it imports from
+    the support module (source `support`) exactly the names its own code uses."""
+    shared = {target.id for node in ast.parse(support).body for target in _bound(node)}
+    draft = ast.parse(_render("train.py.jinja", model))
+    own = {target.id for node in draft.body for target in _bound(node)}
+    used = {n.id for n in ast.walk(draft) if isinstance(n, ast.Name)} & shared - own
+    return _render("train.py.jinja", replace(model, support_imports=tuple(sorted(used))))
+
+
+def _bound(node: ast.stmt) -> list[ast.Name]:
+    """The names a top-level statement binds (defs, classes, assignments)."""
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return [ast.Name(node.name)]
+    if isinstance(node, (ast.Assign, ast.AnnAssign)):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        return [n for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)]
+    return []
 
 
 def render_readme(model: ReadmeModel) -> str:

@@ -7,7 +7,6 @@ import io
 import json
 import math
 import os
-import runpy
 import subprocess
 import sys
 import time
@@ -20,7 +19,9 @@ from hypothesis import HealthCheck, settings
 from robustness import TALLY
 from typer.testing import CliRunner
 
+from generator import scriptload
 from generator.cli import app
+from generator.scriptload import load_script
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -52,6 +53,8 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     p for p in (EXAMPLES, os.environ.get("PYTHONPATH")) if p
 )
 GENERATED = REPO / "generated"
+# A probe run in another interpreter starts with these lines to get load_script (stdlib only)
+LOADER = f"import runpy\nload_script = runpy.run_path({scriptload.__file__!r})['load_script']\n"
 SCRIPTS = sorted(GENERATED.glob("*/train_*.py"))
 
 MINIMAL = """\
@@ -113,7 +116,7 @@ def wait_inside_epoch_2(proc: subprocess.Popen, run: Path, timeout: float = 120)
 def evaluate_on_test(script: Path, checkpoint: Path, data_root: Path) -> tuple[float, float]:
     """(mean loss, accuracy) on the test split of the model in a checkpoint: in this process,
     in one batch, apart from the script's own evaluation loop and from DDP."""
-    ns = runpy.run_path(str(script), run_name="perturbgen_test")
+    ns = load_script(str(script), run_name="perturbgen_test")
     model = ns["build_model"]()
     model.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
     model.eval()
@@ -136,7 +139,7 @@ class Finished:
 def run_inprocess(script: Path, *args: str) -> Finished:
     """Run an emitted script's main() in this process: the same code path as `python script`
     minus a fresh interpreter, which saves seconds of torch start-up per run."""
-    namespace = runpy.run_path(str(script), run_name="perturbgen_test")
+    namespace = load_script(str(script), run_name="perturbgen_test")
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
@@ -166,7 +169,7 @@ def check_step_semantics(tmp_path: Path, kernel: str) -> None:
 
     text = MINIMAL.replace("[baseline, fixed]", "[full]")
     folder = generate(tmp_path, text, "phase_detector.every=2", "phase_detector.window=3")
-    ns = runpy.run_path(str(folder / "train_full.py"), run_name="perturbgen_test")
+    ns = load_script(str(folder / "train_full.py"), run_name="perturbgen_test")
     torch.manual_seed(0)
     model = ns["build_model"]()
     ns["flatten_parameters"](model)
@@ -197,9 +200,10 @@ def check_step_semantics(tmp_path: Path, kernel: str) -> None:
             z = torch.cat([part[1] for part in perturbation.slices])
         else:  # the same Philox stream at eps = 1 onto zeros
             z = torch.zeros(perturbation.n_noise)
-            grid = (ns["triton"].cdiv(len(z), ns["BLOCK"]),)
-            ns["noise_add_kernel"][grid](
-                z, len(z), 1.0, perturbation.key_base | step, BLOCK=ns["BLOCK"]
+            shared = ns["flatten_parameters"].__globals__  # the folder's support module
+            grid = (shared["triton"].cdiv(len(z), shared["BLOCK"]),)
+            shared["noise_add_kernel"][grid](
+                z, len(z), 1.0, perturbation.key_base | step, BLOCK=shared["BLOCK"]
             )
         noise = (flat - stepped[0])[: perturbation.n_noise]
         start = 4 if step >= 4 else 0
@@ -280,12 +284,14 @@ def readme_snippets(section: str, doc: str = "README.md") -> list[str]:
 
 
 def load_module(path: Path, name: str):
-    """Import the Python file at `path` as a module called `name` (an exported module)."""
+    """Import the Python file at `path` as a module called `name` (an exported module, or a
+    script with its own folder's support module)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    with scriptload.beside(path):
+        spec.loader.exec_module(module)
     return module
 
 

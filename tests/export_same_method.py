@@ -10,15 +10,16 @@ thread settings.
 """
 
 import importlib.util
-import runpy
 import sys
 
 import torch
 import torch.nn.functional as F
 
+from generator.scriptload import load_script
+
 script, module, steps, epochs, seed, out = sys.argv[1:]
 steps, epochs, seed = int(steps), int(epochs), int(seed)
-ns = runpy.run_path(script, run_name="perturbgen_test")  # the script's own functions
+ns = load_script(script, run_name="perturbgen_test")  # the script's own functions
 spec = importlib.util.spec_from_file_location("adaptive_perturbation", module)
 ap = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(ap)

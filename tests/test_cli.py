@@ -74,6 +74,7 @@ def test_generate_writes_every_arm(write_spec, tmp_path):
     assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == [
         "README.md",
         "manifest.json",
+        "tiny_support.py",
         "train_baseline.py",
         "train_fixed.py",
     ]

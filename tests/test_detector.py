@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import runpy
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from conftest import GENERATED, MINIMAL, cli, generate, run_inprocess, without_t
 
 from generator.method import eps_fixed, eps_full, eps_phase, eps_schedule
 from generator.method.detector import CONVERGENCE, EXPLORATION, FINE_TUNING, PhaseDetector
+from generator.scriptload import load_script
 
 # absolute thresholds over a window of 4, a vote adopted at once
 ABSOLUTE_SETTINGS = dict(
@@ -37,7 +37,7 @@ def detector_with(**changes):
 def namespace(tmp_path, arm, *overrides, spec=MINIMAL):
     text = spec.replace("[baseline, fixed]", "[baseline, fixed, phase_only, schedule_only, full]")
     folder = generate(tmp_path, text, *overrides)
-    return runpy.run_path(str(folder / f"train_{arm}.py"), run_name="perturbgen_test")
+    return load_script(str(folder / f"train_{arm}.py"), run_name="perturbgen_test")
 
 
 def feed(detector, samples, start=0):

@@ -129,10 +129,12 @@ def test_every_spec_has_a_golden_folder():
 
 def _sources(spec_path, arms=()):
     spec, doc = render.load_spec(spec_path)
+    models = plan(spec, doc)
+    support = render.support_source(models)
+    chosen = [m for m in models if not arms or m.arm in arms]
     return {
-        m.script: render.script_source(m)
-        for m in plan(spec, doc)
-        if not arms or m.arm in arms
+        f"{models[0].support_module}.py": support,
+        **{m.script: render.script_source(m, support) for m in chosen},
     }
 
 
@@ -143,7 +145,8 @@ def test_blockwise_black_equals_whole_file_black():
     sources = _sources(REPO / "specs" / "mnist1d_cnn.yaml")
     for path in (p for p in SPECS if p.stem != "mnist1d_cnn"):
         sources.update({f"{path.stem}/{k}": v for k, v in _sources(path, ["full"]).items()})
-    assert len(sources) == 9 + len(SPECS) - 1  # mnist1d_cnn: 7 variants, 2 extra baselines
+    # mnist1d_cnn: 7 variants, 2 extra baselines; every spec: its support module
+    assert len(sources) == 9 + 2 * len(SPECS) - 1
     render._FORMATTED.clear()  # no block formatted earlier in this process may stand in
     blockwise = render.format_sources(sources)
     for name, source in sources.items():

@@ -5,7 +5,6 @@ model's static_graph, and the set-up functions run on the CPU (gloo for DDP)."""
 from __future__ import annotations
 
 import ast
-import runpy
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from conftest import GENERATED, MINIMAL, REPO, SCRIPTS, generate
 
 from generator.plan import plan
 from generator.render import load_spec
+from generator.scriptload import load_script
 
 ids = [p.relative_to(GENERATED).as_posix() for p in SCRIPTS]
 
@@ -50,14 +50,21 @@ def test_every_arm_sets_up_the_gpu_alike(script):
     )
     main = ast.unparse(function(tree, "main"))
     assert "setup_distributed(args.device)\n    use_fast_cuda_kernels(device)" in main
-    (ddp,) = calls(function(tree, "wrap_ddp"), "DistributedDataParallel")
+    # DDP's wrapper is shared: the folder's support module holds it, the arm holds none
+    (support,) = script.parent.glob("*_support.py")
+    shared = ast.parse(support.read_text())
+    (ddp,) = calls(function(shared, "wrap_ddp"), "DistributedDataParallel")
     settings = keywords(ddp)
     assert settings["gradient_as_bucket_view"] == "True"
-    assert "ddp.broadcast_buffers = running_stats" in ast.unparse(function(tree, "wrap_ddp"))
-    assert settings["static_graph"] in ("True", "False")
-    assert not calls(tree, "DistributedDataParallel")[1:]  # wrap_ddp is the only wrapper
+    assert "ddp.broadcast_buffers = running_stats" in ast.unparse(function(shared, "wrap_ddp"))
+    assert settings["static_graph"] == "static_graph"  # each arm says, see below
+    assert not calls(shared, "DistributedDataParallel")[1:]  # wrap_ddp is the only wrapper
+    assert not calls(tree, "DistributedDataParallel")
     train = ast.unparse(function(tree, "train"))
-    assert "forward = wrap_ddp(model, device) if world > 1 else model" in train
+    assert any(
+        f"forward = wrap_ddp(model, device, static_graph={graph}) if world > 1 else model" in train
+        for graph in ("True", "False")
+    )
 
 
 def render_models(path, *overrides):
@@ -86,11 +93,11 @@ def test_compile_comes_before_ddp_and_keeps_the_names(tmp_path):
     folder = generate(tmp_path, MINIMAL, "train.compile=true")
     train = ast.unparse(function(ast.parse((folder / "train_fixed.py").read_text()), "train"))
     assert not calls(ast.parse(train), "compile")[1:]
-    assert train.index("model.compile()") < train.index("forward = wrap_ddp(model, device)")
+    assert train.index("model.compile()") < train.index("forward = wrap_ddp(model, device")
 
 
 def namespace(script):
-    return runpy.run_path(str(script), run_name="perturbgen_test")
+    return load_script(str(script), run_name="perturbgen_test")
 
 
 @pytest.fixture
@@ -141,6 +148,6 @@ def one_rank_group():
 def test_ddp_broadcasts_buffers_only_for_running_statistics(spec, running_stats, one_rank_group):
     ns = namespace(GENERATED / spec / "train_baseline.py")
     model = ns["build_model"]()
-    ddp = ns["wrap_ddp"](model, torch.device("cpu"))
+    ddp = ns["wrap_ddp"](model, torch.device("cpu"), static_graph=True)
     assert ddp.broadcast_buffers is running_stats
     assert ddp.gradient_as_bucket_view and ddp.static_graph

@@ -5,7 +5,6 @@ the seconds of the steps' compute, on the CPU and (with a fake clock) on CUDA.""
 
 from __future__ import annotations
 
-import runpy
 from collections import Counter
 
 import pytest
@@ -13,6 +12,7 @@ import torch
 from conftest import MINIMAL, generate
 
 from generator.method.timing import StepTimer
+from generator.scriptload import load_script
 
 # MINIMAL's MLP, 64 training examples in batches of 4: 16 steps an epoch, 32 in all
 LOOP_SPEC = MINIMAL.replace("[baseline, fixed]", "[baseline, fixed, full]").replace(
@@ -30,7 +30,7 @@ CONVERSIONS = (
 def conversions_per_step(script, out, monkeypatch):
     """Run `script` in this process; {step: conversions made from its start to the next's}
     (the last step of an epoch also carries the epoch's end: evaluation, checkpoints)."""
-    ns = runpy.run_path(str(script), run_name="perturbgen_test")
+    ns = load_script(str(script), run_name="perturbgen_test")
     counts, current = Counter(), [None]
     for name in CONVERSIONS:
         original = getattr(torch.Tensor, name)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import runpy
 import subprocess
 import sys
 import types
@@ -16,6 +15,7 @@ import torch
 from conftest import MINIMAL, check_step_semantics, generate, run_inprocess
 
 from generator.method import eps_fixed, eps_schedule, noise
+from generator.scriptload import load_script
 
 HERE = Path(__file__).parent
 
@@ -39,7 +39,7 @@ def test_torch_path_noise_statistics(n, tmp_path):
     """The torch path under the same checks as the kernels, at n = 20000 draws: mean bound
     5 eps/sqrt(n), std within 5/sqrt(2n), correlations below 5/sqrt(n)."""
     folder = generate(tmp_path, MINIMAL, "perturbation.fixed=0.5")
-    ns = runpy.run_path(str(folder / "train_fixed.py"), run_name="perturbgen_test")
+    ns = load_script(str(folder / "train_fixed.py"), run_name="perturbgen_test")
     model = torch.nn.Linear(n, 1, bias=False)
     p = ns["make_perturbation"](model, 0, torch.device("cpu"), "torch")
     draws = []

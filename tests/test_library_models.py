@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, cli, generate, run_script
+from conftest import LOADER, REPO, cli, generate, run_script
 
 # the library environment; PERTURBGEN_LIB_ENV names another folder
 LIB_ENV = Path(os.environ.get("PERTURBGEN_LIB_ENV", REPO / ".venv-lib"))
@@ -73,9 +73,9 @@ def create_model(name, pretrained=True, num_classes=1000, in_chans=3, width=4):
     },
 }
 
-COUNT = """\
-import runpy, sys
-ns = runpy.run_path(sys.argv[1], run_name="perturbgen_test")
+COUNT = LOADER + """\
+import sys
+ns = load_script(sys.argv[1], run_name="perturbgen_test")
 print(sum(p.numel() for p in ns["build_model"]().parameters()))
 """
 
@@ -136,20 +136,20 @@ def lib_python():
 
 # Runs emitted scripts' main() one after another in one interpreter of the library
 # environment (its torch starts once): argv[1] is a JSON list of [script, arg, ...].
-RUN = """\
-import json, runpy, sys
+RUN = LOADER + """\
+import json, sys
 for script, *args in json.loads(sys.argv[1]):
-    code = runpy.run_path(script, run_name="perturbgen_test")["main"](args)
+    code = load_script(script, run_name="perturbgen_test")["main"](args)
     if code:
         sys.exit(f"{script} {args} returned {code}")
 """
 
 # Prints, per script in argv[1:], its build_model()'s parameter count and that of the
 # library's own builder called with the same name and class count.
-COUNT_BOTH = """\
-import runpy, sys
+COUNT_BOTH = LOADER + """\
+import sys
 for script in sys.argv[1:]:
-    ns = runpy.run_path(script, run_name="perturbgen_test")
+    ns = load_script(script, run_name="perturbgen_test")
     name, classes = ns["LIBRARY_MODEL"], ns["NUM_CLASSES"]
     if "timm" in ns and ns["timm"] is not None:
         own = ns["timm"].create_model(name, pretrained=False, num_classes=classes)

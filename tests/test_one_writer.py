@@ -21,6 +21,7 @@ from conftest import MINIMAL, generate, run_inprocess, run_script, without_timin
 
 from generator.launch import thread_env
 from generator.runs import LOCK, lock_holder
+from generator.scriptload import load_script
 
 ONE = thread_env(1)
 EPOCHS = 5
@@ -200,9 +201,8 @@ def test_a_run_killed_at_random_points_resumes_to_the_uninterrupted_run(tmp_path
 
 
 def test_metrics_only_grow_by_the_next_epoch(tmp_path):
-    import runpy
-
-    ns = runpy.run_path(str(generate(tmp_path) / "train_baseline.py"), run_name="test")
+    
+    ns = load_script(str(generate(tmp_path) / "train_baseline.py"), run_name="test")
     path = tmp_path / "metrics.jsonl"
     log = ns["MetricsLog"](path, [{"epoch": 1}, {"epoch": 2}])
     for epoch in (2, 1, 4):

@@ -10,10 +10,11 @@ the later ones are divided by, as in a run.
 from __future__ import annotations
 
 import functools
-import runpy
 
 import pytest
 from conftest import MINIMAL, generate
+
+from generator.scriptload import load_script
 
 EXPLORATION, CONVERGENCE, FINE_TUNING = 0, 1, 2
 TAU1, TAU2, TAU3, TAU4, TAU_SMOOTH = 0.8, 0.6, 0.3, 0.2, 0.4
@@ -44,7 +45,7 @@ def _detector_class(tmp_path_factory, mode, tau_smooth=None, patience=1, monoton
     )
     root = tmp_path_factory.mktemp(f"{mode}_{tau_smooth}_{patience}_{monotonic}")
     folder = generate(root, MINIMAL.replace("[baseline, fixed]", "[full]"), setting)
-    script = runpy.run_path(str(folder / "train_full.py"), run_name="perturbgen_test")
+    script = load_script(str(folder / "train_full.py"), run_name="perturbgen_test")
     names = ("every", "window", "threshold_mode", "tau1", "tau2", "tau3", "tau4")
     names += ("tau_smooth", "patience", "monotonic")
     settings = {name: script[name.upper()] for name in names}  # the script's constants

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import runpy
 import statistics
 
 import pytest
@@ -21,6 +20,7 @@ from conftest import (
 )
 
 from generator import stats
+from generator.scriptload import load_script
 
 
 def read_jsonl(path):
@@ -45,6 +45,7 @@ def test_smoke_run(script, tmp_path):
     result = run_inprocess(script, "--smoke", "--out", tmp_path / "run")
     assert result.returncode == 0, result.stderr
     run = tmp_path / "run"
+    (support,) = script.parent.glob("*_support.py")  # the module the script imports
     logged = {"loggers.json", "tensorboard"} if "LOGGERS = " in script.read_text() else set()
     assert {p.name for p in run.iterdir()} == {
         "config.json",
@@ -55,6 +56,7 @@ def test_smoke_run(script, tmp_path):
         "best.pt",
         "run.lock",  # who writes the folder (pid, host, since): one writer per run folder
         script.name,
+        support.name,
         *logged,  # the example that logs writes to TensorBoard only
     }
     metrics = read_jsonl(run / "metrics.jsonl")
@@ -67,6 +69,7 @@ def test_smoke_run(script, tmp_path):
     config = json.loads((run / "config.json").read_text())
     assert config["smoke"] is True and config["kernel"] == ("torch" if perturbs else None)
     assert (run / script.name).read_bytes() == script.read_bytes()
+    assert (run / support.name).read_bytes() == support.read_bytes()
 
 
 def test_mnist1d_baseline_reaches_its_target(tmp_path):
@@ -128,7 +131,7 @@ def test_summary_cv_is_the_sample_cv_of_the_last_window(tmp_path):
     the last STABILITY_WINDOW validation losses; stats.cv_pct is the same number."""
     text = MINIMAL.replace("[baseline, fixed]", "[baseline]")
     folder = generate(tmp_path, text, "train.stability_window=3")
-    summarize = runpy.run_path(str(folder / "train_baseline.py"), run_name="perturbgen_test")[
+    summarize = load_script(str(folder / "train_baseline.py"), run_name="perturbgen_test")[
         "summarize"
     ]
     history = [

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import runpy
 
 import pytest
 import torch
 from conftest import GENERATED, MINIMAL, evaluate_on_test, generate, run_inprocess
+
+from generator.scriptload import load_script
 
 MNIST1D = GENERATED / "mnist1d_cnn" / "train_baseline.py"
 
@@ -25,7 +26,7 @@ def scripts(tmp_path_factory):
 
 
 def splits_of(script, seed=0, root="unused"):
-    ns = runpy.run_path(str(script), run_name="perturbgen_test")
+    ns = load_script(str(script), run_name="perturbgen_test")
     return ns["load_data"](str(root), False, seed, torch.device("cpu"))
 
 
@@ -48,7 +49,7 @@ def test_val_examples_are_the_same_for_every_seed_and_arm(scripts):
     order = torch.randperm(
         96,
         generator=torch.Generator().manual_seed(
-            runpy.run_path(str(scripts / "train_fixed.py"))["derived_seed"](0, "val-split")
+            load_script(str(scripts / "train_fixed.py"))["derived_seed"](0, "val-split")
         ),
     )
     val_text = ",".join(str(i) for i in order[:32].sort().values.tolist())

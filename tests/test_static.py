@@ -77,14 +77,14 @@ def test_script_reads_like_a_script(script):
     assert order == [s for s in sections if s in order]
 
 
-# The names each arm's script must define, and those it must not: an arm holds only the
-# code its ablation needs.
+# The names each arm's script must define or import from the support module, and those it
+# must not: an arm holds only the code its ablation needs (a detector arm names only the
+# subclass that samples).
 ARM_NAMES = {
     "baseline": set(),
     "fixed": {"Perturbation", "Epsilon", "EPS_FIXED"},
     "phase_only": {
-        "Perturbation", "SampledPerturbation", "Epsilon", "PhaseDetector", "EPS_PHASE",
-        "EVERY", "WINDOW",
+        "SampledPerturbation", "Epsilon", "PhaseDetector", "EPS_PHASE", "EVERY", "WINDOW",
     },
     "schedule_only": {"Perturbation", "Epsilon", "EPS_BASE", "DECAY"},
     "gradient_noise": {
@@ -92,16 +92,24 @@ ARM_NAMES = {
     },
     "anti_pgd": {"Perturbation", "DrawnNoise", "AntiPGD", "Epsilon", "SIGMA"},
     "full": {
-        "Perturbation", "SampledPerturbation", "Epsilon", "PhaseDetector", "EPS_PHASE",
-        "DECAY", "EVERY", "WINDOW",
+        "SampledPerturbation", "Epsilon", "PhaseDetector", "EPS_PHASE", "DECAY", "EVERY",
+        "WINDOW",
     },
 }
 
 
+def _support_import(node):
+    """Whether a top-level statement imports from the spec's shared support module."""
+    return isinstance(node, ast.ImportFrom) and node.module.endswith("_support")
+
+
 @pytest.mark.parametrize("script", SCRIPTS, ids=ids)
 def test_each_arm_holds_only_the_code_it_needs(script):
+    # what the arm defines, and what it takes from the support module: the shared module
+    # holds the noise machinery, but only the arms that perturb name it
     tree = ast.parse(script.read_text())
     defined = {n.name for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef))}
+    defined |= {a.name for n in tree.body if _support_import(n) for a in n.names}
     defined |= {
         t.id
         for n in tree.body
@@ -119,8 +127,8 @@ def test_each_arm_holds_only_the_code_it_needs(script):
 #
 # Each perturbing arm's syntax tree is compared with its baseline's after removing what the
 # perturbation adds, which is documented in README.md ("How the arms differ"):
-#   - the Perturbation section, the constants only the arm has, and the optional imports of
-#     the noise kernels (IMPORTS);
+#   - the Perturbation section, the constants only the arm has, the optional imports of
+#     the noise kernels (IMPORTS) and the names only the arm imports from the support module;
 #   - its call sites: statements (and dict entries) that use a name of the perturbation
 #     (the section's names, those constants, `perturbation`, and what its step returns,
 #     `eps` and `change`) or one of its record keys (KEYS);
@@ -215,6 +223,13 @@ def _sections(source):
     return banners
 
 
+def _without(node, names):
+    """An import from the support module without the perturbation's names."""
+    node = copy.copy(node)
+    node.names = [a for a in node.names if a.name not in names]
+    return node
+
+
 def arm_differences(baseline_source, arm_source):
     """The lines in which an arm differs from its baseline beyond the perturbation."""
     trees, banners = [], []
@@ -231,11 +246,13 @@ def arm_differences(baseline_source, arm_source):
         if isinstance(n, ast.Assign) and banners[1][n.lineno] == "# Settings"
         for name in _bound(n) - base_bound
     }
+    shared = {a.name for n in arm_tree.body if _support_import(n) for a in n.names}
     names = set().union(*(_bound(n) for n in section)) | constants | IMPORTS | RETURNED
+    names |= shared - base_bound
     kept = []
     for tree in trees:
         body = [
-            n
+            _without(n, names) if _support_import(n) else n
             for n in tree.body[1:]  # the module docstring names the arm and its eps(t)
             if n not in section and not (_bound(n) and _bound(n) <= names | {"ARM"})
         ]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import runpy
 import subprocess
 import sys
 import types
@@ -21,6 +20,7 @@ from test_static import arm_differences
 
 from generator.plan import plan
 from generator.render import load_spec
+from generator.scriptload import load_script
 
 # MINIMAL's tiny MLP (no batch norm, no dropout) with 64 training examples; a batch of 24
 # gives steps of 24, 24 and 16 examples: a short last batch in every epoch
@@ -115,7 +115,7 @@ def test_clipping_bounds_the_norm_and_the_detector_sees_it_before(tmp_path):
     norm the detector sampled: g is the pre-clip norm and clipping is torch's. clip_frac is
     the share of each epoch's steps with g > max."""
     folder = generate(tmp_path, STEP_SPEC, *BUSY, "train.clip_grad_norm=0.75")
-    ns = runpy.run_path(str(folder / "train_full.py"), run_name="perturbgen_test")
+    ns = load_script(str(folder / "train_full.py"), run_name="perturbgen_test")
     sampled, stepped = [], []
     observe = ns["PhaseDetector"].observe
 
@@ -221,7 +221,7 @@ def test_label_smoothing_is_in_the_training_loss_only(tmp_path):
     -log p; val and test losses are plain cross-entropy, so they compare across specs."""
     folder = generate(tmp_path, STEP_SPEC, "train.clip_grad_norm=null", "train.accumulate=1")
     script = folder / "train_baseline.py"
-    ns = runpy.run_path(str(script), run_name="perturbgen_test")
+    ns = load_script(str(script), run_name="perturbgen_test")
     calls = []
 
     def cross_entropy(logits, target, **kwargs):

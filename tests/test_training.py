@@ -7,7 +7,6 @@ import json
 import math
 import os
 import pickle
-import runpy
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import pytest
 import torch
 from conftest import (
     GENERATED,
+    LOADER,
     MINIMAL,
     generate,
     run_inprocess,
@@ -24,11 +24,13 @@ from conftest import (
     without_timing,
 )
 
+from generator.scriptload import load_script
+
 IMAGE_MLP = ["model={arch: mlp, hidden: [16]}", "train.epochs=1"]
 
 
 def script_namespace(path):
-    return runpy.run_path(str(path), run_name="perturbgen_test")
+    return load_script(str(path), run_name="perturbgen_test")
 
 
 def n_params(model):
@@ -489,8 +491,9 @@ def test_a_cached_mnist1d_imports_neither_mnist1d_nor_scipy(tmp_path):
     torch.save({"x": x, "y": y, "x_test": x, "y_test": y}, tmp_path / "mnist1d.pt")
     script = GENERATED / "mnist1d_cnn" / "train_baseline.py"
     probe = (
-        "import runpy, sys\n"
-        f"ns = runpy.run_path({str(script)!r}, run_name='probe')\n"
+        LOADER
+        + "import sys\n"
+        f"ns = load_script({str(script)!r}, run_name='probe')\n"
         f"ns['load_data']({str(tmp_path)!r}, False, 0, __import__('torch').device('cpu'))\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & "
         "{'mnist1d', 'scipy', 'matplotlib', 'requests'}))\n"
@@ -508,8 +511,9 @@ def test_deterministic_switch_sets_every_knob_before_cuda(tmp_path):
     algorithms, the cuDNN settings and cuBLAS's workspace, and a run under it completes."""
     folder = generate(tmp_path, MINIMAL, "train.deterministic=true")
     probe = (
-        "import runpy, sys, os, torch\n"
-        "ns = runpy.run_path(sys.argv[1], run_name='probe')\n"
+        LOADER
+        + "import sys, os, torch\n"
+        "ns = load_script(sys.argv[1], run_name='probe')\n"
         "assert not torch.are_deterministic_algorithms_enabled()\n"
         "assert ns['main'](['--smoke', '--out', sys.argv[2]]) == 0\n"
         "print(torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,"

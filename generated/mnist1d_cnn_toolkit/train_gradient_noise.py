@@ -26,7 +26,8 @@ Each optimizer step runs ACCUMULATE micro-batches; a run stops and checkpoints o
 optimizer steps, never inside one.
 
 The run folder receives config.json, metrics.jsonl (one line per epoch), phases.jsonl,
-summary.json, last.pt and best.pt, and a copy of this script; run.lock names the process
+summary.json, last.pt and best.pt, and copies of this script and of
+mnist1d_cnn_toolkit_support.py; run.lock names the process
 that writes it, and a second one refuses (exit 2). SIGTERM, SIGUSR1 or Ctrl-C stops the run
 after the current step with a checkpoint (exit 143, 138 or 130; --resume continues).
 The run is also logged to tensorboard (train.loggers; see ExperimentLog).
@@ -39,33 +40,60 @@ Regenerate rather than edit.
 
 import argparse
 import contextlib
-import fcntl
 import gc
 import hashlib
 import json
 import math
 import os
-import shutil
-import signal
-import socket
-import statistics
 import sys
 import time
-import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 
-try:  # the Triton noise kernels are optional: without triton the torch path runs
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
+# what every arm of the spec shares: mnist1d_cnn_toolkit_support.py, beside this script
+from mnist1d_cnn_toolkit_support import (
+    CHECKPOINT_EVERY_S,
+    DeviceSums,
+    MetricsLog,
+    NOISE_STREAMS,
+    Perturbation,
+    StepTimer,
+    StopSignals,
+    StorageReplaced,
+    all_sum,
+    changes,
+    copy_sources,
+    cv_pct,
+    derived_seed,
+    dumps,
+    fail,
+    finite_or_none,
+    first_at_target,
+    flatten_parameters,
+    kernel_for,
+    load_checkpoint,
+    lock_run_folder,
+    log,
+    one_line,
+    positive_int,
+    replica_fingerprint,
+    resume_mode,
+    rng_state,
+    save_atomic,
+    seconds,
+    seed_int,
+    set_rng_state,
+    setup_distributed,
+    sync_file,
+    use_deterministic_algorithms,
+    wrap_ddp,
+    write_jsonl,
+    write_text_atomic,
+)
 
 # ----------------------------------------------------------------------------------------
 # Settings from the spec; the command line overrides the run settings (see --help)
@@ -111,12 +139,6 @@ NOISE_GAMMA = 0.55  # sigma_t^2 = eta / (1 + t)^gamma
 
 # ----------------------------------------------------------------------------------------
 # Data
-
-
-def derived_seed(seed, stream, index=0):
-    """An independent 63-bit seed for one random stream (init, data order, noise, ...)."""
-    digest = hashlib.sha256(f"{seed}:{stream}:{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def checked(where, x, y):
@@ -307,28 +329,6 @@ def memory_format_for(model, device):
     return torch.channels_last if wanted and conv else torch.preserve_format
 
 
-def flatten_parameters(model, memory_format=torch.preserve_format):
-    """Make the parameters views into one flat fp32 buffer, those with ndim >= 2 first.
-    Every arm does this, so every arm trains the same memory layout with the same torch
-    optimizer; it is also what lets one operation cover all parameters. Under channels-last
-    a 4-D weight's slice holds it as (O, H, W, I), permuted to the (O, I, H, W) shape torch
-    expects: channels-last strides, and still a view of the one buffer. Returns the buffer."""
-    params = sorted(model.parameters(), key=lambda p: p.ndim < 2)  # stable: weights first
-    flat = torch.empty(sum(p.numel() for p in params), device=params[0].device)
-    offset = 0
-    for p in params:
-        view = flat[offset : offset + p.numel()]
-        if memory_format == torch.channels_last and p.ndim == 4:
-            o, i, h, w = p.shape
-            view = view.view(o, h, w, i).permute(0, 3, 1, 2)
-        else:
-            view = view.view_as(p)
-        view.copy_(p.detach())
-        p.data = view
-        offset += p.numel()
-    return flat
-
-
 # the layers whose parameters are "norm" in optimizer.no_decay (subclasses included)
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm) + (
     (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
@@ -393,174 +393,6 @@ class Epsilon:
 
     def __call__(self, step, detector):
         return math.sqrt(self.eta / (1 + step) ** self.gamma)
-
-
-BLOCK = 1024  # elements per Triton program
-
-# The Triton path: noise drawn in-kernel by Philox from (seed, step) and the element index,
-# so no noise tensor is ever materialised and a step's noise is two integers. Seeds, steps,
-# sizes and rates are runtime arguments: a new step never recompiles.
-
-if triton is not None:
-
-    @triton.jit(do_not_specialize=["n_noise", "eps", "key"])
-    def noise_add_kernel(
-        p_ptr,  # flat fp32 parameters, updated in place
-        n_noise,  # elements 0 .. n_noise - 1 receive noise
-        eps,  # noise std
-        key,  # Philox key: (noise seed + 1) << 32 | step
-        BLOCK: tl.constexpr,
-    ):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n_noise
-        p = tl.load(p_ptr + offs, mask=mask)
-        tl.store(p_ptr + offs, p + eps * tl.randn(key, offs), mask=mask)
-
-
-def noise_add(flat, n_noise, eps, key):
-    """The kernel's launcher: flat[:n_noise] += eps * xi, xi from Philox under `key`.
-    Triton launches on the current CUDA device, which one process given --device cuda:1
-    never sets: the launch enters the parameters' device (a no-op for CPU tensors)."""
-    grid = (triton.cdiv(n_noise, BLOCK),)
-    with torch.cuda.device_of(flat):
-        noise_add_kernel[grid](flat, n_noise, eps, key, BLOCK=BLOCK)
-
-
-def add_noise(part, eps):
-    """The torch path and the kernel's reference: target += eps * xi for one slice
-    (generator, scratch, target), xi ~ N(0, I) from the slice's generator."""
-    generator, scratch, target = part
-    scratch.normal_(generator=generator)
-    target.add_(scratch, alpha=eps)
-
-
-def pick_kernel(name, device):
-    """'torch' or 'triton' for kernel auto|torch|triton: triton needs the package and CUDA
-    (or TRITON_INTERPRET=1, Triton's CPU interpreter, for tests)."""
-    usable = triton is not None and (
-        device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-    )
-    if name == "triton" and not usable:
-        raise ValueError(
-            "--kernel triton needs the triton package and a CUDA device "
-            f"(triton {'missing' if triton is None else 'present'}, device {device})"
-        )
-    return "triton" if usable and name in ("auto", "triton") else "torch"
-
-
-NOISE_STREAMS = 2  # slices of xi, a generator each (and, on big CPU models, a thread each)
-STORAGE_CHECK_EVERY = 100  # optimizer steps between checks of the flat buffer (no detector)
-
-
-class StorageReplaced(RuntimeError):
-    """A parameter no longer views the flat buffer that the noise acts on."""
-
-
-class Perturbation:
-    """Adds epsilon(t) * xi to the chosen parameters after each real optimizer step.
-
-    `epsilon(step, detector)` is the arm's eps(t) (an Epsilon policy); `detector` a
-    PhaseDetector in the arms that have one, else None; `apply_to` "all" or "weights"
-    (tensors with ndim >= 2); `lr_0` None for noise scale "absolute", else the reference
-    learning rate of noise scale "lr" (eps follows lr_t / lr_0).
-    xi ~ N(0, I) comes from generators of its own, seeded from the run seed and used for
-    nothing else, so the noise stream does not depend on data order or init; their state is
-    saved in checkpoints so that a resumed run draws exactly the noise it would have drawn.
-    The optimizer is torch's own, as in every arm; this class only adds the noise, into the
-    flat buffer that flatten_parameters made (the chosen parameters lie first in it).
-    The torch path draws xi in NOISE_STREAMS slices, one generator each, on as many threads
-    on the CPU: Gaussian sampling there runs on one core, and it is most of the noise's cost.
-    """
-
-    def __init__(
-        self, model, seed, device, kernel, epsilon, detector, apply_to, lr_0=None, rank=0, world=1
-    ):
-        self.epsilon_of, self.detector, self.lr_0 = epsilon, detector, lr_0
-        self.rank, self.world = rank, world
-        params = list(model.parameters())
-        self.model_params = params
-        self.n_noise = sum(p.numel() for p in params if apply_to == "all" or p.ndim >= 2)
-        # every parameter is a view into one storage (flatten_parameters): all of it, flat
-        storage = params[0].untyped_storage()
-        if any(p.untyped_storage().data_ptr() != storage.data_ptr() for p in params):
-            raise ValueError("Perturbation needs flatten_parameters(model) first")
-        self.flat = params[0].new_empty(0).set_(storage, 0, (sum(p.numel() for p in params),))
-        self.placed = [(p, p.data_ptr()) for p in params]  # each parameter, where it lies
-        self.kernel, self.generators, self.pool = kernel, [], None
-        if kernel == "torch":
-            self.generators = [
-                torch.Generator(device=device).manual_seed(derived_seed(seed, "noise", i))
-                for i in range(NOISE_STREAMS)
-            ]
-            scratch = torch.empty(self.n_noise, device=device)
-            self.slices = list(
-                zip(
-                    self.generators,
-                    scratch.chunk(NOISE_STREAMS),
-                    self.flat[: self.n_noise].chunk(NOISE_STREAMS),
-                )
-            )
-            # the slices are fixed, so the stream is the same with or without threads; threads
-            # pay off from about a million values (below, handing work over costs more)
-            threaded = device.type == "cpu" and self.n_noise >= 2**20
-            self.pool = ThreadPoolExecutor(NOISE_STREAMS) if threaded else None
-        if kernel == "triton":
-            self.key_base = ((derived_seed(seed, "noise") & 0x7FFFFFFF) + 1) << 32
-
-    def check_storage(self):
-        """Stop when a parameter has left the flat buffer: a model.half() or
-        model.to(memory_format=...) after construction gives parameters new storage, and the
-        noise and the update norm would act on a buffer that nothing reads. Host metadata
-        only: no device sync."""
-        if any(p.data_ptr() != ptr for p, ptr in self.placed):
-            raise StorageReplaced(
-                "the parameters no longer lie in the flat buffer that the noise acts on: "
-                "convert the model (dtype, memory format) before flatten_parameters, not after"
-            )
-
-    def epsilon(self, step, lr):
-        """eps(t) for optimizer step `step` (0-based), taken at learning rate `lr`; in the
-        phase arms, with the phase as decided after this step's detector sample."""
-        eps = self.epsilon_of(step, self.detector)
-        return eps if self.lr_0 is None else eps * lr / self.lr_0
-
-    def step(self, optimizer_step, step, lr, loss=None, grad_norm=None):
-        """optimizer_step(), then the noise: (eps, None). optimizer_step() returning False
-        means the grad scaler skipped the step, which is no step: no noise, (None, None)
-        back. loss and grad_norm are what a detector samples (SampledPerturbation)."""
-        if step % STORAGE_CHECK_EVERY == 0:
-            self.check_storage()
-        if optimizer_step() is False:
-            return None, None
-        return self.apply(step, lr), None
-
-    @torch.no_grad()
-    def apply(self, step, lr):
-        eps = self.epsilon(step, lr)
-        if eps > 0 and self.kernel == "triton":
-            noise_add(self.flat, self.n_noise, eps, self.key_base | step)
-        elif eps > 0 and self.pool is not None:
-            list(self.pool.map(add_noise, self.slices, [eps] * len(self.slices)))
-        elif eps > 0:
-            for part in self.slices:
-                add_noise(part, eps)
-        return eps
-
-    def state_dict(self):
-        state = {"kernel": self.kernel, "generators": [g.get_state() for g in self.generators]}
-        if self.detector is not None:
-            state["detector"] = self.detector.state_dict()
-        return state
-
-    def load_state_dict(self, state):
-        if state["kernel"] != self.kernel:
-            raise ValueError(
-                f"the checkpoint was made with --kernel {state['kernel']}; resume with it"
-            )
-        for generator, saved in zip(self.generators, state["generators"], strict=True):
-            generator.set_state(saved)
-        if self.detector is not None:
-            self.detector.load_state_dict(state["detector"])
 
 
 class DrawnNoise(Perturbation):
@@ -632,14 +464,6 @@ class GradientNoise(DrawnNoise):
         return eps, None
 
 
-def kernel_for(name, device):
-    """The noise kernel --kernel NAME asks for; one that cannot run here is exit 2."""
-    try:
-        return pick_kernel(name, device)
-    except ValueError as exc:
-        fail(str(exc))
-
-
 def make_perturbation(model, seed, device, kernel, rank=0, world=1):
     """This arm's Perturbation, with the spec's settings."""
     detector = None  # this arm's eps(t) needs no phase
@@ -651,204 +475,6 @@ def make_perturbation(model, seed, device, kernel, rank=0, world=1):
     return GradientNoise(
         model, seed, device, kernel, epsilon, detector, APPLY_TO, lr_0, rank, world
     )
-
-
-# ----------------------------------------------------------------------------------------
-# Checkpointing
-
-# last.pt is written after the first epoch, then at the end of the first epoch that ends
-# this many seconds after the previous one, and always at the end, on --max-steps and on a
-# signal; a crash resumes from it, that many seconds back at most, with the same results.
-CHECKPOINT_EVERY_S = 60.0
-RUN_LOCK = "run.lock"  # in the run folder: who writes it (see lock_run_folder)
-
-
-def lock_run_folder(out, rank):
-    """Make the run folder and lock it for this process's life: one writer per run folder.
-
-    Rank 0, which alone writes the folder, takes a POSIX record lock (lockf) on out/run.lock
-    and writes its pid, host and start time into it. The kernel drops the lock when the
-    process ends, however it ends (no stale lock after a kill); processes forked from this
-    one (DataLoader workers) do not inherit it; NFS shares it between machines. A folder
-    that cannot be made, or is locked by another process, stops every rank at once (exit 2)
-    before anything is written. The lock's file descriptor, to close at the end (or None)."""
-    fd, problem = None, None
-    if rank == 0:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            fd = os.open(out / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            problem = f"cannot make the run folder {out}: {one_line(exc)}"
-        else:
-            problem = take_lock(fd, out)
-    (refused,) = all_sum([float(problem is not None)])  # every rank stops, or none
-    if refused:
-        if fd is not None:
-            os.close(fd)
-        fail(problem or f"rank 0 cannot use the run folder {out}")
-    return fd
-
-
-def take_lock(fd, out):
-    """Lock the open run.lock and record the holder; why not, or None."""
-    for _ in range(40):  # a launcher checking the lock holds it for an instant: try again
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: another process has it
-            time.sleep(0.05)
-        except OSError as exc:  # a file system without locks: run, but say what is lost
-            print(
-                f"warning: cannot lock {out / RUN_LOCK} ({one_line(exc)}): nothing stops a "
-                "second process from writing this run folder",
-                file=sys.stderr,
-                flush=True,
-            )
-            return None
-    else:
-        try:
-            holder = json.loads(os.pread(fd, 4096, 0))
-            who = f"pid {holder['pid']} on {holder['host']} since {holder['since']}"
-        except (OSError, ValueError, TypeError, KeyError):
-            who = "another process"
-        return (
-            f"{out} is in use by {who}: one process writes a run folder; wait for it "
-            "to end, or stop it (it checkpoints on SIGTERM) and resume"
-        )
-    holder = {
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-        "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
-    return None
-
-
-def write_atomic(path, write, durable=True):
-    """write(f) into a temporary file, fsync (unless not `durable` yet), then rename: a crash
-    never leaves half a file, and a failed write (a full disk) leaves the previous file as it
-    was. The temporary name is per process, so runs sharing a data cache cannot collide."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            if durable:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as either
-        write_failed(path, tmp, exc)
-
-
-def save_atomic(obj, path, durable=True):
-    write_atomic(path, lambda f: torch.save(obj, f), durable)
-
-
-def write_text_atomic(path, text):
-    write_atomic(path, lambda f: f.write(text.encode()))
-
-
-def sync_file(path):
-    """fsync a file written without it (best.pt), if it exists: it is durable from now on."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        fail(f"cannot write {path}: {one_line(exc)}")
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        fail(f"cannot write {path}: {one_line(exc)}")
-    finally:
-        os.close(fd)
-
-
-def write_failed(path, tmp, exc):
-    try:
-        tmp.unlink(missing_ok=True)
-    except OSError:
-        pass
-    kept = f"; the previous {path.name} is kept" if path.exists() else ""
-    fail(f"cannot write {path}: {one_line(exc)}{kept}")
-
-
-def finite_or_none(value):
-    """JSON has no NaN or Infinity: non-finite numbers are written as null."""
-    if isinstance(value, float) and not (value == value and abs(value) != float("inf")):
-        return None
-    return value
-
-
-def dumps(record):
-    return json.dumps({k: finite_or_none(v) for k, v in record.items()}, allow_nan=False)
-
-
-def write_jsonl(path, records):
-    """One JSON object per line, the whole file rewritten atomically."""
-    write_text_atomic(path, "".join(dumps(record) + "\n" for record in records))
-
-
-class MetricsLog:
-    """metrics.jsonl, one line appended per epoch (after that epoch's last.pt, if any),
-    made durable with each last.pt and at the end.
-
-    It only ever grows by the next epoch. It starts as the records the run continues from
-    (those of last.pt when resuming, so lines of epochs after the checkpoint are dropped:
-    they are trained again). A failed
-    write cuts the file back to what it held before, so no torn line is ever left behind.
-    """
-
-    def __init__(self, path, records):
-        write_jsonl(path, records)
-        self.path, self.size, self.durable = path, path.stat().st_size, path.stat().st_size
-        self.epoch = records[-1]["epoch"] if records else 0
-
-    def append(self, record):
-        """Add the next epoch's line; any other epoch is refused: the file is one history."""
-        if record["epoch"] != self.epoch + 1:
-            fail(
-                f"{self.path} ends at epoch {self.epoch}: refusing to append epoch "
-                f"{record['epoch']} (only the next epoch may follow)"
-            )
-        self.epoch = record["epoch"]
-        try:
-            with open(self.path, "ab") as f:
-                f.write((dumps(record) + "\n").encode())
-            self.size = self.path.stat().st_size
-        except OSError as exc:
-            self.failed(exc, self.size)
-
-    def sync(self):
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            self.durable = self.size
-        except OSError as exc:
-            self.failed(exc, self.durable)
-
-    def failed(self, exc, size):
-        try:
-            os.truncate(self.path, size)
-        except OSError:
-            pass  # the message below is what matters
-        fail(f"cannot write {self.path}: {one_line(exc)}; the previous {self.path.name} is kept")
-
-
-def load_checkpoint(path):
-    try:
-        with warnings.catch_warnings():  # a foreign file draws torch warnings; we say more
-            warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated or foreign file: say so, never start from scratch
-        fail(f"cannot load checkpoint {path}: {one_line(exc)}")
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
-        fail(f"{path} is not a checkpoint written by a perturbgen script")
-    return ckpt
 
 
 # ----------------------------------------------------------------------------------------
@@ -954,95 +580,6 @@ def hparams_summaries(params):
 # Training
 
 
-def log(rank, message, error=False):
-    """Progress lines come from rank 0 only; errors from every rank."""
-    if rank == 0 or error:
-        print(message, file=sys.stderr if error else sys.stdout, flush=True)
-
-
-def fail(message, code=2):
-    """Stop with a one-line message (exit 2: bad arguments, data or run folder)."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(code)
-
-
-def one_line(exc):
-    """An exception as one line of at most 200 characters (torch's messages span several)."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
-def changes(old, new, path=""):
-    """`key: old -> new` for each setting that differs, nested keys dotted."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        keys = sorted(old.keys() | new.keys(), key=str)
-        return [
-            c for k in keys for c in changes(old.get(k), new.get(k), f"{path}.{k}".lstrip("."))
-        ]
-    return [] if old == new else [f"{path or 'value'}: {old!r} -> {new!r}"]
-
-
-class StopSignals:
-    """SIGTERM (a scheduler's pre-emption, `perturbgen ablate` stopping), SIGUSR1 (Slurm's
-    warning before a time limit, `--signal=USR1@SECONDS`) or Ctrl-C: finish the current
-    step, save last.pt and exit 143, 138 or 130 so that --resume continues exactly.
-    The same signal a second time acts at once, the usual way."""
-
-    CODES = {signal.SIGTERM: 143, signal.SIGUSR1: 138, signal.SIGINT: 130}  # 128 + number
-
-    def __init__(self):
-        self.received, self.previous = None, {}
-
-    def __enter__(self):
-        for signum in self.CODES:
-            try:
-                self.previous[signum] = signal.signal(signum, self.handle)
-            except ValueError:  # not the main thread: leave the signals alone
-                pass
-        return self
-
-    def __exit__(self, *exc):
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-
-    def handle(self, signum, frame):
-        if self.received == signum:
-            signal.signal(signum, self.previous[signum])
-            signal.raise_signal(signum)
-        self.received = signum  # no printing here: the handler may interrupt a print
-
-    @property
-    def code(self):
-        return self.CODES.get(self.received, 143)  # a rank told by another rank: 143
-
-
-def positive_int(text):
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0 (got {value})")
-    return value
-
-
-def seconds(text):
-    value = float(text)
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0 (got {text})")
-    return value
-
-
-def seed_int(text):
-    value = int(text)
-    if not 0 <= value < 2**31:
-        raise argparse.ArgumentTypeError(f"must be in [0, 2**31) (got {value})")
-    return value
-
-
-def resume_mode(text):
-    if text != "auto":
-        raise argparse.ArgumentTypeError(f"must be auto, or nothing (got {text!r})")
-    return text
-
-
 def build_parser():
     parser = argparse.ArgumentParser(
         description=f"Train arm `{ARM}` of spec `{SPEC_NAME}`. Defaults come from the spec.",
@@ -1125,18 +662,6 @@ def build_parser():
     return parser
 
 
-def pick_device(name):
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        fail(f"--device {name!r} is not a device (try cpu or cuda)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        fail(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
 @torch.no_grad()
 def evaluate(model, data, batch_size, split="val"):
     """Mean cross-entropy and accuracy over the whole of split "val" or "test": summed on
@@ -1150,116 +675,6 @@ def evaluate(model, data, batch_size, split="val"):
     model.train()
     loss_sum, correct, count = all_sum(sums.read())
     return loss_sum / count, correct / count
-
-
-def all_sum(values):
-    """Sum a few numbers over the ranks (as they are without DDP), in one collective."""
-    if not dist.is_initialized():
-        return values
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    totals = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(totals)
-    return totals.tolist()
-
-
-class DeviceSums:
-    """A summed loss and correct count over batches, kept on the device so that no batch
-    waits for the host (in fp64: a sum of fp32 values, exact in any order at these sizes);
-    `read` brings them over in one transfer. The example count is known on the host."""
-
-    def __init__(self, device):
-        self.totals = torch.zeros(2, dtype=torch.float64, device=device)
-        self.seen = 0
-
-    def add(self, loss_sum, correct, n):
-        """A batch of n examples: its summed loss and its correct count, device tensors."""
-        self.totals += torch.stack([loss_sum.detach().double(), correct.double()])
-        self.seen += n
-
-    def read(self, *flags):
-        """[loss sum, correct, seen, *flags] of this process, and the sums start again at 0:
-        one read of the device, the 0-d device tensors in `flags` riding along."""
-        flags = [flag.double().view(1) for flag in flags]
-        loss_sum, correct, *flags = torch.cat([self.totals, *flags]).tolist()
-        self.totals.zero_()
-        seen, self.seen = self.seen, 0
-        return [loss_sum, correct, seen, *flags]
-
-
-def setup_distributed(name):
-    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) join the process group:
-    nccl with one GPU per process on CUDA, gloo on the CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, pick_device(name)
-    local = int(os.environ["LOCAL_RANK"])
-    cuda = torch.cuda.is_available() and name in (None, "cuda")
-    device = pick_device(f"cuda:{local}" if cuda else name or "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), world, device
-
-
-def wrap_ddp(model, device):
-    """DDP over the model. Gradients are views into DDP's all-reduce buckets (no copy
-    between them). Rank 0's buffers are sent to every rank before each forward only where
-    batch norm keeps running statistics, which each rank's batches would otherwise pull
-    apart; other buffers are the same on every rank by construction. static_graph only
-    where the graph is known to be the same at every step: a built-in architecture, no
-    micro-batches (DDP's static graph mis-counts gradients under no_sync), not compiled."""
-    running_stats = any(getattr(m, "track_running_stats", False) for m in model.modules())
-    ddp = DistributedDataParallel(
-        model,
-        device_ids=[device] if device.type == "cuda" else None,
-        gradient_as_bucket_view=True,
-        static_graph=False,
-    )
-    ddp.broadcast_buffers = running_stats  # the argument is renamed in torch 2.13, not this
-    return ddp
-
-
-def replica_fingerprint(model, step):
-    """A hash of this rank's parameters, bit for bit: equal on every rank, or DDP drifted."""
-    digest = hashlib.sha256()
-    for tensor in model.state_dict().values():
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
-    return {"step": step, "params_sha256": digest.hexdigest()}
-
-
-def rng_state(device, world):
-    """The global CPU and CUDA generators (dropout, drop-path) of every rank, gathered for
-    rank 0's checkpoint, so that each rank resumes its own stream. A collective under DDP:
-    every rank calls it."""
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    if world == 1:
-        return [state]
-    states = [None] * world
-    dist.all_gather_object(states, state)
-    return states
-
-
-def set_rng_state(states, rank, world, device):
-    if len(states) != world:
-        fail(
-            f"the checkpoint holds the random state of {len(states)} process(es); "
-            "resume with as many"
-        )
-    torch.set_rng_state(states[rank]["torch"])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(states[rank]["cuda"], device)
-
-
-def use_deterministic_algorithms():
-    """train.deterministic: the same bits from the same inputs on a GPU too, at some cost in
-    speed: deterministic kernels only (an operation without one is an error), no cuDNN
-    autotuning, and cuBLAS's fixed workspace, which it reads when CUDA starts."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
 
 
 def use_fast_cuda_kernels(device):
@@ -1372,60 +787,6 @@ def epochs_without_improvement(accs):
 def stops_early(history):
     """train.early_stop: whether the epochs so far end training."""
     return epochs_without_improvement([h["val_acc"] for h in history]) >= EARLY_STOP_PATIENCE
-
-
-def first_at_target(history, target):
-    """The first epoch record (a dict with "val_acc") at or above `target`, else None."""
-    return next((h for h in history if h["val_acc"] >= target), None)
-
-
-def cv_pct(losses):
-    """Sample std / mean * 100 of the validation losses (None below two losses, if one is
-    missing or non-finite, or if the mean is not positive)."""
-    if len(losses) < 2 or any(v is None or not math.isfinite(v) for v in losses):
-        return None
-    mean = statistics.fmean(losses)
-    return 100 * statistics.stdev(losses) / mean if mean > 0 else None
-
-
-class StepTimer:
-    """The sum over optimizer steps of each step's compute, from the step's first operation
-    to its last: data loading, evaluation and checkpoints fall between steps and are not
-    counted. On the CPU a step's work is done when the host leaves it: perf_counter around
-    it. On CUDA the host only queues the work (backward, optimizer and noise finish during
-    a later step), so a pair of CUDA events is recorded on the device's stream around each
-    step, without waiting, and the pairs are read by `total()` (at the end of an epoch and
-    at a stop), which waits for the last one. Synchronising at each step's edges instead
-    would stall the queue that the loop is built to keep full."""
-
-    def __init__(self, device, seconds=0.0):
-        self.device, self.seconds = device, seconds  # seconds: earlier sessions' and steps'
-        self.cuda = device.type == "cuda"
-        self.pairs = []  # CUDA (start, end) events not yet read
-        self.started = None
-
-    def start(self):
-        if self.cuda:
-            self.started = torch.cuda.Event(enable_timing=True)
-            self.started.record(torch.cuda.current_stream(self.device))
-        else:
-            self.started = time.perf_counter()
-
-    def stop(self):
-        if self.cuda:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record(torch.cuda.current_stream(self.device))
-            self.pairs.append((self.started, end))
-        else:
-            self.seconds += time.perf_counter() - self.started
-
-    def total(self):
-        """Seconds inside the steps so far; on CUDA, once the last step recorded has run."""
-        if self.pairs:
-            self.pairs[-1][1].synchronize()
-            self.seconds += sum(start.elapsed_time(end) for start, end in self.pairs) / 1000
-            self.pairs.clear()
-        return self.seconds
 
 
 def summarize(history, status, step, elapsed_s, test=None):
@@ -1597,7 +958,7 @@ def train(args, rank, world, device, stop, experiment):
     torch.manual_seed(derived_seed(args.seed, "dropout", rank))
     # the same noise seed on every rank and no rank offset: replicas stay bit-identical
     perturbation = make_perturbation(model, args.seed, device, config["kernel"], rank, world)
-    forward = wrap_ddp(model, device) if world > 1 else model
+    forward = wrap_ddp(model, device, static_graph=False) if world > 1 else model
     optimizer = build_optimizer(model)
     state = {
         "epoch": 0,
@@ -1639,8 +1000,7 @@ def train(args, rank, world, device, stop, experiment):
             return 0
     if rank == 0:  # under DDP, rank 0 alone writes (lock_run_folder made the folder)
         write_text_atomic(out / "config.json", json.dumps(config, indent=2) + "\n")
-        if Path(__file__).resolve() != (out / Path(__file__).name).resolve():
-            shutil.copyfile(__file__, out / Path(__file__).name)
+        copy_sources(__file__, out)
         metrics = MetricsLog(out / "metrics.jsonl", state["history"])
         write_jsonl(out / "phases.jsonl", state["phases"])  # empty in arms without a detector
         experiment.start(out, f"{SPEC_NAME}-{run_name(args)}", config, state["step"], resume)
