@@ -2,7 +2,7 @@
 
 ResNet-18 on CIFAR-10 with standard augmentation, 200 epochs
 
-Arm `baseline` of adaptive perturbation training.
+Arm `baseline` of an ablation of adaptive perturbation training.
 
 No perturbation: plain training, the reference every other arm is compared with.
 

@@ -2,7 +2,7 @@
 
 A convnet of your own on locally made stripe images, through import factories
 
-Arm `baseline` of adaptive perturbation training.
+Arm `baseline` of an ablation of adaptive perturbation training.
 
 No perturbation: plain training, the reference every other arm is compared with.
 

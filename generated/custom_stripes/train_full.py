@@ -2,7 +2,7 @@
 
 A convnet of your own on locally made stripe images, through import factories
 
-Arm `full` of adaptive perturbation training.
+Arm `full` of an ablation of adaptive perturbation training.
 
 After every optimizer step each parameter receives Gaussian noise:
     theta <- theta + eps(t) * xi,   xi ~ N(0, I) from a dedicated generator

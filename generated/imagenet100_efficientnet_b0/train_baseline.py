@@ -2,7 +2,7 @@
 
 EfficientNet-B0 on ImageNet-100 (an image folder), 224 px, 200 epochs
 
-Arm `baseline` of adaptive perturbation training.
+Arm `baseline` of an ablation of adaptive perturbation training.
 
 No perturbation: plain training, the reference every other arm is compared with.
 

@@ -2,7 +2,7 @@
 
 EfficientNet-B0 on ImageNet-100 (an image folder), 224 px, 200 epochs
 
-Arm `full` of adaptive perturbation training.
+Arm `full` of an ablation of adaptive perturbation training.
 
 After every optimizer step each parameter receives Gaussian noise:
     theta <- theta + eps(t) * xi,   xi ~ N(0, I) from a dedicated generator

@@ -2,7 +2,7 @@
 
 CNN on MNIST-1D, the CPU-scale stand-in for the CIFAR-10 study
 
-Arm `baseline` of adaptive perturbation training.
+Arm `baseline` of an ablation of adaptive perturbation training.
 
 No perturbation: plain training, the reference every other arm is compared with.
 

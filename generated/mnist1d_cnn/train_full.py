@@ -2,7 +2,7 @@
 
 CNN on MNIST-1D, the CPU-scale stand-in for the CIFAR-10 study
 
-Arm `full` of adaptive perturbation training.
+Arm `full` of an ablation of adaptive perturbation training.
 
 After every optimizer step each parameter receives Gaussian noise:
     theta <- theta + eps(t) * xi,   xi ~ N(0, I) from a dedicated generator

@@ -2,7 +2,7 @@
 
 CNN on MNIST-1D, the CPU-scale stand-in for the CIFAR-10 study
 
-Arm `gradient_noise` of adaptive perturbation training.
+Arm `gradient_noise` of an ablation of adaptive perturbation training.
 
 Before every optimizer step the gradient receives annealed Gaussian noise:
     g <- g + eps(t) * xi,   xi ~ N(0, I) from a dedicated generator

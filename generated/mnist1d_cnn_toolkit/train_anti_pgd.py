@@ -2,7 +2,7 @@
 
 The MNIST-1D CNN study with clipping, accumulation, smoothing, EMA and early stop
 
-Arm `anti_pgd` of adaptive perturbation training.
+Arm `anti_pgd` of an ablation of adaptive perturbation training.
 
 After every optimizer step the parameters receive anticorrelated Gaussian noise:
     theta <- theta + xi_(t+1) - xi_t,   xi_t = eps(t) * N(0, I) from a dedicated generator

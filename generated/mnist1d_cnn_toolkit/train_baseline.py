@@ -2,7 +2,7 @@
 
 The MNIST-1D CNN study with clipping, accumulation, smoothing, EMA and early stop
 
-Arm `baseline` of adaptive perturbation training.
+Arm `baseline` of an ablation of adaptive perturbation training.
 
 No perturbation: plain training, the reference every other arm is compared with.
 

@@ -2,7 +2,7 @@
 
 The MNIST-1D CNN study with clipping, accumulation, smoothing, EMA and early stop
 
-Arm `phase_only` of adaptive perturbation training.
+Arm `phase_only` of an ablation of adaptive perturbation training.
 
 After every optimizer step each parameter receives Gaussian noise:
     theta <- theta + eps(t) * xi,   xi ~ N(0, I) from a dedicated generator

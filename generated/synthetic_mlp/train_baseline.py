@@ -2,7 +2,7 @@
 
 MLP with Adam on synthetic prototype data
 
-Arm `baseline` of adaptive perturbation training.
+Arm `baseline` of an ablation of adaptive perturbation training.
 
 No perturbation: plain training, the reference every other arm is compared with.
 
