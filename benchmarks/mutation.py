@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import re
+import runpy
 import subprocess
 import sys
 import tempfile
@@ -40,8 +41,10 @@ from pathlib import Path
 
 import tomllib
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mutants import REPO, copy_working_tree  # benchmarks/ is not a package
+# benchmarks/ is not a package, and its folder must not go on sys.path in a process that
+# imports this file (a test): its kernels.py would shadow the `kernels` package transformers uses
+_mutants = runpy.run_path(str(Path(__file__).resolve().with_name("mutants.py")), run_name="mutants")
+REPO, copy_working_tree = _mutants["REPO"], _mutants["copy_working_tree"]
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,10 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     p for p in (EXAMPLES, os.environ.get("PYTHONPATH")) if p
 )
 GENERATED = REPO / "generated"
+# Scripts import their support module from their folder: no process the tests start (nor
+# this one) may leave bytecode in generated/, which is the golden record, file for file
+sys.dont_write_bytecode = True
+os.environ["PYTHONDONTWRITEBYTECODE"] = "1"
 # A probe run in another interpreter starts with these lines to get load_script (stdlib only)
 LOADER = f"import runpy\nload_script = runpy.run_path({scriptload.__file__!r})['load_script']\n"
 SCRIPTS = sorted(GENERATED.glob("*/train_*.py"))
