@@ -40,7 +40,12 @@ def torchrun(script, *args, cwd):
         capture_output=True,
         text=True,
         timeout=TIMEOUT_S,
-        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONUNBUFFERED": "1"},
+        env={
+            "OMP_NUM_THREADS": "1",
+            "PATH": "/usr/bin:/bin",
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONDONTWRITEBYTECODE": "1",  # no bytecode beside generated/'s support module
+        },
     )
 
 

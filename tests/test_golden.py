@@ -20,10 +20,12 @@ REFRESH = "perturbgen generate specs -o generated"
 
 
 def tree(root):
+    """Every file under root, but Python's bytecode caches (not the generator's output: they
+    appear beside the support module when a script runs in place)."""
     return {
         p.relative_to(root).as_posix(): p.read_bytes()
         for p in sorted(root.rglob("*"))
-        if p.is_file()
+        if p.is_file() and "__pycache__" not in p.parts
     }
 
 
@@ -103,7 +105,9 @@ def test_manifest_lists_every_file_with_its_hash():
 
     for folder in sorted(p for p in GENERATED.iterdir() if p.is_dir()):
         manifest = json.loads((folder / "manifest.json").read_text())
-        files = {p.name: p for p in folder.iterdir() if p.name != "manifest.json"}
+        files = {
+            p.name: p for p in folder.iterdir() if p.name not in ("manifest.json", "__pycache__")
+        }
         assert set(manifest["files"]) == set(files)
         for name, digest in manifest["files"].items():
             assert hashlib.sha256(files[name].read_bytes()).hexdigest() == digest

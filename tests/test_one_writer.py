@@ -107,14 +107,27 @@ def test_kill_9_of_ablate_then_an_immediate_rerun_doubles_nothing(study, tmp_pat
 
 
 def test_two_concurrent_ablates_finish_every_run_once(study, tmp_path):
+    """The second ablate starts while the first one's runs are held mid-way (SIGSTOP), so
+    that it meets them however fast the runs are: it must wait for them, not run them."""
     spec, reference = study
-    out = tmp_path / "ab"
+    out, said = tmp_path / "ab", tmp_path / "second.out"
     first = subprocess.Popen(ablate_command(spec, out), stdout=subprocess.PIPE, text=True)
-    second = subprocess.Popen(ablate_command(spec, out), stdout=subprocess.PIPE, text=True)
-    outputs = [p.communicate(timeout=180)[0] for p in (first, second)]
+    wait_for(lambda: mid_run(out), "both runs mid-way")
+    pids = [int(lock_holder(out / r).split()[1]) for r in RUNS]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        with said.open("w") as sink:
+            second = subprocess.Popen(ablate_command(spec, out), stdout=sink, text=True)
+            wait_for(lambda: "running elsewhere" in said.read_text(), "the second to wait")
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    outputs = [first.communicate(timeout=180)[0]]
+    second.wait(timeout=180)
+    outputs.append(said.read_text())
     assert [first.returncode, second.returncode] == [0, 0], outputs
     assert_one_history_each(out, reference)
-    assert any("running elsewhere" in text for text in outputs)  # one waited for the other
 
 
 def test_sighup_of_ablate_leaves_resumable_runs(study, tmp_path):
@@ -201,7 +214,7 @@ def test_a_run_killed_at_random_points_resumes_to_the_uninterrupted_run(tmp_path
 
 
 def test_metrics_only_grow_by_the_next_epoch(tmp_path):
-    
+
     ns = load_script(str(generate(tmp_path) / "train_baseline.py"), run_name="test")
     path = tmp_path / "metrics.jsonl"
     log = ns["MetricsLog"](path, [{"epoch": 1}, {"epoch": 2}])
