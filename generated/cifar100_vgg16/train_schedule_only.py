@@ -902,7 +902,9 @@ def train(args, rank, world, device, stop):
             window.add(loss.detach().float() * len(yb), correct, len(yb))  # no host sync
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            eps, _ = perturbation.step(optimizer.step, step, lr)
+            # one call in every perturbing arm: the step, then the arm's noise (a detector
+            # samples the loss and, with clipping, the norm; the other arms ignore them)
+            eps, change = perturbation.step(optimizer.step, step, lr, loss)
             timer.stop()  # a skipped step's compute counts
             sums["eps"] += eps
             step += 1

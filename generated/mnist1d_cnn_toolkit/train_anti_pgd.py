@@ -1104,7 +1104,9 @@ def train(args, rank, world, device, stop, experiment):
             # the global norm before clipping, which the detector samples (DESIGN §1); under
             # DDP the gradients are already all-reduced, so every rank clips alike
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_GRAD_NORM)
-            eps, _ = perturbation.step(optimizer.step, step, lr)
+            # one call in every perturbing arm: the step, then the arm's noise (a detector
+            # samples the loss and, with clipping, the norm; the other arms ignore them)
+            eps, change = perturbation.step(optimizer.step, step, lr, loss)
             ema.update(step + 1)  # after the noise: the average of the weights as they are
             timer.stop()  # a skipped step's compute counts
             sums["eps"] += eps
