@@ -185,6 +185,36 @@ class RenderModel:
         return self.detector and self.clips
 
 
+@dataclass(frozen=True)
+class SupportModel:
+    """The spec's support module: code every arm shares, made from all the spec's arms (an
+    extra baseline may read other data or build another model: the module holds each one's,
+    and every arm passes its own settings as arguments)."""
+
+    spec_name: str
+    version: str
+    arms: tuple[RenderModel, ...]
+
+    @property
+    def data_sources(self) -> tuple[str, ...]:
+        """The data templates the arms read, templates/data/<source>.py.jinja, each once."""
+        return tuple(sorted({arm.data_source for arm in self.arms}))
+
+    @property
+    def arches(self) -> tuple[str, ...]:
+        """The model templates the arms build, templates/model/<arch>.py.jinja, each once."""
+        return tuple(sorted({arm.arch for arm in self.arms}))
+
+    def any(self, field: str) -> bool:
+        """Whether any arm's `field` is true (e.g. "crop_flip", "loader_data", "logs")."""
+        return any(getattr(arm, field) for arm in self.arms)
+
+
+def support_model(models: list[RenderModel]) -> SupportModel:
+    """The support module's model, from every arm of one spec."""
+    return SupportModel(models[0].spec_name, models[0].version, tuple(models))
+
+
 def support_module(spec_name: str) -> str:
     """The shared module's name: the spec's, so scripts of two specs never share one."""
     return f"{spec_name}_support"

@@ -21,7 +21,7 @@ from generator.errors import SpecError, SpecErrors
 from generator.loading import Located, load_file, merge, parse_override
 from generator.messages import did_you_mean
 from generator.method import source as method_source
-from generator.plan import ReadmeModel, RenderModel
+from generator.plan import ReadmeModel, RenderModel, support_model
 from generator.spec import Spec, arm_names
 
 BLACK_MODE = black.Mode(line_length=99, target_versions={black.TargetVersion.PY311})
@@ -185,12 +185,9 @@ def _guarded_format(block: str) -> tuple[str, str]:
 
 
 def support_source(models: list[RenderModel]) -> str:
-    """The spec's support module before black: one file for all its arms. It is made from
-    spec-wide fields only, so every arm's model must give the same text."""
-    texts = {_render("support.py.jinja", model) for model in models}
-    if len(texts) != 1:
-        raise GenerationError(f"the support module of {models[0].spec_name} differs by arm")
-    return texts.pop()
+    """The spec's support module before black: one file for all its arms (`models`: every arm
+    of the spec, whichever are written)."""
+    return _render("support.py.jinja", support_model(models))
 
 
 def script_source(model: RenderModel, support: str) -> str:
