@@ -413,28 +413,22 @@ def constants(spec: Spec, arm: str, kind: str) -> tuple[Constant, ...]:
         Constant("CHANNELS_LAST", spec.train.channels_last, "NHWC conv weights and images"),
         Constant("CHECK_EVERY", spec.train.check_every, "optimizer steps between check points"),
     ]
-    t = spec.train
-    if t.clip_grad_norm is not None:
-        c.append(Constant("CLIP_GRAD_NORM", t.clip_grad_norm, "max global gradient L2 norm"))
-    if t.accumulate > 1:
-        c.append(Constant("ACCUMULATE", t.accumulate, "micro-batches per optimizer step"))
-    if t.label_smoothing > 0:
-        c.append(Constant("LABEL_SMOOTHING", t.label_smoothing, "of the training loss only"))
+    t, ema, stop = spec.train, spec.train.ema, spec.train.early_stop
+    c += [  # features the same in every arm, off by default
+        Constant("AMP", t.amp, "autocast: none, bf16, or fp16 with a grad scaler"),
+        Constant("COMPILE", t.compile, "torch.compile the model"),
+        Constant("ACCUMULATE", t.accumulate, "micro-batches per optimizer step"),
+        Constant("CLIP_GRAD_NORM", t.clip_grad_norm, "max global gradient L2 norm, or None"),
+        Constant("LABEL_SMOOTHING", t.label_smoothing, "of the training loss only"),
+        Constant("EMA_DECAY", ema.decay if ema else None, "EMA of the weights, or None"),
+        Constant("EMA_EVERY", ema.every if ema else 1, "optimizer steps between EMA updates"),
+        Constant("EARLY_STOP_PATIENCE", stop.patience if stop else None, "epochs, or None"),
+        Constant("EARLY_STOP_MIN_DELTA", stop.min_delta if stop else 0.0, "val acc gain"),
+    ]
     if spec.train.loggers:
         c += [
             Constant("LOGGERS", tuple(spec.train.loggers), "experiment trackers logged to"),
             Constant("LOG_EVERY", spec.train.log_every, "optimizer steps between step scalars"),
-        ]
-    ema, stop = spec.train.ema, spec.train.early_stop
-    if ema:
-        c += [
-            Constant("EMA_DECAY", ema.decay, "weight of the old average at each EMA update"),
-            Constant("EMA_EVERY", ema.every, "optimizer steps between EMA updates"),
-        ]
-    if stop:
-        c += [
-            Constant("EARLY_STOP_PATIENCE", stop.patience, "epochs without val-acc improvement"),
-            Constant("EARLY_STOP_MIN_DELTA", stop.min_delta, "val acc gain that counts"),
         ]
     p = spec.perturbation
     if kind != "baseline":
