@@ -113,6 +113,36 @@ class RenderModel:
         return support_module(self.spec_name)
 
     @property
+    def arm_line(self) -> str:
+        """The docstring's sentence naming the arm: of the ablation, or an extra baseline."""
+        if self.override:
+            return f"Arm `{self.arm}`: an extra baseline, the spec with its own {self.override} section(s)."
+        return f"Arm `{self.arm}` of an ablation of adaptive perturbation training."
+
+    @property
+    def method_lines(self) -> tuple[str, ...]:
+        """The docstring's account of the arm's noise: the update, eps(t) with the spec's
+        numbers, and what its symbols count."""
+        if not self.perturbs:
+            return (
+                "No perturbation: plain training, the reference every other arm is compared with.",
+            )
+        sentence, update = self.noise_rule
+        lines = (sentence, f"    {update}", f"    {self.eps_formula}", f"    {self.eps_values}")
+        if self.kind == "full":
+            return lines + (
+                "p is the phase the detector reports (exploration, convergence, fine_tuning);",
+                "t_p counts optimizer steps since p began.",
+            )
+        if self.detector:
+            return lines + (
+                "p is the phase the detector reports (exploration, convergence, fine_tuning).",
+            )
+        if self.kind == "fixed":
+            return lines
+        return lines + ("t counts optimizer steps from 0.",)
+
+    @property
     def perturbs(self) -> bool:
         """Whether the script holds perturbation code at all (never in a baseline)."""
         return self.kind != "baseline"

@@ -18,8 +18,6 @@ start fresh, as a requeued cluster job needs); --smoke takes a few steps on tiny
 synthetic data of the same shape; --help lists every flag. Under torchrun the script runs
 DDP, one process per GPU (gloo on the CPU): --batch-size is the global batch, and the
 replicas stay bit-identical.
-Each optimizer step runs ACCUMULATE micro-batches; a run stops and checkpoints only between
-optimizer steps, never inside one.
 
 The run folder receives config.json, metrics.jsonl (one line per epoch), phases.jsonl,
 summary.json, last.pt and best.pt, and copies of this script and of
