@@ -113,6 +113,12 @@ class RenderModel:
         return support_module(self.spec_name)
 
     @property
+    def about_lines(self) -> tuple[str, ...]:
+        """The docstring's opening under its title: the spec's description (if any), then
+        the sentence naming the arm."""
+        return self.description_lines + ("",) * bool(self.description_lines) + (self.arm_line,)
+
+    @property
     def arm_line(self) -> str:
         """The docstring's sentence naming the arm: of the ablation, or an extra baseline."""
         if self.override:
