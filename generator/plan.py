@@ -181,11 +181,6 @@ class RenderModel:
         return "wandb" in self.loggers or "mlflow" in self.loggers
 
     @property
-    def tracker_packages(self) -> dict[str, str]:
-        """The PyPI package of each tracker, for the error a missing one gets."""
-        return {name: TRACKER_PACKAGES[name] for name in self.loggers}
-
-    @property
     def static_graph(self) -> bool:
         """DDP's static_graph: only where the graph is known to be the same at every step
         (a built-in architecture; no no_sync micro-batches, under which DDP's static graph
@@ -240,6 +235,12 @@ class SupportModel:
     def arches(self) -> tuple[str, ...]:
         """The model templates the arms build, templates/model/<arch>.py.jinja, each once."""
         return tuple(sorted({arm.arch for arm in self.arms}))
+
+    @property
+    def tracker_packages(self) -> dict[str, str]:
+        """The PyPI package of every tracker ExperimentLog opens (whichever an arm asks for),
+        for the error a missing one gets."""
+        return dict(TRACKER_PACKAGES)
 
     def any(self, field: str) -> bool:
         """Whether any arm's `field` is true (e.g. "crop_flip", "loader_data", "logs")."""

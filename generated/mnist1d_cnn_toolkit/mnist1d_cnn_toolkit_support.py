@@ -528,6 +528,251 @@ class StepTimer:
 
 
 # ----------------------------------------------------------------------------------------
+# Experiment logging
+
+# train.loggers: the PyPI package each tracker comes from (perturbgen's extra of its name)
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow-skinny"}
+
+
+def flat_params(config, prefix=""):
+    """config.json as flat hyper-parameters: nested keys joined by '/', lists as JSON text."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flat_params(value, f"{prefix}{key}/"))
+        elif value is None or isinstance(value, (bool, int, float, str)):
+            flat[f"{prefix}{key}"] = value
+        else:
+            flat[f"{prefix}{key}"] = json.dumps(value)
+    return flat
+
+
+class ExperimentLog:
+    """The run in the trackers `loggers` (the arm's train.loggers), written by rank 0 alone.
+
+    The loop logs train/* every LOG_EVERY optimizer steps: the step's loss and lr, and in the
+    arms that have them its eps, the phase and detector/* (the detector's latest sample and
+    window statistics); every epoch epoch/*, its metrics.jsonl line; at the start config.json
+    as hyper-parameters; at every end summary/*, the numbers of summary.json. The x axis is
+    the optimizer step throughout. One tracker run per run folder, named SPEC-ARM-seedN (in
+    the group `group`, --log-group, where the tracker groups runs); the trackers' run ids are
+    kept in the run folder's loggers.json, so that --resume continues the same tracker runs.
+    `root` (--log-root) holds MLflow's store; None: the run folder's parent.
+    """
+
+    def __init__(self, loggers, spec_name, arm, group=None, root=None):
+        """Import each tracker now, before any training: a missing one is a one-line error."""
+        self.status, self.started, self.trackers = None, False, []
+        for name in loggers:
+            try:
+                self.trackers.append(TRACKERS[name](spec_name, arm, group, root))
+            except ImportError as exc:
+                missing_tracker(name, exc)
+
+    def start(self, out, name, config, step, resume):
+        """Open (or, resuming, reopen) the tracker runs of run folder `out` at `step`."""
+        ids_path = out / "loggers.json"
+        ids = {}
+        if resume and ids_path.exists():
+            try:
+                ids = json.loads(ids_path.read_text())
+            except (OSError, ValueError) as exc:
+                fail(f"cannot read {ids_path}: {one_line(exc)}")
+        fresh = not ids
+        for tracker in self.trackers:
+            tracker.start(out, name, config, step, resume, ids, fresh)
+        write_text_atomic(ids_path, json.dumps(ids, indent=2) + "\n")
+        self.started = True
+
+    def log(self, scalars, step):
+        scalars = {k: float(v) for k, v in scalars.items() if finite_or_none(v) is not None}
+        for tracker in self.trackers:
+            tracker.log(scalars, step)
+
+    def epoch(self, record):
+        self.log({f"epoch/{k}": v for k, v in record.items()}, record["step"])
+        self.flush()
+
+    def summary(self, summary):
+        numbers = {k: v for k, v in summary.items() if type(v) in (int, float)}
+        self.log({f"summary/{k}": v for k, v in numbers.items()}, summary["steps"])
+        for tracker in self.trackers:
+            tracker.summary(numbers, summary["status"])
+        self.status = summary["status"]
+        self.flush()
+
+    def flush(self):
+        for tracker in self.trackers:
+            tracker.flush()
+
+    def close(self):
+        """End the tracker runs: finished if the run completed, else stopped or failed."""
+        if not self.started:
+            return
+        self.flush()
+        for tracker in self.trackers:
+            tracker.close(self.status)
+
+
+def missing_tracker(name, exc):
+    fail(
+        f"train.loggers asks for {name}, which does not import ({one_line(exc)}): "
+        f"pip install 'perturbgen[{name}]' (or pip install {TRACKER_PACKAGES[name]})"
+    )
+
+
+class Tracker:
+    """One tracker's side of an ExperimentLog. A subclass imports its package when made
+    (ImportError if it cannot) and opens its run in start(ids, fresh): `ids` maps trackers
+    to their run ids (loggers.json, read back when resuming), `fresh` says that it was empty."""
+
+    def __init__(self, spec_name, arm, group, root):
+        self.spec_name, self.arm, self.group, self.root = spec_name, arm, group, root
+
+    def summary(self, numbers, status):
+        pass
+
+    def flush(self):
+        pass
+
+
+class TensorBoardTracker(Tracker):
+    def __init__(self, *settings):
+        super().__init__(*settings)
+        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+        from torch.utils.tensorboard.summary import hparams
+
+        self.SummaryWriter, self.hparams = SummaryWriter, hparams
+
+    def start(self, out, name, config, step, resume, ids, fresh):
+        # resuming at `step`: events after it (logged before a crash, trained again) are purged
+        self.writer = self.SummaryWriter(
+            str(out / "tensorboard"), purge_step=step + 1 if resume else None
+        )
+        if fresh:
+            self.writer.add_text("config", f"```\n{json.dumps(config, indent=2)}\n```", 0)
+            # the HPARAMS tab: this run's hyper-parameters, in its own event file
+            params = {k: "None" if v is None else v for k, v in flat_params(config).items()}
+            for summary in self.hparams(params, {}):
+                self.writer._get_file_writer().add_summary(summary)
+
+    def log(self, scalars, step):
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, step)
+
+    def flush(self):
+        self.writer.flush()
+
+    def close(self, status):
+        self.writer.close()
+
+
+class WandbTracker(Tracker):
+    def __init__(self, *settings):
+        super().__init__(*settings)
+        import wandb
+
+        self.wandb = wandb
+
+    def start(self, out, name, config, step, resume, ids, fresh):
+        # WANDB_MODE, WANDB_PROJECT, WANDB_ENTITY, ... are the user's; files go under out/wandb
+        ids.setdefault("wandb", os.urandom(6).hex())  # W&B ids: letters and digits
+        self.run = self.wandb.init(
+            project=os.environ.get("WANDB_PROJECT") or self.spec_name,
+            group=self.group,
+            job_type=self.arm,
+            name=name,
+            id=ids["wandb"],
+            resume="allow",
+            dir=str(out),
+            config=config,
+        )
+
+    def log(self, scalars, step):
+        self.run.log(scalars, step=step)
+
+    def summary(self, numbers, status):
+        self.run.summary.update({**numbers, "status": status})
+
+    def close(self, status):
+        self.run.finish(exit_code=0 if status in ("completed", "stopped") else 1)
+
+
+class MlflowTracker(Tracker):
+    def __init__(self, *settings):
+        super().__init__(*settings)
+        from mlflow.entities import Metric, Param
+        from mlflow.tracking import MlflowClient
+
+        self.Metric, self.Param, self.MlflowClient = Metric, Param, MlflowClient
+
+    def start(self, out, name, config, step, resume, ids, fresh):
+        # MLFLOW_TRACKING_URI if set, else a SQLite store shared by the runs under `root`
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        root = Path(self.root) if self.root else out.parent
+        self.pending, self.logged = [], {}
+        with store_lock(None if uri else root / "mlflow.db.lock"):  # runs starting together
+            self.client = self.MlflowClient(uri or f"sqlite:///{(root / 'mlflow.db').resolve()}")
+            experiment = self.client.get_experiment_by_name(self.group)
+            if experiment is None:
+                self.client.create_experiment(self.group)
+                experiment = self.client.get_experiment_by_name(self.group)
+            if "mlflow" not in ids:
+                tags = {"spec": self.spec_name, "arm": self.arm, "seed": str(config["seed"])}
+                run = self.client.create_run(experiment.experiment_id, run_name=name, tags=tags)
+                ids["mlflow"] = run.info.run_id
+        self.run_id = ids["mlflow"]
+        if not fresh:
+            self.client.update_run(self.run_id, status="RUNNING")
+            # points a crashed run logged after its checkpoint are not logged twice
+            for prefix, key in (("train/", "train/loss"), ("epoch/", "epoch/epoch")):
+                history = self.client.get_metric_history(self.run_id, key)
+                self.logged[prefix] = max((m.step for m in history), default=-1)
+        else:
+            params = [self.Param(k, str(v)[:6000]) for k, v in flat_params(config).items()]
+            for i in range(0, len(params), 100):  # MLflow takes 100 params per call
+                self.client.log_batch(self.run_id, params=params[i : i + 100])
+
+    def log(self, scalars, step):
+        now = int(time.time() * 1000)
+        self.pending += [
+            self.Metric(key, value, now, step)
+            for key, value in scalars.items()
+            if step > self.logged.get(key.split("/")[0] + "/", -1)
+        ]
+
+    def flush(self):
+        for i in range(0, len(self.pending), 1000):  # MLflow takes 1000 metrics per call
+            self.client.log_batch(self.run_id, metrics=self.pending[i : i + 1000])
+        self.pending = []
+
+    def close(self, status):
+        status = {"completed": "FINISHED", "stopped": "KILLED"}.get(status, "FAILED")
+        self.client.set_terminated(self.run_id, status)
+
+
+# the tracker classes by their train.loggers names
+TRACKERS = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker, "mlflow": MlflowTracker}
+
+
+class store_lock:
+    """An exclusive lock on `path` (none for None): runs starting side by side create the
+    shared SQLite store and its experiment one at a time."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __enter__(self):
+        if self.path is not None:
+            self.file = open(self.path, "a")
+            fcntl.flock(self.file, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc):
+        if self.path is not None:
+            self.file.close()  # releases the lock
+
+
+# ----------------------------------------------------------------------------------------
 # The run: command line, process set-up, the run folder, evaluation and the summary
 
 

@@ -36,7 +36,6 @@ Regenerate rather than edit.
 """
 
 import hashlib
-import json
 import math
 import sys
 from pathlib import Path
@@ -49,6 +48,7 @@ import torch.nn.functional as F
 from mnist1d_cnn_toolkit_support import (
     DeviceSums,
     EMA,
+    ExperimentLog,
     Perturbation,
     Run,
     StepTimer,
@@ -62,7 +62,6 @@ from mnist1d_cnn_toolkit_support import (
     evaluate,
     evaluate_test,
     fail,
-    finite_or_none,
     flatten_parameters,
     kernel_for,
     log,
@@ -76,7 +75,6 @@ from mnist1d_cnn_toolkit_support import (
     summarize,
     training_process,
     wrap_ddp,
-    write_text_atomic,
 )
 
 # ----------------------------------------------------------------------------------------
@@ -391,105 +389,6 @@ def make_perturbation(model, seed, device, kernel, rank=0, world=1):
     return Perturbation(
         model, seed, device, kernel, epsilon, detector, APPLY_TO, lr_0, rank, world
     )
-
-
-# ----------------------------------------------------------------------------------------
-# Experiment logging
-
-
-def flat_params(config, prefix=""):
-    """config.json as flat hyper-parameters: nested keys joined by '/', lists as JSON text."""
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(flat_params(value, f"{prefix}{key}/"))
-        elif value is None or isinstance(value, (bool, int, float, str)):
-            flat[f"{prefix}{key}"] = value
-        else:
-            flat[f"{prefix}{key}"] = json.dumps(value)
-    return flat
-
-
-class ExperimentLog:
-    """The run in the experiment trackers of train.loggers, written by rank 0 alone.
-
-    Every LOG_EVERY optimizer steps train/*: the step's loss and lr, and in the arms that
-    have them its eps, the phase and detector/* (the detector's latest sample and window
-    statistics); every epoch epoch/*, its metrics.jsonl line; at the start config.json as
-    hyper-parameters; at every end summary/*, the numbers of summary.json. The x axis is
-    the optimizer step throughout. One tracker run per run folder, named SPEC-ARM-seedN (in
-    the group --log-group where the tracker groups runs); the trackers' run ids are kept in
-    the run folder's loggers.json, so that --resume continues the same tracker runs.
-    """
-
-    def __init__(self, args):
-        """Import each tracker now, before any training: a missing one is a one-line error."""
-        self.status, self.started = None, False
-        try:
-            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
-        except ImportError as exc:
-            missing_tracker("tensorboard", "tensorboard", exc)
-        self.SummaryWriter = SummaryWriter
-
-    def start(self, out, name, config, step, resume):
-        """Open (or, resuming, reopen) the tracker runs of run folder `out` at `step`."""
-        ids_path = out / "loggers.json"
-        ids = {}
-        if resume and ids_path.exists():
-            try:
-                ids = json.loads(ids_path.read_text())
-            except (OSError, ValueError) as exc:
-                fail(f"cannot read {ids_path}: {one_line(exc)}")
-        fresh = not ids
-        # resuming at `step`: events after it (logged before a crash, trained again) are purged
-        self.writer = self.SummaryWriter(
-            str(out / "tensorboard"), purge_step=step + 1 if resume else None
-        )
-        if fresh:
-            self.writer.add_text("config", f"```\n{json.dumps(config, indent=2)}\n```", 0)
-            for summary in hparams_summaries(flat_params(config)):
-                self.writer._get_file_writer().add_summary(summary)
-        write_text_atomic(ids_path, json.dumps(ids, indent=2) + "\n")
-        self.started = True
-
-    def log(self, scalars, step):
-        scalars = {k: float(v) for k, v in scalars.items() if finite_or_none(v) is not None}
-        for key, value in scalars.items():
-            self.writer.add_scalar(key, value, step)
-
-    def epoch(self, record):
-        self.log({f"epoch/{k}": v for k, v in record.items()}, record["step"])
-        self.flush()
-
-    def summary(self, summary):
-        numbers = {k: v for k, v in summary.items() if type(v) in (int, float)}
-        self.log({f"summary/{k}": v for k, v in numbers.items()}, summary["steps"])
-        self.status = summary["status"]
-        self.flush()
-
-    def flush(self):
-        self.writer.flush()
-
-    def close(self):
-        """End the tracker runs: finished if the run completed, else stopped or failed."""
-        if not self.started:
-            return
-        self.flush()
-        self.writer.close()
-
-
-def missing_tracker(name, package, exc):
-    fail(
-        f"train.loggers asks for {name}, which does not import ({one_line(exc)}): "
-        f"pip install 'perturbgen[{name}]' (or pip install {package})"
-    )
-
-
-def hparams_summaries(params):
-    """TensorBoard's HPARAMS tab: the hyper-parameters of this run, in its own event file."""
-    from torch.utils.tensorboard.summary import hparams
-
-    return hparams({k: "None" if v is None else v for k, v in params.items()}, {})
 
 
 # ----------------------------------------------------------------------------------------
