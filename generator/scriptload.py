@@ -21,7 +21,7 @@ from typing import Any
 def beside(script: str | Path) -> Iterator[None]:
     """Imports made meanwhile find the script's own folder first, its support module afresh."""
     folder = Path(script).resolve().parent
-    names = [p.stem for p in folder.glob("*_support.py")]
+    names = _support_names(script)
     for name in names:
         sys.modules.pop(name, None)
     sys.path.insert(0, str(folder))
@@ -33,7 +33,19 @@ def beside(script: str | Path) -> Iterator[None]:
             sys.modules.pop(name, None)
 
 
-def load_script(script: str | Path, run_name: str = "perturbgen_test") -> dict[str, Any]:
-    """The namespace of `script` run as a module named `run_name` (its main() not called)."""
+def load_script(
+    script: str | Path, run_name: str = "perturbgen_test", support: bool = False
+) -> dict[str, Any]:
+    """The namespace of `script` run as a module named `run_name` (its main() not called).
+    With `support`, beneath the script's own names those of the support module it imported:
+    what every arm shares, reached through one arm."""
     with beside(script):
-        return runpy.run_path(str(script), run_name=run_name)
+        namespace = runpy.run_path(str(script), run_name=run_name)
+        shared = [
+            vars(sys.modules[name]) for name in _support_names(script) if name in sys.modules
+        ]
+    return {**shared[0], **namespace} if support and shared else namespace
+
+
+def _support_names(script: str | Path) -> list[str]:
+    return [p.stem for p in Path(script).resolve().parent.glob("*_support.py")]
