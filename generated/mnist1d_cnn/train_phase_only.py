@@ -47,12 +47,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
 
 # what every arm of the spec shares: mnist1d_cnn_support.py, beside this script
 from mnist1d_cnn_support import (
     CHECKPOINT_EVERY_S,
+    CNN1d,
     DeviceSums,
     MetricsLog,
     SampledPerturbation,
@@ -72,6 +72,7 @@ from mnist1d_cnn_support import (
     load_checkpoint,
     lock_run_folder,
     log,
+    memory_format_for,
     one_line,
     positive_int,
     replica_fingerprint,
@@ -289,37 +290,9 @@ def load_data(root, smoke, seed, device, rank=0, world=1):
 # Model
 
 
-class CNN1d(nn.Module):
-    """The MNIST-1D paper's CNN: three stride-2 convolutions, then a linear head."""
-
-    def __init__(self, channels, length, width, num_classes):
-        super().__init__()
-        self.conv1 = nn.Conv1d(channels, width, 5, stride=2, padding=1)
-        self.conv2 = nn.Conv1d(width, width, 3, stride=2, padding=1)
-        self.conv3 = nn.Conv1d(width, width, 3, stride=2, padding=1)
-        length = (length - 3) // 2 + 1  # conv1
-        length = (length - 1) // 2 + 1  # conv2
-        length = (length - 1) // 2 + 1  # conv3
-        self.head = nn.Linear(width * length, num_classes)
-
-    def forward(self, x):
-        x = F.relu(self.conv1(x))
-        x = F.relu(self.conv2(x))
-        x = F.relu(self.conv3(x))
-        return self.head(x.flatten(1))
-
-
 def build_model():
+    """The arm's network, made from its own settings (the same seed, the same init)."""
     return CNN1d(INPUT_SHAPE[0], INPUT_SHAPE[1], WIDTH, NUM_CLASSES)
-
-
-def memory_format_for(model, device):
-    """The layout of 4-D weights and image batches: channels-last (NHWC) for a conv net where
-    CHANNELS_LAST says so ("auto": on CUDA, whose convolutions run fastest on it), else
-    torch's default; one layout for weights and inputs, so no convolution converts either."""
-    wanted = CHANNELS_LAST is True or (CHANNELS_LAST == "auto" and device.type == "cuda")
-    conv = any(p.ndim == 4 for p in model.parameters())
-    return torch.channels_last if wanted and conv else torch.preserve_format
 
 
 def build_optimizer(model):
@@ -800,7 +773,7 @@ def train(args, rank, world, device, stop):
 
     torch.manual_seed(derived_seed(args.seed, "init"))
     model = build_model().to(device)  # the same init on every rank: same seed
-    memory_format = memory_format_for(model, device)
+    memory_format = memory_format_for(model, device, CHANNELS_LAST)
     weights = flatten_parameters(model, memory_format)
     data.inputs.memory_format = memory_format  # the batches in the weights' layout
     # dropout and drop-path draw from the global generators: a stream of each rank's own

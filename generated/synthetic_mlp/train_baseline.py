@@ -43,13 +43,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
 
 # what every arm of the spec shares: synthetic_mlp_support.py, beside this script
 from synthetic_mlp_support import (
     CHECKPOINT_EVERY_S,
     DeviceSums,
+    MLP,
     MetricsLog,
     StepTimer,
     StopSignals,
@@ -65,6 +65,7 @@ from synthetic_mlp_support import (
     load_checkpoint,
     lock_run_folder,
     log,
+    memory_format_for,
     one_line,
     positive_int,
     replica_fingerprint,
@@ -245,33 +246,9 @@ def load_data(root, smoke, seed, device, rank=0, world=1):
 # Model
 
 
-class MLP(nn.Module):
-    """Fully connected ReLU network over the flattened input."""
-
-    def __init__(self, in_features, hidden, num_classes):
-        super().__init__()
-        layers = []
-        for width in hidden:
-            layers += [nn.Linear(in_features, width), nn.ReLU()]
-            in_features = width
-        layers.append(nn.Linear(in_features, num_classes))
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x):
-        return self.net(x.flatten(1))
-
-
 def build_model():
+    """The arm's network, made from its own settings (the same seed, the same init)."""
     return MLP(IN_FEATURES, HIDDEN, NUM_CLASSES)
-
-
-def memory_format_for(model, device):
-    """The layout of 4-D weights and image batches: channels-last (NHWC) for a conv net where
-    CHANNELS_LAST says so ("auto": on CUDA, whose convolutions run fastest on it), else
-    torch's default; one layout for weights and inputs, so no convolution converts either."""
-    wanted = CHANNELS_LAST is True or (CHANNELS_LAST == "auto" and device.type == "cuda")
-    conv = any(p.ndim == 4 for p in model.parameters())
-    return torch.channels_last if wanted and conv else torch.preserve_format
 
 
 def build_optimizer(model):
@@ -555,7 +532,7 @@ def train(args, rank, world, device, stop):
 
     torch.manual_seed(derived_seed(args.seed, "init"))
     model = build_model().to(device)  # the same init on every rank: same seed
-    memory_format = memory_format_for(model, device)
+    memory_format = memory_format_for(model, device, CHANNELS_LAST)
     weights = flatten_parameters(model, memory_format)
     data.inputs.memory_format = memory_format  # the batches in the weights' layout
     # dropout and drop-path draw from the global generators: a stream of each rank's own
