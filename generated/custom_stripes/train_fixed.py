@@ -443,7 +443,7 @@ def load_data(root, smoke, seed, device, rank=0, world=1):
 
 
 def build_model():
-    """The arm's network, made from its own settings (the same seed, the same init)."""
+    """The arm's network: the support module's architecture, with this arm's settings."""
     return custom_model(MODEL_FACTORY, INPUT_SHAPE, NUM_CLASSES, MODEL_ARGS)
 
 

@@ -269,7 +269,7 @@ def load_data(root, smoke, seed, device, rank=0, world=1):
 
 
 def build_model():
-    """The arm's network, made from its own settings (the same seed, the same init)."""
+    """The arm's network: the support module's architecture, with this arm's settings."""
     return CNN1d(INPUT_SHAPE[0], INPUT_SHAPE[1], WIDTH, NUM_CLASSES)
 
 

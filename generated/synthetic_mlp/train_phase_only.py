@@ -268,7 +268,7 @@ def load_data(root, smoke, seed, device, rank=0, world=1):
 
 
 def build_model():
-    """The arm's network, made from its own settings (the same seed, the same init)."""
+    """The arm's network: the support module's architecture, with this arm's settings."""
     return MLP(IN_FEATURES, HIDDEN, NUM_CLASSES)
 
 
