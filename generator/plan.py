@@ -185,7 +185,7 @@ class RenderModel:
         """DDP's static_graph: only where the graph is known to be the same at every step
         (a built-in architecture; no no_sync micro-batches, under which DDP's static graph
         mis-counts gradients, pytorch#143580; not compiled, a pairing not measured)."""
-        library = self.arch in ("custom", "torchvision", "timm")
+        library = self.arch == "custom" or self.arch in LIBRARY_ARCHES
         return not (library or self.accumulates or self.compile)
 
     @property
@@ -216,6 +216,10 @@ class RenderModel:
         return self.detector and self.clips
 
 
+# model.arch values whose network an optional package builds (imported when it is built)
+LIBRARY_ARCHES = ("torchvision", "timm")
+
+
 @dataclass(frozen=True)
 class SupportModel:
     """The spec's support module: code every arm shares, made from all the spec's arms (an
@@ -241,6 +245,17 @@ class SupportModel:
         """The PyPI package of every tracker ExperimentLog opens (whichever an arm asks for),
         for the error a missing one gets."""
         return dict(TRACKER_PACKAGES)
+
+    @property
+    def library_arches(self) -> tuple[str, ...]:
+        """The arches whose models come from an optional package, imported when built."""
+        return tuple(arch for arch in self.arches if arch in LIBRARY_ARCHES)
+
+    @property
+    def imports_by_name(self) -> bool:
+        """Whether the module imports modules by name when a run starts (importlib): a
+        user's factory, or a library model's package."""
+        return self.any("factories") or bool(self.library_arches)
 
     def any(self, field: str) -> bool:
         """Whether any arm's `field` is true (e.g. "crop_flip", "loader_data", "logs")."""
@@ -396,7 +411,7 @@ def constants(spec: Spec, arm: str, kind: str) -> tuple[Constant, ...]:
         c.append(Constant("HIDDEN", tuple(model.hidden), "hidden layer widths"))
     elif model.arch == "cnn1d":
         c.append(Constant("WIDTH", model.width, "channels of each convolution"))
-    elif model.arch in ("torchvision", "timm"):
+    elif model.arch in LIBRARY_ARCHES:
         c += [
             Constant("LIBRARY_MODEL", model.name, f"the {model.arch} model, random init"),
             Constant("MODEL_ARGS", model.args, "its further keyword arguments"),

@@ -136,7 +136,7 @@ def test_every_arm_applies_the_features_alike(tmp_path, bn_net, amp):
     no undefined or unused name in any arm."""
     folder = generate(tmp_path, FEATURES, f"train.amp={amp}")
     base = (folder / "train_baseline.py").read_text()
-    assert "class EMA" in base and "def stops_early" in base and "def decay_groups" in base
+    assert "class EMA" in base and "def stops_early" in base and "decay_groups(model, NO_DECAY)" in base
     for arm in ("fixed", "full"):
         problems = arm_differences(base, (folder / f"train_{arm}.py").read_text())
         assert not problems, arm + "\n" + "\n".join(problems)

@@ -122,7 +122,7 @@ def test_channels_last_weights_are_views_of_the_flat_buffer(channels_last_fixed)
     torch.manual_seed(0)
     model = ns["build_model"]()
     before = [p.detach().clone() for p in model.parameters()]
-    memory_format = ns["memory_format_for"](model, cpu)
+    memory_format = ns["memory_format_for"](model, cpu, ns["CHANNELS_LAST"])
     assert memory_format == torch.channels_last
     ns["flatten_parameters"](model, memory_format)
     perturbation = ns["make_perturbation"](model, 0, cpu, "torch")  # checks the one buffer
@@ -144,7 +144,9 @@ def test_channels_last_is_auto_for_conv_nets_on_cuda_only(tmp_path):
     ns = load_script(str(folder / "train_baseline.py"), run_name="perturbgen_test")
     assert ns["CHANNELS_LAST"] == "auto"
     conv, mlp = ns["build_model"](), torch.nn.Linear(3, 3)
-    pick = ns["memory_format_for"]
+    def pick(model, device):
+        return ns["memory_format_for"](model, device, ns["CHANNELS_LAST"])
+
     assert pick(conv, torch.device("cpu")) == torch.preserve_format
     assert pick(conv, torch.device("cuda")) == torch.channels_last  # a device, not a tensor
     assert pick(mlp, torch.device("cuda")) == torch.preserve_format

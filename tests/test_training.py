@@ -55,7 +55,7 @@ def test_vgg16_bn_parameter_count():
 
 def test_efficientnet_b0_parameter_count():
     ns = script_namespace(GENERATED / "imagenet100_efficientnet_b0" / "train_baseline.py")
-    model = ns["EfficientNetB0"](3, 1000)
+    model = ns["EfficientNetB0"](3, 1000, 0.2, 0.2)  # dropout, drop-path
     assert n_params(model) == 5_288_548
     drops = [b.drop_path for b in model.modules() if type(b).__name__ == "MBConv"]
     assert len(drops) == 16 and drops[0] == 0 and drops[-1] == pytest.approx(0.2 * 15 / 16)

@@ -43,7 +43,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 # what every arm of the spec shares: cifar100_vgg16_support.py, beside this script
@@ -53,6 +52,7 @@ from cifar100_vgg16_support import (
     Run,
     SampledPerturbation,
     StepTimer,
+    VGG16,
     all_sum,
     argument_parser,
     clip_gradients,
@@ -66,6 +66,7 @@ from cifar100_vgg16_support import (
     flatten_parameters,
     kernel_for,
     log,
+    memory_format_for,
     micro_batches,
     one_line,
     run_folder,
@@ -343,73 +344,9 @@ def load_data(root, smoke, seed, device, rank=0, world=1):
 # Model
 
 
-VGG16_LAYERS = (
-    64,
-    64,
-    "M",
-    128,
-    128,
-    "M",
-    256,
-    256,
-    256,
-    "M",
-    512,
-    512,
-    512,
-    "M",
-    512,
-    512,
-    512,
-    "M",
-)
-
-
-class VGG16(nn.Module):
-    """VGG-16 with batch norm. Inputs above 64 px get the ImageNet head (7x7 pool, two
-    4096-wide layers with dropout: 138,365,992 parameters at 1000 classes and 224 px);
-    smaller ones the usual CIFAR head, one linear layer on the pooled 512 features."""
-
-    def __init__(self, channels, size, num_classes):
-        super().__init__()
-        layers = []
-        for v in VGG16_LAYERS:
-            if v == "M":
-                layers.append(nn.MaxPool2d(2, 2))
-            else:
-                layers += [nn.Conv2d(channels, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU()]
-                channels = v
-        self.features = nn.Sequential(*layers)
-        if size > 64:
-            self.pool = nn.AdaptiveAvgPool2d(7)
-            self.classifier = nn.Sequential(
-                nn.Linear(512 * 7 * 7, 4096),
-                nn.ReLU(),
-                nn.Dropout(0.5),
-                nn.Linear(4096, 4096),
-                nn.ReLU(),
-                nn.Dropout(0.5),
-                nn.Linear(4096, num_classes),
-            )
-        else:
-            self.pool = nn.AdaptiveAvgPool2d(1)
-            self.classifier = nn.Linear(512, num_classes)
-
-    def forward(self, x):
-        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
-
-
 def build_model():
+    """The arm's network: the support module's architecture, with this arm's settings."""
     return VGG16(INPUT_SHAPE[0], min(INPUT_SHAPE[1:]), NUM_CLASSES)
-
-
-def memory_format_for(model, device, channels_last):
-    """The layout of 4-D weights and image batches: channels-last (NHWC) for a conv net where
-    `channels_last` says so ("auto": on CUDA, whose convolutions run fastest on it), else
-    torch's default; one layout for weights and inputs, so no convolution converts either."""
-    wanted = channels_last is True or (channels_last == "auto" and device.type == "cuda")
-    conv = any(p.ndim == 4 for p in model.parameters())
-    return torch.channels_last if wanted and conv else torch.preserve_format
 
 
 def build_optimizer(model):

@@ -38,13 +38,13 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 # what every arm of the spec shares: cifar10_resnet18_support.py, beside this script
 from cifar10_resnet18_support import (
     DeviceSums,
     EMA,
+    ResNet18,
     Run,
     StepTimer,
     all_sum,
@@ -59,6 +59,7 @@ from cifar10_resnet18_support import (
     fail,
     flatten_parameters,
     log,
+    memory_format_for,
     micro_batches,
     one_line,
     run_folder,
@@ -321,68 +322,9 @@ def load_data(root, smoke, seed, device, rank=0, world=1):
 # Model
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 convolutions with batch norm, plus the (projected) shortcut."""
-
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
-            )
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
-
-
-class ResNet18(nn.Module):
-    """ResNet-18. Inputs up to 64 px get the CIFAR stem (3x3, no max-pool), larger ones the
-    ImageNet stem (7x7 stride 2, then max-pool): 11,173,962 and 11,689,512 parameters at
-    10 and 1000 classes respectively."""
-
-    def __init__(self, channels, size, num_classes):
-        super().__init__()
-        if size <= 64:
-            self.stem = nn.Sequential(
-                nn.Conv2d(channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU()
-            )
-        else:
-            self.stem = nn.Sequential(
-                nn.Conv2d(channels, 64, 7, 2, 3, bias=False),
-                nn.BatchNorm2d(64),
-                nn.ReLU(),
-                nn.MaxPool2d(3, 2, 1),
-            )
-        layers, cin = [], 64
-        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-            layers += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
-            cin = cout
-        self.layers = nn.Sequential(*layers)
-        self.fc = nn.Linear(512, num_classes)
-
-    def forward(self, x):
-        x = self.layers(self.stem(x))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
-
-
 def build_model():
+    """The arm's network: the support module's architecture, with this arm's settings."""
     return ResNet18(INPUT_SHAPE[0], min(INPUT_SHAPE[1:]), NUM_CLASSES)
-
-
-def memory_format_for(model, device, channels_last):
-    """The layout of 4-D weights and image batches: channels-last (NHWC) for a conv net where
-    `channels_last` says so ("auto": on CUDA, whose convolutions run fastest on it), else
-    torch's default; one layout for weights and inputs, so no convolution converts either."""
-    wanted = channels_last is True or (channels_last == "auto" and device.type == "cuda")
-    conv = any(p.ndim == 4 for p in model.parameters())
-    return torch.channels_last if wanted and conv else torch.preserve_format
 
 
 def build_optimizer(model):

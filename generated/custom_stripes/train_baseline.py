@@ -39,15 +39,12 @@ Regenerate rather than edit.
 
 import contextlib
 import hashlib
-import importlib
-import inspect
 import math
 import operator
 import random
 import sys
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 # what every arm of the spec shares: custom_stripes_support.py, beside this script
@@ -58,7 +55,9 @@ from custom_stripes_support import (
     StepTimer,
     all_sum,
     argument_parser,
+    call_factory,
     clip_gradients,
+    custom_model,
     derived_seed,
     early_stop_summary,
     epoch_line,
@@ -67,7 +66,9 @@ from custom_stripes_support import (
     evaluate_test,
     fail,
     flatten_parameters,
+    import_factory,
     log,
+    memory_format_for,
     micro_batches,
     run_folder,
     scaler_step,
@@ -343,41 +344,6 @@ class TensorData:
             yield self.inputs(x[i : i + batch_size]), y[i : i + batch_size]
 
 
-def import_factory(reference, key):
-    """The object a 'module:attribute' reference names. The module is imported by name, so
-    it must be installed or on PYTHONPATH (perturbgen ablate puts the spec's folder there)."""
-    module_name, _, attribute = reference.partition(":")
-    try:
-        obj = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        fail(
-            f"{key} {reference!r}: no module named {exc.name!r} (install it, or put its "
-            "folder on PYTHONPATH)"
-        )
-    for part in attribute.split("."):
-        if not hasattr(obj, part):
-            fail(f"{key} {reference!r}: {obj.__name__} has no attribute {part!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        fail(f"{key} {reference!r} is a {type(obj).__name__}, not a callable")
-    return obj
-
-
-def call_factory(factory, reference, key, *args, **kwargs):
-    """factory(*args, **kwargs), after checking that its signature accepts them."""
-    try:
-        inspect.signature(factory).bind(*args, **kwargs)
-    except TypeError as exc:
-        fail(f"{key} {reference!r} cannot be called with {call_text(args, kwargs)}: {exc}")
-    except ValueError:  # no signature to inspect (some builtins): just call it
-        pass
-    return factory(*args, **kwargs)
-
-
-def call_text(args, kwargs):
-    return "(" + ", ".join([*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())]) + ")"
-
-
 def collate(samples):
     """A batch, or (None, message) when an example could not be read or is malformed."""
     unreadable = [label for x, label in samples if x is None]
@@ -462,26 +428,8 @@ def load_data(root, smoke, seed, device, rank=0, world=1):
 
 
 def build_model():
-    """MODEL_FACTORY(INPUT_SHAPE, NUM_CLASSES, **MODEL_ARGS): the spec's own network."""
-    factory = import_factory(MODEL_FACTORY, "model.factory")
-    model = call_factory(
-        factory, MODEL_FACTORY, "model.factory", INPUT_SHAPE, NUM_CLASSES, **MODEL_ARGS
-    )
-    if not isinstance(model, nn.Module):
-        fail(
-            f"model.factory {MODEL_FACTORY!r} returned a {type(model).__name__}, "
-            "not a torch.nn.Module"
-        )
-    return model
-
-
-def memory_format_for(model, device, channels_last):
-    """The layout of 4-D weights and image batches: channels-last (NHWC) for a conv net where
-    `channels_last` says so ("auto": on CUDA, whose convolutions run fastest on it), else
-    torch's default; one layout for weights and inputs, so no convolution converts either."""
-    wanted = channels_last is True or (channels_last == "auto" and device.type == "cuda")
-    conv = any(p.ndim == 4 for p in model.parameters())
-    return torch.channels_last if wanted and conv else torch.preserve_format
+    """The arm's network: the support module's architecture, with this arm's settings."""
+    return custom_model(MODEL_FACTORY, INPUT_SHAPE, NUM_CLASSES, MODEL_ARGS)
 
 
 def build_optimizer(model):

@@ -41,7 +41,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
@@ -49,6 +48,7 @@ from PIL import Image
 from imagenet100_efficientnet_b0_support import (
     DeviceSums,
     EMA,
+    EfficientNetB0,
     Perturbation,
     Run,
     StepTimer,
@@ -65,6 +65,7 @@ from imagenet100_efficientnet_b0_support import (
     flatten_parameters,
     kernel_for,
     log,
+    memory_format_for,
     micro_batches,
     one_line,
     run_folder,
@@ -425,96 +426,9 @@ def load_data(root, smoke, seed, device, rank=0, world=1):
 # Model
 
 
-class SqueezeExcite(nn.Module):
-    """Channel attention: global pool, reduce, SiLU, expand, sigmoid gate."""
-
-    def __init__(self, channels, squeezed):
-        super().__init__()
-        self.reduce = nn.Conv2d(channels, squeezed, 1)
-        self.expand = nn.Conv2d(squeezed, channels, 1)
-
-    def forward(self, x):
-        s = F.adaptive_avg_pool2d(x, 1)
-        return x * torch.sigmoid(self.expand(F.silu(self.reduce(s))))
-
-
-class MBConv(nn.Module):
-    """Inverted residual: 1x1 expand, depthwise conv, squeeze-excite, 1x1 project."""
-
-    def __init__(self, cin, cout, expand, kernel, stride, drop_path):
-        super().__init__()
-        mid = cin * expand
-        layers = []
-        if expand != 1:
-            layers += [nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.SiLU()]
-        layers += [
-            nn.Conv2d(mid, mid, kernel, stride, kernel // 2, groups=mid, bias=False),
-            nn.BatchNorm2d(mid),
-            nn.SiLU(),
-            SqueezeExcite(mid, max(1, cin // 4)),
-            nn.Conv2d(mid, cout, 1, bias=False),
-            nn.BatchNorm2d(cout),
-        ]
-        self.block = nn.Sequential(*layers)
-        self.residual = stride == 1 and cin == cout
-        self.drop_path = drop_path
-
-    def forward(self, x):
-        out = self.block(x)
-        if not self.residual:
-            return out
-        if self.training and self.drop_path > 0:  # stochastic depth: drop whole samples
-            keep = torch.rand(x.shape[0], 1, 1, 1, device=x.device) >= self.drop_path
-            out = out * keep / (1 - self.drop_path)
-        return x + out
-
-
-# (expansion, kernel, stride, output channels, repeats) of each stage
-EFFICIENTNET_B0_STAGES = (
-    (1, 3, 1, 16, 1),
-    (6, 3, 2, 24, 2),
-    (6, 5, 2, 40, 2),
-    (6, 3, 2, 80, 3),
-    (6, 5, 1, 112, 3),
-    (6, 5, 2, 192, 4),
-    (6, 3, 1, 320, 1),
-)
-
-
-class EfficientNetB0(nn.Module):
-    """EfficientNet-B0: 5,288,548 parameters at 1000 classes."""
-
-    def __init__(self, channels, num_classes):
-        super().__init__()
-        layers = [nn.Conv2d(channels, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.SiLU()]
-        total = sum(stage[4] for stage in EFFICIENTNET_B0_STAGES)
-        cin, index = 32, 0
-        for expand, kernel, stride, cout, repeats in EFFICIENTNET_B0_STAGES:
-            for r in range(repeats):
-                drop = DROP_PATH * index / total
-                layers.append(MBConv(cin, cout, expand, kernel, stride if r == 0 else 1, drop))
-                cin, index = cout, index + 1
-        layers += [nn.Conv2d(cin, 1280, 1, bias=False), nn.BatchNorm2d(1280), nn.SiLU()]
-        self.features = nn.Sequential(*layers)
-        self.dropout = nn.Dropout(DROPOUT)
-        self.fc = nn.Linear(1280, num_classes)
-
-    def forward(self, x):
-        x = torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1)
-        return self.fc(self.dropout(x))
-
-
 def build_model():
-    return EfficientNetB0(INPUT_SHAPE[0], NUM_CLASSES)
-
-
-def memory_format_for(model, device, channels_last):
-    """The layout of 4-D weights and image batches: channels-last (NHWC) for a conv net where
-    `channels_last` says so ("auto": on CUDA, whose convolutions run fastest on it), else
-    torch's default; one layout for weights and inputs, so no convolution converts either."""
-    wanted = channels_last is True or (channels_last == "auto" and device.type == "cuda")
-    conv = any(p.ndim == 4 for p in model.parameters())
-    return torch.channels_last if wanted and conv else torch.preserve_format
+    """The arm's network: the support module's architecture, with this arm's settings."""
+    return EfficientNetB0(INPUT_SHAPE[0], NUM_CLASSES, DROPOUT, DROP_PATH)
 
 
 def build_optimizer(model):

@@ -40,11 +40,11 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 # what every arm of the spec shares: mnist1d_cnn_support.py, beside this script
 from mnist1d_cnn_support import (
+    CNN1d,
     DeviceSums,
     EMA,
     Perturbation,
@@ -63,6 +63,7 @@ from mnist1d_cnn_support import (
     flatten_parameters,
     kernel_for,
     log,
+    memory_format_for,
     micro_batches,
     one_line,
     run_folder,
@@ -275,37 +276,9 @@ def load_data(root, smoke, seed, device, rank=0, world=1):
 # Model
 
 
-class CNN1d(nn.Module):
-    """The MNIST-1D paper's CNN: three stride-2 convolutions, then a linear head."""
-
-    def __init__(self, channels, length, width, num_classes):
-        super().__init__()
-        self.conv1 = nn.Conv1d(channels, width, 5, stride=2, padding=1)
-        self.conv2 = nn.Conv1d(width, width, 3, stride=2, padding=1)
-        self.conv3 = nn.Conv1d(width, width, 3, stride=2, padding=1)
-        length = (length - 3) // 2 + 1  # conv1
-        length = (length - 1) // 2 + 1  # conv2
-        length = (length - 1) // 2 + 1  # conv3
-        self.head = nn.Linear(width * length, num_classes)
-
-    def forward(self, x):
-        x = F.relu(self.conv1(x))
-        x = F.relu(self.conv2(x))
-        x = F.relu(self.conv3(x))
-        return self.head(x.flatten(1))
-
-
 def build_model():
+    """The arm's network: the support module's architecture, with this arm's settings."""
     return CNN1d(INPUT_SHAPE[0], INPUT_SHAPE[1], WIDTH, NUM_CLASSES)
-
-
-def memory_format_for(model, device, channels_last):
-    """The layout of 4-D weights and image batches: channels-last (NHWC) for a conv net where
-    `channels_last` says so ("auto": on CUDA, whose convolutions run fastest on it), else
-    torch's default; one layout for weights and inputs, so no convolution converts either."""
-    wanted = channels_last is True or (channels_last == "auto" and device.type == "cuda")
-    conv = any(p.ndim == 4 for p in model.parameters())
-    return torch.channels_last if wanted and conv else torch.preserve_format
 
 
 def build_optimizer(model):

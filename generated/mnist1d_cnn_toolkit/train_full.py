@@ -43,11 +43,11 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 # what every arm of the spec shares: mnist1d_cnn_toolkit_support.py, beside this script
 from mnist1d_cnn_toolkit_support import (
+    CNN1d,
     DeviceSums,
     EMA,
     ExperimentLog,
@@ -57,6 +57,7 @@ from mnist1d_cnn_toolkit_support import (
     all_sum,
     argument_parser,
     clip_gradients,
+    decay_groups,
     derived_seed,
     early_stop_summary,
     epoch_line,
@@ -67,6 +68,7 @@ from mnist1d_cnn_toolkit_support import (
     flatten_parameters,
     kernel_for,
     log,
+    memory_format_for,
     micro_batches,
     one_line,
     run_folder,
@@ -293,62 +295,9 @@ def load_data(root, smoke, seed, device, rank=0, world=1):
 # Model
 
 
-class CNN1d(nn.Module):
-    """The MNIST-1D paper's CNN: three stride-2 convolutions, then a linear head."""
-
-    def __init__(self, channels, length, width, num_classes):
-        super().__init__()
-        self.conv1 = nn.Conv1d(channels, width, 5, stride=2, padding=1)
-        self.conv2 = nn.Conv1d(width, width, 3, stride=2, padding=1)
-        self.conv3 = nn.Conv1d(width, width, 3, stride=2, padding=1)
-        length = (length - 3) // 2 + 1  # conv1
-        length = (length - 1) // 2 + 1  # conv2
-        length = (length - 1) // 2 + 1  # conv3
-        self.head = nn.Linear(width * length, num_classes)
-
-    def forward(self, x):
-        x = F.relu(self.conv1(x))
-        x = F.relu(self.conv2(x))
-        x = F.relu(self.conv3(x))
-        return self.head(x.flatten(1))
-
-
 def build_model():
+    """The arm's network: the support module's architecture, with this arm's settings."""
     return CNN1d(INPUT_SHAPE[0], INPUT_SHAPE[1], WIDTH, NUM_CLASSES)
-
-
-def memory_format_for(model, device, channels_last):
-    """The layout of 4-D weights and image batches: channels-last (NHWC) for a conv net where
-    `channels_last` says so ("auto": on CUDA, whose convolutions run fastest on it), else
-    torch's default; one layout for weights and inputs, so no convolution converts either."""
-    wanted = channels_last is True or (channels_last == "auto" and device.type == "cuda")
-    conv = any(p.ndim == 4 for p in model.parameters())
-    return torch.channels_last if wanted and conv else torch.preserve_format
-
-
-# the layers whose parameters are "norm" in optimizer.no_decay (subclasses included)
-NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm) + (
-    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
-)
-
-
-def decay_groups(model):
-    """The optimizer's parameter groups: WEIGHT_DECAY for most, none for the kinds in
-    NO_DECAY ("norm": every parameter of a normalisation layer; "bias": every module's
-    parameter named bias). Both keep model.parameters()' order (the flat buffer's)."""
-    exempt = set()
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            if ("norm" in NO_DECAY and isinstance(module, NORM_LAYERS)) or (
-                "bias" in NO_DECAY and name == "bias"
-            ):
-                exempt.add(id(p))
-    params = list(model.parameters())
-    groups = [
-        {"params": [p for p in params if id(p) not in exempt]},
-        {"params": [p for p in params if id(p) in exempt], "weight_decay": 0.0},
-    ]
-    return [group for group in groups if group["params"]]
 
 
 def build_optimizer(model):
@@ -357,7 +306,7 @@ def build_optimizer(model):
     parameter, against about 44 for the foreach kernels); on the CPU torch's default loop."""
     fused = next(model.parameters()).is_cuda
     return torch.optim.SGD(
-        decay_groups(model),
+        decay_groups(model, NO_DECAY),
         lr=LR,
         momentum=MOMENTUM,
         dampening=DAMPENING,

@@ -36,13 +36,13 @@ import math
 import sys
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 # what every arm of the spec shares: synthetic_mlp_support.py, beside this script
 from synthetic_mlp_support import (
     DeviceSums,
     EMA,
+    MLP,
     Run,
     StepTimer,
     all_sum,
@@ -57,6 +57,7 @@ from synthetic_mlp_support import (
     fail,
     flatten_parameters,
     log,
+    memory_format_for,
     micro_batches,
     run_folder,
     scaler_step,
@@ -240,33 +241,9 @@ def load_data(root, smoke, seed, device, rank=0, world=1):
 # Model
 
 
-class MLP(nn.Module):
-    """Fully connected ReLU network over the flattened input."""
-
-    def __init__(self, in_features, hidden, num_classes):
-        super().__init__()
-        layers = []
-        for width in hidden:
-            layers += [nn.Linear(in_features, width), nn.ReLU()]
-            in_features = width
-        layers.append(nn.Linear(in_features, num_classes))
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x):
-        return self.net(x.flatten(1))
-
-
 def build_model():
+    """The arm's network: the support module's architecture, with this arm's settings."""
     return MLP(IN_FEATURES, HIDDEN, NUM_CLASSES)
-
-
-def memory_format_for(model, device, channels_last):
-    """The layout of 4-D weights and image batches: channels-last (NHWC) for a conv net where
-    `channels_last` says so ("auto": on CUDA, whose convolutions run fastest on it), else
-    torch's default; one layout for weights and inputs, so no convolution converts either."""
-    wanted = channels_last is True or (channels_last == "auto" and device.type == "cuda")
-    conv = any(p.ndim == 4 for p in model.parameters())
-    return torch.channels_last if wanted and conv else torch.preserve_format
 
 
 def build_optimizer(model):
