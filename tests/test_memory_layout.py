@@ -33,7 +33,7 @@ def arms(tmp_path_factory):
     "convert", [torch.nn.Module.half, lambda m: m.to(memory_format=torch.channels_last)]
 )
 def test_a_conversion_after_construction_is_caught_at_the_next_check(arms, arm, convert):
-    ns = load_script(str(arms / f"train_{arm}.py"), run_name="perturbgen_test")
+    ns = load_script(str(arms / f"train_{arm}.py"), run_name="perturbgen_test", support=True)
     model = small_convnet()
     ns["flatten_parameters"](model)
     perturbation = ns["make_perturbation"](model, 0, torch.device("cpu"), "torch")

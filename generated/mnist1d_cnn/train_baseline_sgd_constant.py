@@ -447,7 +447,8 @@ def train(args, rank, world, device, stop, experiment=None):
             scaler.unscale_(optimizer)  # true gradients before clipping and the step
             grad_norm = clip_gradients(model, CLIP_GRAD_NORM)  # the norm before clipping
             stepped = scaler_step(scaler, optimizer)  # False: the grad scaler skipped it
-            ema.update(step + 1)  # after the noise: the average of the weights as they are
+            if stepped:
+                ema.update(step + 1)  # after the noise: the average of the weights as they are
             timer.stop()  # a skipped step's compute counts
             if not stepped:  # but it is no step: no count, no noise, no detector sample
                 continue

@@ -633,7 +633,8 @@ def train(args, rank, world, device, stop, experiment=None):
                 lambda: scaler_step(scaler, optimizer), step, lr, loss, grad_norm
             )
             stepped = eps is not None  # None: the grad scaler skipped this step
-            ema.update(step + 1)  # after the noise: the average of the weights as they are
+            if stepped:
+                ema.update(step + 1)  # after the noise: the average of the weights as they are
             timer.stop()  # a skipped step's compute counts
             if not stepped:  # but it is no step: no count, no noise, no detector sample
                 continue
