@@ -113,6 +113,27 @@ class RenderModel:
         return support_module(self.spec_name)
 
     @property
+    def optimizer_family(self) -> str:
+        """The optimizer's template, templates/optimizer/<family>.py.jinja: Adam and AdamW
+        share one (optimizer_class names which)."""
+        return "sgd" if self.optimizer == "sgd" else "adam"
+
+    @property
+    def optimizer_class(self) -> str:
+        """torch.optim's class of the spec's optimizer."""
+        return {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}[self.optimizer]
+
+    @property
+    def readme_arm(self) -> str:
+        """The README table's arm cell: its kind, and the sections an extra baseline overrides."""
+        return f"{self.kind} (overrides: {self.override})" if self.override else self.kind
+
+    @property
+    def readme_eps(self) -> str:
+        """The README table's eps(t) cell: the formula, and the spec's numbers in it."""
+        return f"`{self.eps_formula}`" + (f"; {self.eps_values}" if self.eps_values else "")
+
+    @property
     def about_lines(self) -> tuple[str, ...]:
         """The docstring's opening under its title: the spec's description (if any), then
         the sentence naming the arm."""

@@ -444,6 +444,7 @@ def train(args, rank, world, device, stop, experiment=None):
         "amp": AMP,
         "compile": COMPILE,
         "torch": str(torch.__version__),
+        "log_group": args.log_group,  # None unless a tracker groups runs
         "constants": script_constants(__file__),  # the settings above
         "splits": data.splits,
     }
@@ -459,16 +460,17 @@ def train(args, rank, world, device, stop, experiment=None):
     ema = EMA(model, EMA_DECAY, EMA_EVERY, build_model, memory_format)  # before the dropout seed
     # dropout and drop-path draw from the global generators: a stream of each rank's own
     torch.manual_seed(derived_seed(args.seed, "dropout", rank))
+    stateful = {"model": model, "ema": ema}  # what a checkpoint holds besides RNG and counters
     # the same noise seed on every rank and no rank offset: replicas stay bit-identical
     perturbation = make_perturbation(model, args.seed, device, config["kernel"], rank, world)
+    stateful["perturbation"] = perturbation
     if COMPILE:
         model.compile()  # in place, before DDP wraps it (PyTorch's advice); names stay the same
     forward = wrap_ddp(model, device, static_graph=True) if world > 1 else model
     optimizer = build_optimizer(model)
     autocast = torch.autocast(device.type, dtype=AMP_DTYPE, enabled=AMP_DTYPE is not None)
     scaler = torch.amp.GradScaler(device.type, enabled=AMP_DTYPE == torch.float16)
-    stateful = {"model": model, "optimizer": optimizer, "scaler": scaler, "ema": ema}
-    stateful["perturbation"] = perturbation
+    stateful.update(optimizer=optimizer, scaler=scaler)
     if run.open(config, stateful, __file__, experiment):
         return 0  # complete already: e.g. a second launcher started it as the first finished
 
@@ -625,7 +627,7 @@ def train(args, rank, world, device, stop, experiment=None):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    experiment = None  # train.loggers: none
+    experiment = None  # the experiment trackers of train.loggers, if any
     out = run_folder(args, SPEC_NAME, ARM)
     with training_process(args.device, out, DETERMINISTIC, experiment) as process:
         return train(args, *process, experiment)

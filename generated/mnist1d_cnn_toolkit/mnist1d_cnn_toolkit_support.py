@@ -586,6 +586,17 @@ class ExperimentLog:
         write_text_atomic(ids_path, json.dumps(ids, indent=2) + "\n")
         self.started = True
 
+    def log_step(self, step, loss, lr, eps=None, perturbation=None):
+        """A log point: the step's training loss (over the ranks) and lr, in the arms that
+        have them its eps and the detector's scalars (train/phase, detector/*)."""
+        scalars = {"train/loss": loss, "train/lr": lr}
+        if eps is not None:
+            scalars["train/eps"] = eps
+        detector = getattr(perturbation, "detector", None)
+        if detector is not None:
+            scalars.update(detector.scalars())
+        self.log(scalars, step)
+
     def log(self, scalars, step):
         scalars = {k: float(v) for k, v in scalars.items() if finite_or_none(v) is not None}
         for tracker in self.trackers:
@@ -1087,16 +1098,19 @@ class Run:
             if self.experiment is not None:
                 self.experiment.epoch(record)
 
-    def finish(self, summary, model, no_test=False, **fingerprint):
+    def finish(self, summary, model, no_test=False):
         """summary.json (no test keys at all in a tuning trial's), with every rank's hash of
-        its parameters under DDP, so that drift between replicas shows."""
+        its parameters under DDP (and its detector's phase), so that drift between replicas
+        shows."""
         if no_test:
             summary = {k: v for k, v in summary.items() if "test" not in k}
         if self.world > 1:
+            fingerprint = replica_fingerprint(model, self.state["step"])
+            detector = getattr(self.stateful.get("perturbation"), "detector", None)
+            if detector is not None:
+                fingerprint.update(phase=detector.phase, phase_start=detector.phase_start)
             replicas = [None] * self.world
-            dist.all_gather_object(
-                replicas, {**replica_fingerprint(model, self.state["step"]), **fingerprint}
-            )
+            dist.all_gather_object(replicas, fingerprint)
             summary["replicas"] = replicas
         if self.rank == 0:
             self.metrics.sync()

@@ -535,6 +535,7 @@ def train(args, rank, world, device, stop, experiment=None):
         "amp": AMP,
         "compile": COMPILE,
         "torch": str(torch.__version__),
+        "log_group": args.log_group,  # None unless a tracker groups runs
         "constants": script_constants(__file__),  # the settings above
         "splits": data.splits,
     }
@@ -550,16 +551,17 @@ def train(args, rank, world, device, stop, experiment=None):
     ema = EMA(model, EMA_DECAY, EMA_EVERY, build_model, memory_format)  # before the dropout seed
     # dropout and drop-path draw from the global generators: a stream of each rank's own
     torch.manual_seed(derived_seed(args.seed, "dropout", rank))
+    stateful = {"model": model, "ema": ema}  # what a checkpoint holds besides RNG and counters
     # the same noise seed on every rank and no rank offset: replicas stay bit-identical
     perturbation = make_perturbation(model, args.seed, device, config["kernel"], rank, world)
+    stateful["perturbation"] = perturbation
     if COMPILE:
         model.compile()  # in place, before DDP wraps it (PyTorch's advice); names stay the same
     forward = wrap_ddp(model, device, static_graph=False) if world > 1 else model
     optimizer = build_optimizer(model)
     autocast = torch.autocast(device.type, dtype=AMP_DTYPE, enabled=AMP_DTYPE is not None)
     scaler = torch.amp.GradScaler(device.type, enabled=AMP_DTYPE == torch.float16)
-    stateful = {"model": model, "optimizer": optimizer, "scaler": scaler, "ema": ema}
-    stateful["perturbation"] = perturbation
+    stateful.update(optimizer=optimizer, scaler=scaler)
     if run.open(config, stateful, __file__, experiment):
         return 0  # complete already: e.g. a second launcher started it as the first finished
 
@@ -582,13 +584,7 @@ def train(args, rank, world, device, stop, experiment=None):
                 history, epochs, status, EARLY_STOP_PATIENCE, EARLY_STOP_MIN_DELTA, rank
             )
         )
-        return run.finish(
-            summary,
-            model,
-            args.no_test,
-            phase=perturbation.detector.phase,
-            phase_start=perturbation.detector.phase_start,
-        )
+        return run.finish(summary, model, args.no_test)
 
     state, ema_test = run.state, None
     step = checked = state["step"]  # checked: the steps before it are read and agreed
@@ -680,10 +676,7 @@ def train(args, rank, world, device, stop, experiment=None):
             if step % LOG_EVERY == 0:  # a log point: every rank, for the loss over the ranks
                 loss_sum, seen = all_sum([float(loss) * len(yb), len(yb)])
                 if rank == 0:
-                    scalars = {"train/loss": loss_sum / seen, "train/lr": lr}
-                    scalars["train/eps"] = eps
-                    scalars.update(perturbation.detector.scalars())
-                    experiment.log(scalars, step)
+                    experiment.log_step(step, loss_sum / seen, lr, eps, perturbation)
             if (step % CHECK_EVERY == 0 or step == args.max_steps) and diverged_at_check(sums):
                 return 3
         if diverged_at_check(sums):  # the epoch's last check point, before it is evaluated
@@ -733,7 +726,8 @@ def train(args, rank, world, device, stop, experiment=None):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    # the trackers are imported now: a missing one stops the run at once, before its folder
+    experiment = None  # the experiment trackers of train.loggers, if any
+    # imported now: a missing one stops the run at once, before its folder is made
     experiment = ExperimentLog(LOGGERS, SPEC_NAME, ARM, args.log_group, args.log_root)
     out = run_folder(args, SPEC_NAME, ARM)
     with training_process(args.device, out, DETERMINISTIC, experiment) as process:
