@@ -24,6 +24,7 @@ from conftest import (
     without_timing,
 )
 
+from generator import scriptload
 from generator.scriptload import load_script
 
 IMAGE_MLP = ["model={arch: mlp, hidden: [16]}", "train.epochs=1"]
@@ -132,7 +133,7 @@ def test_missing_and_broken_cifar_are_clear_errors(tmp_path):
 
 
 def test_crop_flip_takes_a_window_of_the_padded_image():
-    ns = script_namespace(GENERATED / "cifar10_resnet18" / "train_baseline.py")
+    ns = script_namespace(GENERATED / "cifar10_resnet18" / "cifar10_resnet18_support.py")
     x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
     out = ns["random_crop_flip"](x, *ns["crop_flip_draws"](0, 0, 0, [64]))
     assert out.shape == x.shape and out.dtype == torch.uint8
@@ -494,7 +495,8 @@ def test_a_cached_mnist1d_imports_neither_mnist1d_nor_scipy(tmp_path):
         LOADER
         + "import sys\n"
         f"ns = load_script({str(script)!r}, run_name='probe')\n"
-        f"ns['load_data']({str(tmp_path)!r}, False, 0, __import__('torch').device('cpu'))\n"
+        f"arm_data = runpy.run_path({scriptload.__file__!r})['arm_data']\n"
+        f"arm_data(ns, {str(tmp_path)!r}, False, 0, __import__('torch').device('cpu'))\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & "
         "{'mnist1d', 'scipy', 'matplotlib', 'requests'}))\n"
     )

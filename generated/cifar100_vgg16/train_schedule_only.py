@@ -37,11 +37,9 @@ Regenerate rather than edit.
 
 import argparse
 import gc
-import hashlib
 import json
 import math
 import os
-import pickle
 import sys
 import time
 from pathlib import Path
@@ -71,6 +69,7 @@ from cifar100_vgg16_support import (
     flatten_parameters,
     kernel_for,
     load_checkpoint,
+    load_data,
     lock_run_folder,
     log,
     one_line,
@@ -124,214 +123,6 @@ NOISE_SCALE = "absolute"  # 'lr': eps follows lr_t / lr_0
 EPS_BASE = 0.002  # noise std at step 0, parameter units
 DECAY = 0.001  # lambda of exp(-lambda t), per optimizer step
 AMP_DTYPE = torch.bfloat16  # autocast dtype of forward passes
-
-# ----------------------------------------------------------------------------------------
-# Data
-
-
-def checked(where, x, y):
-    """A split as the model expects it: INPUT_SHAPE examples, one label each, in range."""
-    if tuple(x.shape[1:]) != INPUT_SHAPE or len(x) != len(y) or len(y) == 0:
-        fail(
-            f"{where} holds {len(x)} examples of shape {list(x.shape[1:])} and {len(y)} "
-            f"labels; expected examples of shape {list(INPUT_SHAPE)}, one label each"
-        )
-    if y.min() < 0 or y.max() >= NUM_CLASSES:
-        fail(f"{where} holds labels outside 0..{NUM_CLASSES - 1}")
-    return x, y
-
-
-def synthetic_split(size, split, noise):
-    """Deterministic, learnable data: one Gaussian prototype per class plus noise."""
-    g = torch.Generator().manual_seed(derived_seed(0, "synthetic-prototypes"))
-    prototypes = torch.randn((NUM_CLASSES, *INPUT_SHAPE), generator=g)
-    g = torch.Generator().manual_seed(derived_seed(split, "synthetic"))
-    y = torch.randint(NUM_CLASSES, (size,), generator=g)
-    x = prototypes[y] + noise * torch.randn((size, *INPUT_SHAPE), generator=g)
-    return x, y
-
-
-def split_off_val(size, val_size):
-    """(train indices, val indices) of a training split of `size` examples. val is a fixed
-    random subset that depends only on `size` and `val_size` (None: a tenth of `size`),
-    never on the run's seed or arm, so every run of every arm validates on the same examples."""
-    val_size = max(1, size // 10) if val_size is None else val_size
-    if not 0 < val_size < size:
-        fail(
-            f"the {DATASET} training split holds {size} examples: too few to set "
-            f"{val_size} aside for validation (data.val_size in the spec)"
-        )
-    g = torch.Generator().manual_seed(derived_seed(0, "val-split"))
-    order = torch.randperm(size, generator=g)
-    return order[val_size:].sort().values, order[:val_size].sort().values
-
-
-def split_record(train_size, val_indices, test_size):
-    """config.json's "splits": the three sizes, and a hash that names the val examples."""
-    text = ",".join(str(i) for i in val_indices.tolist())
-    return {
-        "train": train_size,
-        "val": len(val_indices),
-        "test": test_size,
-        "val_indices_sha256": hashlib.sha256(text.encode()).hexdigest(),
-    }
-
-
-class ArrayUnpickler(pickle.Unpickler):
-    """Unpickles plain data and numpy arrays only: a file that names any other class or
-    function (which pickle would call) is refused rather than run."""
-
-    ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-    }
-
-    def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-        return super().find_class(module, name)
-
-
-def load_cifar(root):
-    """The python-pickle batches of cifar100, as uint8 NCHW tensors."""
-    folder = Path(root) / "cifar-100-python"
-    train_files, test_files, label_key = ["train"], ["test"], b"fine_labels"
-    archive = "cifar-100-python.tar.gz"
-    missing = [name for name in train_files + test_files if not (folder / name).is_file()]
-    if missing:
-        fail(
-            f"{DATASET} not found: expected {folder / missing[0]}; download {archive} from "
-            "https://www.cs.toronto.edu/~kriz/cifar.html and unpack it under --data-root"
-        )
-
-    def read(names):
-        xs, ys = [], []
-        for name in names:
-            try:
-                with open(folder / name, "rb") as f:
-                    batch = ArrayUnpickler(f, encoding="bytes").load()
-                x = torch.as_tensor(batch[b"data"], dtype=torch.uint8).reshape(-1, 3, 32, 32)
-                y = torch.as_tensor(batch[label_key], dtype=torch.int64)
-            except Exception as exc:  # truncated, foreign or not a CIFAR batch at all
-                fail(f"{folder / name} is not a {DATASET} python batch ({one_line(exc)})")
-            x, y = checked(folder / name, x, y)
-            xs.append(x)
-            ys.append(y)
-        return torch.cat(xs), torch.cat(ys)
-
-    return (*read(train_files), *read(test_files))
-
-
-def load_splits(root, seed, device, rank, world):
-    """The spec's train, val and test splits (load_data's, outside --smoke)."""
-    return TensorData(*load_cifar(root), VAL_SIZE, device, rank, world)
-
-
-def crop_flip_draws(seed, epoch, first, sizes):
-    """random_crop_flip's draws (dy, dx, flip) for batches first, first + 1, ... of `sizes`
-    examples each, concatenated: each batch's from a generator of its own, so that a resume
-    mid-epoch draws what the straight run drew."""
-    draws = []
-    for batch, n in enumerate(sizes, start=first):
-        g = torch.Generator().manual_seed(derived_seed(seed, "augment", epoch * 2**20 + batch))
-        dy = torch.randint(0, 9, (n,), generator=g)
-        dx = torch.randint(0, 9, (n,), generator=g)
-        draws.append(torch.stack([dy, dx, (torch.rand(n, generator=g) < 0.5).long()]))
-    return torch.cat(draws, dim=1)
-
-
-def random_crop_flip(x, dy, dx, flip):
-    """Standard CIFAR augmentation on a batch: 4-pixel zero pad, the crop at offsets (dy, dx),
-    flipped where `flip` is 1; the draws lie on x's device already."""
-    n, _, h, w = x.shape
-    padded = F.pad(x, (4, 4, 4, 4)).permute(0, 2, 3, 1)  # NHWC, so one gather takes crops
-    rows = dy[:, None] + torch.arange(h, device=x.device)
-    cols = dx[:, None] + torch.arange(w, device=x.device)
-    cols = torch.where(flip[:, None] == 1, cols.flip(1), cols)  # a flip: reversed columns
-    batch = torch.arange(n, device=x.device)[:, None, None]
-    return padded[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
-
-
-def to_device(tensor, device):
-    """One host-to-device copy; on CUDA from pinned memory and non-blocking, so it overlaps
-    the work queued before it."""
-    if device.type == "cuda":
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
-
-
-class Inputs:
-    """Batches as the model takes them: uint8 images standardised with per-channel constants
-    made once on `device` (smoke data is float already and passes), in the memory layout of
-    the model's weights (memory_format, which train() sets once the model is built)."""
-
-    def __init__(self, device):
-        self.memory_format = torch.preserve_format
-        self.mean = torch.tensor(NORM_MEAN, device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(NORM_STD, device=device).view(1, -1, 1, 1)
-
-    def __call__(self, x):
-        if x.ndim == 4:  # images: the layout changes before the bytes grow fourfold
-            x = x.to(memory_format=self.memory_format)
-        if x.dtype == torch.uint8:
-            x = (x.float() / 255 - self.mean) / self.std
-        return x
-
-
-def shard(indices, rank, world):
-    """This rank's part of a global batch: under DDP every rank takes a contiguous slice of
-    the same global batch, so the global batch, its order and a resume mid-epoch are those
-    of a single-process run."""
-    return indices.tensor_split(world)[rank] if world > 1 else indices
-
-
-class TensorData:
-    """A dataset held whole as tensors on the training device: the dataset's training split
-    (x, y) less the VAL_SIZE examples set aside for validation, and its test split."""
-
-    def __init__(self, x, y, x_test, y_test, val_size, device, rank, world):
-        train, val = split_off_val(len(y), val_size)
-        self.splits = split_record(len(train), val, len(y_test))
-        self.x_train, self.y_train = x[train].to(device), y[train].to(device)
-        self.eval_sets = {  # under DDP each rank evaluates every world-th example
-            "val": (x[val][rank::world].to(device), y[val][rank::world].to(device)),
-            "test": (x_test[rank::world].to(device), y_test[rank::world].to(device)),
-        }
-        self.train_size, self.rank, self.world = len(self.x_train), rank, world
-        self.inputs = Inputs(device)
-
-    def train_batches(self, order, first, batch_size, seed, epoch):
-        """Batches `first`, `first + 1`, ... of the epoch whose example order is `order`: their
-        indices and augmentation draws reach the device in one copy, not one per batch."""
-        batches = [shard(b, self.rank, self.world) for b in order.split(batch_size)[first:]]
-        if not batches:
-            return
-        sizes = [len(b) for b in batches]
-        rows = torch.cat(batches)[None]  # row 0: the examples
-        if AUGMENT:  # rows 1-3: their crop offsets dy, dx and flips
-            rows = torch.cat([rows, crop_flip_draws(seed, epoch, first, sizes)])
-        for block in to_device(rows, self.x_train.device).split(sizes, dim=1):
-            x = self.x_train[block[0]]
-            if AUGMENT:
-                x = random_crop_flip(x, *block[1:])
-            yield self.inputs(x), self.y_train[block[0]]
-
-    def eval_batches(self, split, batch_size):
-        """Batches of this rank's part of split "val" or "test"."""
-        x, y = self.eval_sets[split]
-        for i in range(0, len(x), batch_size):
-            yield self.inputs(x[i : i + batch_size]), y[i : i + batch_size]
-
-
-def load_data(root, smoke, seed, device, rank=0, world=1):
-    """The train, val and test splits, ready to hand out this rank's batches on `device`."""
-    if smoke:  # 16 examples each
-        train, test = synthetic_split(32, 1, 1.0), synthetic_split(16, 3, 1.0)
-        return TensorData(*train, *test, 16, device, rank, world)
-    return load_splits(root, seed, device, rank, world)
-
 
 # ----------------------------------------------------------------------------------------
 # Model
@@ -726,7 +517,21 @@ def train(args, rank, world, device, stop):
         },
     }
 
-    data = load_data(args.data_root, args.smoke, args.seed, device, rank, world)
+    data = load_data(
+        args.data_root,
+        args.smoke,
+        args.seed,
+        device,
+        rank,
+        world,
+        dataset=DATASET,
+        input_shape=INPUT_SHAPE,
+        num_classes=NUM_CLASSES,
+        val_size=VAL_SIZE,
+        augment=AUGMENT,
+        norm_mean=NORM_MEAN,
+        norm_std=NORM_STD,
+    )
     config["splits"] = data.splits
     steps_per_epoch = (data.train_size + batch_size - 1) // batch_size
     total_steps = epochs * steps_per_epoch

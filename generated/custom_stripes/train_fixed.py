@@ -41,16 +41,10 @@ Regenerate rather than edit.
 """
 
 import argparse
-import contextlib
 import gc
-import hashlib
-import importlib
-import inspect
 import json
 import math
-import operator
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -70,6 +64,7 @@ from custom_stripes_support import (
     StopSignals,
     StorageReplaced,
     all_sum,
+    call_factory,
     changes,
     copy_sources,
     cv_pct,
@@ -78,8 +73,10 @@ from custom_stripes_support import (
     fail,
     first_at_target,
     flatten_parameters,
+    import_factory,
     kernel_for,
     load_checkpoint,
+    load_data,
     lock_run_folder,
     log,
     one_line,
@@ -139,338 +136,6 @@ KERNEL = "auto"  # noise kernel: auto, triton or torch (--kernel)
 APPLY_TO = "weights"  # 'weights': only tensors with ndim >= 2
 NOISE_SCALE = "absolute"  # 'lr': eps follows lr_t / lr_0
 EPS_FIXED = 0.001  # noise std, parameter units
-
-# ----------------------------------------------------------------------------------------
-# Data
-
-
-def checked(where, x, y):
-    """A split as the model expects it: INPUT_SHAPE examples, one label each, in range."""
-    if tuple(x.shape[1:]) != INPUT_SHAPE or len(x) != len(y) or len(y) == 0:
-        fail(
-            f"{where} holds {len(x)} examples of shape {list(x.shape[1:])} and {len(y)} "
-            f"labels; expected examples of shape {list(INPUT_SHAPE)}, one label each"
-        )
-    if y.min() < 0 or y.max() >= NUM_CLASSES:
-        fail(f"{where} holds labels outside 0..{NUM_CLASSES - 1}")
-    return x, y
-
-
-def synthetic_split(size, split, noise):
-    """Deterministic, learnable data: one Gaussian prototype per class plus noise."""
-    g = torch.Generator().manual_seed(derived_seed(0, "synthetic-prototypes"))
-    prototypes = torch.randn((NUM_CLASSES, *INPUT_SHAPE), generator=g)
-    g = torch.Generator().manual_seed(derived_seed(split, "synthetic"))
-    y = torch.randint(NUM_CLASSES, (size,), generator=g)
-    x = prototypes[y] + noise * torch.randn((size, *INPUT_SHAPE), generator=g)
-    return x, y
-
-
-def split_off_val(size, val_size):
-    """(train indices, val indices) of a training split of `size` examples. val is a fixed
-    random subset that depends only on `size` and `val_size` (None: a tenth of `size`),
-    never on the run's seed or arm, so every run of every arm validates on the same examples."""
-    val_size = max(1, size // 10) if val_size is None else val_size
-    if not 0 < val_size < size:
-        fail(
-            f"the {DATASET} training split holds {size} examples: too few to set "
-            f"{val_size} aside for validation (data.val_size in the spec)"
-        )
-    g = torch.Generator().manual_seed(derived_seed(0, "val-split"))
-    order = torch.randperm(size, generator=g)
-    return order[val_size:].sort().values, order[:val_size].sort().values
-
-
-def split_record(train_size, val_indices, test_size):
-    """config.json's "splits": the three sizes, and a hash that names the val examples."""
-    text = ",".join(str(i) for i in val_indices.tolist())
-    return {
-        "train": train_size,
-        "val": len(val_indices),
-        "test": test_size,
-        "val_indices_sha256": hashlib.sha256(text.encode()).hexdigest(),
-    }
-
-
-@contextlib.contextmanager
-def example_streams(seed):
-    """torch's, random's and numpy's global streams seeded for one example, then restored."""
-    numpy = sys.modules.get("numpy")
-    saved = random.getstate(), numpy.random.get_state() if numpy else None
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        random.seed(seed)
-        if numpy:
-            numpy.random.seed(seed % 2**32)
-        try:
-            yield
-        finally:
-            random.setstate(saved[0])
-            if numpy:
-                numpy.random.set_state(saved[1])
-
-
-class CheckedSplit(torch.utils.data.Dataset):
-    """Examples `indices` of one split of the data factory's, each checked on the way out:
-    (x, y) with x a float32 tensor of INPUT_SHAPE and y an int class, or (None, message).
-    Each example is loaded under random streams of its own, seeded from (run seed, split,
-    epoch, index): the factory's random draws (augmentation) are the same whichever worker
-    loads it, and a resume, mid-epoch too, replays them; the model's stream never moves."""
-
-    def __init__(self, dataset, indices, split, seed):
-        self.dataset, self.indices, self.split, self.seed = dataset, indices, split, seed
-        self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # set by the trainer
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        index = int(self.indices[i])
-        stream = f"{self.split}-example-{int(self.epoch)}"
-        with example_streams(derived_seed(self.seed, stream, index)):
-            sample = self.dataset[index]
-        where = f"{self.split} example {index} of {DATA_FACTORY}"
-        if not isinstance(sample, (tuple, list)) or len(sample) != 2:
-            return None, f"{where} is a {type(sample).__name__}, not a pair (x, y)"
-        x, y = sample
-        try:
-            x = torch.as_tensor(x, dtype=torch.float32)
-        except (TypeError, ValueError, RuntimeError):
-            return None, f"{where}: x is a {type(x).__name__}, not a tensor"
-        if tuple(x.shape) != INPUT_SHAPE:
-            return None, f"{where}: x has shape {list(x.shape)}; expected {list(INPUT_SHAPE)}"
-        try:
-            label = operator.index(y) if not isinstance(y, bool) else None
-        except TypeError:
-            label = None
-        if label is None or not 0 <= label < NUM_CLASSES:
-            return None, f"{where}: y is {y!r}; expected an int class in 0..{NUM_CLASSES - 1}"
-        return x, label
-
-
-def custom_splits(root, seed):
-    """(split record, train set, {"val", "test"} sets) of the data factory's splits, each
-    a CheckedSplit; val is carved from train when the factory returns none."""
-    factory = import_factory(DATA_FACTORY, "data.factory")
-    splits = call_factory(factory, DATA_FACTORY, "data.factory", root, **DATA_ARGS)
-    if not isinstance(splits, (tuple, list)) or len(splits) not in (2, 3):
-        fail(
-            f"data.factory {DATA_FACTORY!r} returned a {type(splits).__name__}; expected "
-            "(train, val, test) or (train, test) datasets"
-        )
-    names = ("train", "val", "test") if len(splits) == 3 else ("train", "test")
-    for name, dataset in zip(names, splits):
-        if isinstance(dataset, torch.utils.data.IterableDataset) or not (
-            hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")
-        ):
-            fail(
-                f"data.factory {DATA_FACTORY!r}: its {name} split is a "
-                f"{type(dataset).__name__}, not a map-style Dataset (__getitem__, __len__)"
-            )
-        if len(dataset) == 0:
-            fail(f"data.factory {DATA_FACTORY!r}: its {name} split is empty")
-    if len(splits) == 3:
-        if VAL_SIZE is not None:
-            fail(
-                f"data.factory {DATA_FACTORY!r} returns its own val split: drop "
-                "data.val_size from the spec"
-            )
-        train_set, val_set, test_set = splits
-        train, val = torch.arange(len(train_set)), torch.arange(len(val_set))
-    else:
-        train_set, test_set = splits
-        val_set = train_set
-        train, val = split_off_val(len(train_set), VAL_SIZE)
-    return (
-        split_record(len(train), val, len(test_set)),
-        CheckedSplit(train_set, train, "train", seed),
-        {
-            "val": CheckedSplit(val_set, val, "val", seed),
-            "test": CheckedSplit(test_set, torch.arange(len(test_set)), "test", seed),
-        },
-    )
-
-
-def load_splits(root, seed, device, rank, world):
-    """The spec's train, val and test splits (load_data's, outside --smoke)."""
-    return LoaderData(*custom_splits(root, seed), device, rank, world, seed)
-
-
-def to_device(tensor, device):
-    """One host-to-device copy; on CUDA from pinned memory and non-blocking, so it overlaps
-    the work queued before it."""
-    if device.type == "cuda":
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
-
-
-class Inputs:
-    """Batches as the model takes them: in the memory layout of the model's weights
-    (memory_format, which train() sets once the model is built)."""
-
-    def __init__(self, device):
-        self.memory_format = torch.preserve_format
-
-    def __call__(self, x):
-        if x.ndim == 4:  # images: the layout changes before the bytes grow fourfold
-            x = x.to(memory_format=self.memory_format)
-        return x
-
-
-def shard(indices, rank, world):
-    """This rank's part of a global batch: under DDP every rank takes a contiguous slice of
-    the same global batch, so the global batch, its order and a resume mid-epoch are those
-    of a single-process run."""
-    return indices.tensor_split(world)[rank] if world > 1 else indices
-
-
-class TensorData:
-    """A dataset held whole as tensors on the training device: the dataset's training split
-    (x, y) less the VAL_SIZE examples set aside for validation, and its test split."""
-
-    def __init__(self, x, y, x_test, y_test, val_size, device, rank, world):
-        train, val = split_off_val(len(y), val_size)
-        self.splits = split_record(len(train), val, len(y_test))
-        self.x_train, self.y_train = x[train].to(device), y[train].to(device)
-        self.eval_sets = {  # under DDP each rank evaluates every world-th example
-            "val": (x[val][rank::world].to(device), y[val][rank::world].to(device)),
-            "test": (x_test[rank::world].to(device), y_test[rank::world].to(device)),
-        }
-        self.train_size, self.rank, self.world = len(self.x_train), rank, world
-        self.inputs = Inputs(device)
-
-    def train_batches(self, order, first, batch_size, seed, epoch):
-        """Batches `first`, `first + 1`, ... of the epoch whose example order is `order`: their
-        indices reach the device in one copy, not one per batch."""
-        batches = [shard(b, self.rank, self.world) for b in order.split(batch_size)[first:]]
-        if not batches:
-            return
-        sizes = [len(b) for b in batches]
-        rows = torch.cat(batches)[None]  # row 0: the examples
-        for block in to_device(rows, self.x_train.device).split(sizes, dim=1):
-            x = self.x_train[block[0]]
-            yield self.inputs(x), self.y_train[block[0]]
-
-    def eval_batches(self, split, batch_size):
-        """Batches of this rank's part of split "val" or "test"."""
-        x, y = self.eval_sets[split]
-        for i in range(0, len(x), batch_size):
-            yield self.inputs(x[i : i + batch_size]), y[i : i + batch_size]
-
-
-def import_factory(reference, key):
-    """The object a 'module:attribute' reference names. The module is imported by name, so
-    it must be installed or on PYTHONPATH (perturbgen ablate puts the spec's folder there)."""
-    module_name, _, attribute = reference.partition(":")
-    try:
-        obj = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        fail(
-            f"{key} {reference!r}: no module named {exc.name!r} (install it, or put its "
-            "folder on PYTHONPATH)"
-        )
-    for part in attribute.split("."):
-        if not hasattr(obj, part):
-            fail(f"{key} {reference!r}: {obj.__name__} has no attribute {part!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        fail(f"{key} {reference!r} is a {type(obj).__name__}, not a callable")
-    return obj
-
-
-def call_factory(factory, reference, key, *args, **kwargs):
-    """factory(*args, **kwargs), after checking that its signature accepts them."""
-    try:
-        inspect.signature(factory).bind(*args, **kwargs)
-    except TypeError as exc:
-        fail(f"{key} {reference!r} cannot be called with {call_text(args, kwargs)}: {exc}")
-    except ValueError:  # no signature to inspect (some builtins): just call it
-        pass
-    return factory(*args, **kwargs)
-
-
-def call_text(args, kwargs):
-    return "(" + ", ".join([*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())]) + ")"
-
-
-def collate(samples):
-    """A batch, or (None, message) when an example could not be read or is malformed."""
-    unreadable = [label for x, label in samples if x is None]
-    if unreadable:
-        return None, unreadable[0]
-    return torch.utils.data.default_collate(samples)
-
-
-class EpochBatches:
-    """A persistent DataLoader's batch sampler: the batches of the pass to come."""
-
-    def __init__(self, batches=()):
-        self.batches = list(batches)
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def __len__(self):
-        return len(self.batches)
-
-
-class LoaderData:
-    """Examples loaded by DataLoader workers, batch by batch: the training batches in the
-    order of (seed, epoch), so a resume mid-epoch and DDP's split of each global batch are
-    those of the tensor datasets. One loader per split, its workers kept from pass to pass."""
-
-    def __init__(self, splits, train_set, eval_sets, device, rank, world, seed):
-        self.splits, self.train_set, self.eval_sets = splits, train_set, eval_sets
-        self.train_size, self.device = len(self.train_set), device
-        self.rank, self.world, self.seed = rank, world, seed
-        self.inputs, self.loaders = Inputs(device), {}
-
-    def _load(self, split, dataset, batches, seed):
-        # A loader's first pass draws its workers' base seed from the loader's generator;
-        # from the global stream (the model's dropout) that draw would shift every later mask
-        # when a resume starts a pass mid-epoch. The workers' own streams are never used: each
-        # example is loaded under streams seeded from (seed, split, epoch, index) (custom data:
-        # CheckedSplit; image folders seed their crops so). The loader of this session's first
-        # pass of a split is kept for the rest (persistent workers).
-        if split not in self.loaders:
-            workers = {"persistent_workers": True, "prefetch_factor": 2} if WORKERS else {}
-            self.loaders[split] = torch.utils.data.DataLoader(  # prefetch: batches per worker
-                dataset,
-                batch_sampler=EpochBatches(),
-                num_workers=WORKERS,
-                collate_fn=collate,
-                pin_memory=self.device.type == "cuda",
-                generator=torch.Generator().manual_seed(seed),
-                **workers,
-            )
-        loader = self.loaders[split]
-        loader.batch_sampler.batches = batches
-        for x, y in loader:  # pinned on CUDA: the copies overlap the step before
-            if x is None:
-                fail(y)
-            yield self.inputs(to_device(x, self.device)), to_device(y, self.device)
-
-    def train_batches(self, order, first, batch_size, seed, epoch):
-        self.train_set.epoch.fill_(epoch)  # shared memory: persistent workers see it too
-        batches = [shard(b, self.rank, self.world) for b in order.split(batch_size)[first:]]
-        loader_seed = derived_seed(seed, f"loader-{self.rank}", epoch)
-        yield from self._load("train", self.train_set, [b.tolist() for b in batches], loader_seed)
-
-    def eval_batches(self, split, batch_size):
-        """Batches of this rank's part of split "val" or "test"."""
-        dataset = self.eval_sets[split]
-        indices = torch.arange(self.rank, len(dataset), self.world).split(batch_size)
-        loader_seed = derived_seed(self.seed, f"{split}-loader-{self.rank}")
-        yield from self._load(split, dataset, [b.tolist() for b in indices], loader_seed)
-
-
-def load_data(root, smoke, seed, device, rank=0, world=1):
-    """The train, val and test splits, ready to hand out this rank's batches on `device`."""
-    if smoke:  # 16 examples each
-        train, test = synthetic_split(32, 1, 1.0), synthetic_split(16, 3, 1.0)
-        return TensorData(*train, *test, 16, device, rank, world)
-    return load_splits(root, seed, device, rank, world)
-
 
 # ----------------------------------------------------------------------------------------
 # Model
@@ -818,7 +483,21 @@ def train(args, rank, world, device, stop):
         },
     }
 
-    data = load_data(args.data_root, args.smoke, args.seed, device, rank, world)
+    data = load_data(
+        args.data_root,
+        args.smoke,
+        args.seed,
+        device,
+        rank,
+        world,
+        dataset=DATASET,
+        input_shape=INPUT_SHAPE,
+        num_classes=NUM_CLASSES,
+        data_factory=DATA_FACTORY,
+        data_args=DATA_ARGS,
+        workers=WORKERS,
+        val_size=VAL_SIZE,
+    )
     config["splits"] = data.splits
     steps_per_epoch = (data.train_size + batch_size - 1) // batch_size
     total_steps = epochs * steps_per_epoch

@@ -36,7 +36,6 @@ Regenerate rather than edit.
 
 import argparse
 import gc
-import hashlib
 import json
 import math
 import os
@@ -48,7 +47,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 
 # what every arm of the spec shares: imagenet100_efficientnet_b0_support.py, beside this script
 from imagenet100_efficientnet_b0_support import (
@@ -70,6 +68,7 @@ from imagenet100_efficientnet_b0_support import (
     flatten_parameters,
     kernel_for,
     load_checkpoint,
+    load_data,
     lock_run_folder,
     log,
     one_line,
@@ -126,303 +125,6 @@ APPLY_TO = "all"  # 'weights': only tensors with ndim >= 2
 NOISE_SCALE = "absolute"  # 'lr': eps follows lr_t / lr_0
 EPS_FIXED = 0.001  # noise std, parameter units
 AMP_DTYPE = torch.bfloat16  # autocast dtype of forward passes
-
-# ----------------------------------------------------------------------------------------
-# Data
-
-
-def checked(where, x, y):
-    """A split as the model expects it: INPUT_SHAPE examples, one label each, in range."""
-    if tuple(x.shape[1:]) != INPUT_SHAPE or len(x) != len(y) or len(y) == 0:
-        fail(
-            f"{where} holds {len(x)} examples of shape {list(x.shape[1:])} and {len(y)} "
-            f"labels; expected examples of shape {list(INPUT_SHAPE)}, one label each"
-        )
-    if y.min() < 0 or y.max() >= NUM_CLASSES:
-        fail(f"{where} holds labels outside 0..{NUM_CLASSES - 1}")
-    return x, y
-
-
-def synthetic_split(size, split, noise):
-    """Deterministic, learnable data: one Gaussian prototype per class plus noise."""
-    g = torch.Generator().manual_seed(derived_seed(0, "synthetic-prototypes"))
-    prototypes = torch.randn((NUM_CLASSES, *INPUT_SHAPE), generator=g)
-    g = torch.Generator().manual_seed(derived_seed(split, "synthetic"))
-    y = torch.randint(NUM_CLASSES, (size,), generator=g)
-    x = prototypes[y] + noise * torch.randn((size, *INPUT_SHAPE), generator=g)
-    return x, y
-
-
-def split_off_val(size, val_size):
-    """(train indices, val indices) of a training split of `size` examples. val is a fixed
-    random subset that depends only on `size` and `val_size` (None: a tenth of `size`),
-    never on the run's seed or arm, so every run of every arm validates on the same examples."""
-    val_size = max(1, size // 10) if val_size is None else val_size
-    if not 0 < val_size < size:
-        fail(
-            f"the {DATASET} training split holds {size} examples: too few to set "
-            f"{val_size} aside for validation (data.val_size in the spec)"
-        )
-    g = torch.Generator().manual_seed(derived_seed(0, "val-split"))
-    order = torch.randperm(size, generator=g)
-    return order[val_size:].sort().values, order[:val_size].sort().values
-
-
-def split_record(train_size, val_indices, test_size):
-    """config.json's "splits": the three sizes, and a hash that names the val examples."""
-    text = ",".join(str(i) for i in val_indices.tolist())
-    return {
-        "train": train_size,
-        "val": len(val_indices),
-        "test": test_size,
-        "val_indices_sha256": hashlib.sha256(text.encode()).hexdigest(),
-    }
-
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-
-
-def list_images(root, split):
-    """(path, label) of every image in root/<split>/<class>/, labels in sorted class order."""
-    folder = Path(root) / split
-    if not folder.is_dir():
-        fail(f"image folder not found: expected {folder}/<class>/<image> (see --data-root)")
-    classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
-    if len(classes) != NUM_CLASSES:
-        fail(f"{folder} holds {len(classes)} class folders; the spec says {NUM_CLASSES}")
-    samples = [
-        (path, label)
-        for label, name in enumerate(classes)
-        for path in sorted((folder / name).iterdir())
-        if path.suffix.lower() in IMAGE_SUFFIXES
-    ]
-    if not samples:
-        fail(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    return samples
-
-
-class ImageFolder(torch.utils.data.Dataset):
-    """Images given as (path, label), decoded and augmented (when `train`) one by one."""
-
-    def __init__(self, samples, train, seed):
-        self.samples, self.train, self.seed = samples, train, seed
-        self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # set by the trainer
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, index):
-        path, label = self.samples[index]
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-        except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
-            # a DataLoader worker cannot stop the run: it hands the message on (see collate)
-            return None, f"cannot read image {path}: {one_line(exc)}"
-        if self.train and AUGMENT:  # random-resized crop (8-100 % of the area) and flip
-            g = torch.Generator().manual_seed(
-                derived_seed(self.seed, "crop", int(self.epoch) * len(self) + index)
-            )
-            img = random_resized_crop(img, g)
-        else:  # resize the shorter side to size / 0.875, then the centre crop
-            w, h = img.size
-            scale = IMAGE_SIZE / 0.875 / min(w, h)
-            img = img.resize(
-                (max(IMAGE_SIZE, round(w * scale)), max(IMAGE_SIZE, round(h * scale))),
-                Image.BILINEAR,
-            )
-            w, h = img.size
-            left, top = (w - IMAGE_SIZE) // 2, (h - IMAGE_SIZE) // 2
-            img = img.crop((left, top, left + IMAGE_SIZE, top + IMAGE_SIZE))
-        x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-        return x.view(IMAGE_SIZE, IMAGE_SIZE, 3).permute(2, 0, 1), label
-
-
-def random_resized_crop(img, g):
-    w, h = img.size
-    for _ in range(10):
-        area = w * h * (0.08 + 0.92 * torch.rand(1, generator=g).item())
-        ratio = math.exp(math.log(3 / 4) + math.log(16 / 9) * torch.rand(1, generator=g).item())
-        cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
-        if 0 < cw <= w and 0 < ch <= h:
-            left = int(torch.randint(0, w - cw + 1, (1,), generator=g))
-            top = int(torch.randint(0, h - ch + 1, (1,), generator=g))
-            break
-    else:  # fall back to the whole image
-        left, top, cw, ch = 0, 0, w, h
-    img = img.resize(
-        (IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR, box=(left, top, left + cw, top + ch)
-    )
-    if torch.rand(1, generator=g).item() < 0.5:
-        img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    return img
-
-
-def folder_splits(root, seed):
-    """(split record, train set, {"val", "test"} sets): root/train/ less the VAL_SIZE images
-    set aside for validation trains, root/val/ is the test split."""
-    samples, test = list_images(root, "train"), list_images(root, "val")
-    train, val = split_off_val(len(samples), VAL_SIZE)
-    return (
-        split_record(len(train), val, len(test)),
-        ImageFolder([samples[i] for i in train], True, seed),
-        {
-            "val": ImageFolder([samples[i] for i in val], False, seed),
-            "test": ImageFolder(test, False, seed),
-        },
-    )
-
-
-def load_splits(root, seed, device, rank, world):
-    """The spec's train, val and test splits (load_data's, outside --smoke)."""
-    return LoaderData(*folder_splits(root, seed), device, rank, world, seed)
-
-
-def to_device(tensor, device):
-    """One host-to-device copy; on CUDA from pinned memory and non-blocking, so it overlaps
-    the work queued before it."""
-    if device.type == "cuda":
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
-
-
-class Inputs:
-    """Batches as the model takes them: uint8 images standardised with per-channel constants
-    made once on `device` (smoke data is float already and passes), in the memory layout of
-    the model's weights (memory_format, which train() sets once the model is built)."""
-
-    def __init__(self, device):
-        self.memory_format = torch.preserve_format
-        self.mean = torch.tensor(NORM_MEAN, device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(NORM_STD, device=device).view(1, -1, 1, 1)
-
-    def __call__(self, x):
-        if x.ndim == 4:  # images: the layout changes before the bytes grow fourfold
-            x = x.to(memory_format=self.memory_format)
-        if x.dtype == torch.uint8:
-            x = (x.float() / 255 - self.mean) / self.std
-        return x
-
-
-def shard(indices, rank, world):
-    """This rank's part of a global batch: under DDP every rank takes a contiguous slice of
-    the same global batch, so the global batch, its order and a resume mid-epoch are those
-    of a single-process run."""
-    return indices.tensor_split(world)[rank] if world > 1 else indices
-
-
-class TensorData:
-    """A dataset held whole as tensors on the training device: the dataset's training split
-    (x, y) less the VAL_SIZE examples set aside for validation, and its test split."""
-
-    def __init__(self, x, y, x_test, y_test, val_size, device, rank, world):
-        train, val = split_off_val(len(y), val_size)
-        self.splits = split_record(len(train), val, len(y_test))
-        self.x_train, self.y_train = x[train].to(device), y[train].to(device)
-        self.eval_sets = {  # under DDP each rank evaluates every world-th example
-            "val": (x[val][rank::world].to(device), y[val][rank::world].to(device)),
-            "test": (x_test[rank::world].to(device), y_test[rank::world].to(device)),
-        }
-        self.train_size, self.rank, self.world = len(self.x_train), rank, world
-        self.inputs = Inputs(device)
-
-    def train_batches(self, order, first, batch_size, seed, epoch):
-        """Batches `first`, `first + 1`, ... of the epoch whose example order is `order`: their
-        indices reach the device in one copy, not one per batch."""
-        batches = [shard(b, self.rank, self.world) for b in order.split(batch_size)[first:]]
-        if not batches:
-            return
-        sizes = [len(b) for b in batches]
-        rows = torch.cat(batches)[None]  # row 0: the examples
-        for block in to_device(rows, self.x_train.device).split(sizes, dim=1):
-            x = self.x_train[block[0]]
-            yield self.inputs(x), self.y_train[block[0]]
-
-    def eval_batches(self, split, batch_size):
-        """Batches of this rank's part of split "val" or "test"."""
-        x, y = self.eval_sets[split]
-        for i in range(0, len(x), batch_size):
-            yield self.inputs(x[i : i + batch_size]), y[i : i + batch_size]
-
-
-def collate(samples):
-    """A batch, or (None, message) when an example could not be read or is malformed."""
-    unreadable = [label for x, label in samples if x is None]
-    if unreadable:
-        return None, unreadable[0]
-    return torch.utils.data.default_collate(samples)
-
-
-class EpochBatches:
-    """A persistent DataLoader's batch sampler: the batches of the pass to come."""
-
-    def __init__(self, batches=()):
-        self.batches = list(batches)
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def __len__(self):
-        return len(self.batches)
-
-
-class LoaderData:
-    """Examples loaded by DataLoader workers, batch by batch: the training batches in the
-    order of (seed, epoch), so a resume mid-epoch and DDP's split of each global batch are
-    those of the tensor datasets. One loader per split, its workers kept from pass to pass."""
-
-    def __init__(self, splits, train_set, eval_sets, device, rank, world, seed):
-        self.splits, self.train_set, self.eval_sets = splits, train_set, eval_sets
-        self.train_size, self.device = len(self.train_set), device
-        self.rank, self.world, self.seed = rank, world, seed
-        self.inputs, self.loaders = Inputs(device), {}
-
-    def _load(self, split, dataset, batches, seed):
-        # A loader's first pass draws its workers' base seed from the loader's generator;
-        # from the global stream (the model's dropout) that draw would shift every later mask
-        # when a resume starts a pass mid-epoch. The workers' own streams are never used: each
-        # example is loaded under streams seeded from (seed, split, epoch, index) (custom data:
-        # CheckedSplit; image folders seed their crops so). The loader of this session's first
-        # pass of a split is kept for the rest (persistent workers).
-        if split not in self.loaders:
-            workers = {"persistent_workers": True, "prefetch_factor": 2} if WORKERS else {}
-            self.loaders[split] = torch.utils.data.DataLoader(  # prefetch: batches per worker
-                dataset,
-                batch_sampler=EpochBatches(),
-                num_workers=WORKERS,
-                collate_fn=collate,
-                pin_memory=self.device.type == "cuda",
-                generator=torch.Generator().manual_seed(seed),
-                **workers,
-            )
-        loader = self.loaders[split]
-        loader.batch_sampler.batches = batches
-        for x, y in loader:  # pinned on CUDA: the copies overlap the step before
-            if x is None:
-                fail(y)
-            yield self.inputs(to_device(x, self.device)), to_device(y, self.device)
-
-    def train_batches(self, order, first, batch_size, seed, epoch):
-        self.train_set.epoch.fill_(epoch)  # shared memory: persistent workers see it too
-        batches = [shard(b, self.rank, self.world) for b in order.split(batch_size)[first:]]
-        loader_seed = derived_seed(seed, f"loader-{self.rank}", epoch)
-        yield from self._load("train", self.train_set, [b.tolist() for b in batches], loader_seed)
-
-    def eval_batches(self, split, batch_size):
-        """Batches of this rank's part of split "val" or "test"."""
-        dataset = self.eval_sets[split]
-        indices = torch.arange(self.rank, len(dataset), self.world).split(batch_size)
-        loader_seed = derived_seed(self.seed, f"{split}-loader-{self.rank}")
-        yield from self._load(split, dataset, [b.tolist() for b in indices], loader_seed)
-
-
-def load_data(root, smoke, seed, device, rank=0, world=1):
-    """The train, val and test splits, ready to hand out this rank's batches on `device`."""
-    if smoke:  # 16 examples each
-        train, test = synthetic_split(32, 1, 1.0), synthetic_split(16, 3, 1.0)
-        return TensorData(*train, *test, 16, device, rank, world)
-    return load_splits(root, seed, device, rank, world)
-
 
 # ----------------------------------------------------------------------------------------
 # Model
@@ -842,7 +544,23 @@ def train(args, rank, world, device, stop):
         },
     }
 
-    data = load_data(args.data_root, args.smoke, args.seed, device, rank, world)
+    data = load_data(
+        args.data_root,
+        args.smoke,
+        args.seed,
+        device,
+        rank,
+        world,
+        dataset=DATASET,
+        input_shape=INPUT_SHAPE,
+        num_classes=NUM_CLASSES,
+        val_size=VAL_SIZE,
+        image_size=IMAGE_SIZE,
+        workers=WORKERS,
+        augment=AUGMENT,
+        norm_mean=NORM_MEAN,
+        norm_std=NORM_STD,
+    )
     config["splits"] = data.splits
     steps_per_epoch = (data.train_size + batch_size - 1) // batch_size
     total_steps = epochs * steps_per_epoch

@@ -41,7 +41,6 @@ Regenerate rather than edit.
 import argparse
 import contextlib
 import gc
-import hashlib
 import json
 import math
 import os
@@ -76,6 +75,7 @@ from mnist1d_cnn_toolkit_support import (
     flatten_parameters,
     kernel_for,
     load_checkpoint,
+    load_data,
     lock_run_folder,
     log,
     one_line,
@@ -136,161 +136,6 @@ APPLY_TO = "all"  # 'weights': only tensors with ndim >= 2
 NOISE_SCALE = "absolute"  # 'lr': eps follows lr_t / lr_0
 NOISE_ETA = 0.0001  # sigma_0^2, gradient units squared
 NOISE_GAMMA = 0.55  # sigma_t^2 = eta / (1 + t)^gamma
-
-# ----------------------------------------------------------------------------------------
-# Data
-
-
-def checked(where, x, y):
-    """A split as the model expects it: INPUT_SHAPE examples, one label each, in range."""
-    if tuple(x.shape[1:]) != INPUT_SHAPE or len(x) != len(y) or len(y) == 0:
-        fail(
-            f"{where} holds {len(x)} examples of shape {list(x.shape[1:])} and {len(y)} "
-            f"labels; expected examples of shape {list(INPUT_SHAPE)}, one label each"
-        )
-    if y.min() < 0 or y.max() >= NUM_CLASSES:
-        fail(f"{where} holds labels outside 0..{NUM_CLASSES - 1}")
-    return x, y
-
-
-def synthetic_split(size, split, noise):
-    """Deterministic, learnable data: one Gaussian prototype per class plus noise."""
-    g = torch.Generator().manual_seed(derived_seed(0, "synthetic-prototypes"))
-    prototypes = torch.randn((NUM_CLASSES, *INPUT_SHAPE), generator=g)
-    g = torch.Generator().manual_seed(derived_seed(split, "synthetic"))
-    y = torch.randint(NUM_CLASSES, (size,), generator=g)
-    x = prototypes[y] + noise * torch.randn((size, *INPUT_SHAPE), generator=g)
-    return x, y
-
-
-def split_off_val(size, val_size):
-    """(train indices, val indices) of a training split of `size` examples. val is a fixed
-    random subset that depends only on `size` and `val_size` (None: a tenth of `size`),
-    never on the run's seed or arm, so every run of every arm validates on the same examples."""
-    val_size = max(1, size // 10) if val_size is None else val_size
-    if not 0 < val_size < size:
-        fail(
-            f"the {DATASET} training split holds {size} examples: too few to set "
-            f"{val_size} aside for validation (data.val_size in the spec)"
-        )
-    g = torch.Generator().manual_seed(derived_seed(0, "val-split"))
-    order = torch.randperm(size, generator=g)
-    return order[val_size:].sort().values, order[:val_size].sort().values
-
-
-def split_record(train_size, val_indices, test_size):
-    """config.json's "splits": the three sizes, and a hash that names the val examples."""
-    text = ",".join(str(i) for i in val_indices.tolist())
-    return {
-        "train": train_size,
-        "val": len(val_indices),
-        "test": test_size,
-        "val_indices_sha256": hashlib.sha256(text.encode()).hexdigest(),
-    }
-
-
-def load_mnist1d(root):
-    """MNIST-1D, made locally by the mnist1d package (no download) and cached under root."""
-    path = Path(root) / "mnist1d.pt"
-    if not path.exists():
-        try:
-            from mnist1d.data import get_dataset_args, make_dataset
-        except ImportError:
-            fail("MNIST-1D is made by the mnist1d package: pip install mnist1d")
-        raw = make_dataset(get_dataset_args())
-        tensors = {
-            "x": torch.tensor(raw["x"], dtype=torch.float32).unsqueeze(1),
-            "y": torch.tensor(raw["y"], dtype=torch.int64),
-            "x_test": torch.tensor(raw["x_test"], dtype=torch.float32).unsqueeze(1),
-            "y_test": torch.tensor(raw["y_test"], dtype=torch.int64),
-        }
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:  # e.g. --data-root names a file
-            fail(f"cannot make the data folder {path.parent}: {exc.strerror or exc}")
-        save_atomic(tensors, path)
-    try:
-        d = torch.load(path, weights_only=True)
-        train, test = (d["x"], d["y"]), (d["x_test"], d["y_test"])
-    except Exception as exc:  # a damaged cache is a message, not a traceback
-        fail(f"cannot read the MNIST-1D cache {path} ({one_line(exc)}); delete it to remake it")
-    return (*checked(f"{path} (train)", *train), *checked(f"{path} (test)", *test))
-
-
-def load_splits(root, seed, device, rank, world):
-    """The spec's train, val and test splits (load_data's, outside --smoke)."""
-    return TensorData(*load_mnist1d(root), VAL_SIZE, device, rank, world)
-
-
-def to_device(tensor, device):
-    """One host-to-device copy; on CUDA from pinned memory and non-blocking, so it overlaps
-    the work queued before it."""
-    if device.type == "cuda":
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
-
-
-class Inputs:
-    """Batches as the model takes them: in the memory layout of the model's weights
-    (memory_format, which train() sets once the model is built)."""
-
-    def __init__(self, device):
-        self.memory_format = torch.preserve_format
-
-    def __call__(self, x):
-        if x.ndim == 4:  # images: the layout changes before the bytes grow fourfold
-            x = x.to(memory_format=self.memory_format)
-        return x
-
-
-def shard(indices, rank, world):
-    """This rank's part of a global batch: under DDP every rank takes a contiguous slice of
-    the same global batch, so the global batch, its order and a resume mid-epoch are those
-    of a single-process run."""
-    return indices.tensor_split(world)[rank] if world > 1 else indices
-
-
-class TensorData:
-    """A dataset held whole as tensors on the training device: the dataset's training split
-    (x, y) less the VAL_SIZE examples set aside for validation, and its test split."""
-
-    def __init__(self, x, y, x_test, y_test, val_size, device, rank, world):
-        train, val = split_off_val(len(y), val_size)
-        self.splits = split_record(len(train), val, len(y_test))
-        self.x_train, self.y_train = x[train].to(device), y[train].to(device)
-        self.eval_sets = {  # under DDP each rank evaluates every world-th example
-            "val": (x[val][rank::world].to(device), y[val][rank::world].to(device)),
-            "test": (x_test[rank::world].to(device), y_test[rank::world].to(device)),
-        }
-        self.train_size, self.rank, self.world = len(self.x_train), rank, world
-        self.inputs = Inputs(device)
-
-    def train_batches(self, order, first, batch_size, seed, epoch):
-        """Batches `first`, `first + 1`, ... of the epoch whose example order is `order`: their
-        indices reach the device in one copy, not one per batch."""
-        batches = [shard(b, self.rank, self.world) for b in order.split(batch_size)[first:]]
-        if not batches:
-            return
-        sizes = [len(b) for b in batches]
-        rows = torch.cat(batches)[None]  # row 0: the examples
-        for block in to_device(rows, self.x_train.device).split(sizes, dim=1):
-            x = self.x_train[block[0]]
-            yield self.inputs(x), self.y_train[block[0]]
-
-    def eval_batches(self, split, batch_size):
-        """Batches of this rank's part of split "val" or "test"."""
-        x, y = self.eval_sets[split]
-        for i in range(0, len(x), batch_size):
-            yield self.inputs(x[i : i + batch_size]), y[i : i + batch_size]
-
-
-def load_data(root, smoke, seed, device, rank=0, world=1):
-    """The train, val and test splits, ready to hand out this rank's batches on `device`."""
-    if smoke:  # 16 examples each
-        train, test = synthetic_split(32, 1, 1.0), synthetic_split(16, 3, 1.0)
-        return TensorData(*train, *test, 16, device, rank, world)
-    return load_splits(root, seed, device, rank, world)
-
 
 # ----------------------------------------------------------------------------------------
 # Model
@@ -941,7 +786,18 @@ def train(args, rank, world, device, stop, experiment):
         },
     }
 
-    data = load_data(args.data_root, args.smoke, args.seed, device, rank, world)
+    data = load_data(
+        args.data_root,
+        args.smoke,
+        args.seed,
+        device,
+        rank,
+        world,
+        dataset=DATASET,
+        input_shape=INPUT_SHAPE,
+        num_classes=NUM_CLASSES,
+        val_size=VAL_SIZE,
+    )
     config["splits"] = data.splits
     steps_per_epoch = (data.train_size + batch_size - 1) // batch_size
     total_steps = epochs * steps_per_epoch

@@ -37,7 +37,6 @@ Regenerate rather than edit.
 
 import argparse
 import gc
-import hashlib
 import json
 import math
 import os
@@ -70,6 +69,7 @@ from synthetic_mlp_support import (
     flatten_parameters,
     kernel_for,
     load_checkpoint,
+    load_data,
     lock_run_folder,
     log,
     one_line,
@@ -122,136 +122,6 @@ APPLY_TO = "weights"  # 'weights': only tensors with ndim >= 2
 NOISE_SCALE = "lr"  # 'lr': eps follows lr_t / lr_0
 EPS_BASE = 0.002  # noise std at step 0, parameter units
 DECAY = 0.001  # lambda of exp(-lambda t), per optimizer step
-
-# ----------------------------------------------------------------------------------------
-# Data
-
-
-def checked(where, x, y):
-    """A split as the model expects it: INPUT_SHAPE examples, one label each, in range."""
-    if tuple(x.shape[1:]) != INPUT_SHAPE or len(x) != len(y) or len(y) == 0:
-        fail(
-            f"{where} holds {len(x)} examples of shape {list(x.shape[1:])} and {len(y)} "
-            f"labels; expected examples of shape {list(INPUT_SHAPE)}, one label each"
-        )
-    if y.min() < 0 or y.max() >= NUM_CLASSES:
-        fail(f"{where} holds labels outside 0..{NUM_CLASSES - 1}")
-    return x, y
-
-
-def synthetic_split(size, split, noise):
-    """Deterministic, learnable data: one Gaussian prototype per class plus noise."""
-    g = torch.Generator().manual_seed(derived_seed(0, "synthetic-prototypes"))
-    prototypes = torch.randn((NUM_CLASSES, *INPUT_SHAPE), generator=g)
-    g = torch.Generator().manual_seed(derived_seed(split, "synthetic"))
-    y = torch.randint(NUM_CLASSES, (size,), generator=g)
-    x = prototypes[y] + noise * torch.randn((size, *INPUT_SHAPE), generator=g)
-    return x, y
-
-
-def split_off_val(size, val_size):
-    """(train indices, val indices) of a training split of `size` examples. val is a fixed
-    random subset that depends only on `size` and `val_size` (None: a tenth of `size`),
-    never on the run's seed or arm, so every run of every arm validates on the same examples."""
-    val_size = max(1, size // 10) if val_size is None else val_size
-    if not 0 < val_size < size:
-        fail(
-            f"the {DATASET} training split holds {size} examples: too few to set "
-            f"{val_size} aside for validation (data.val_size in the spec)"
-        )
-    g = torch.Generator().manual_seed(derived_seed(0, "val-split"))
-    order = torch.randperm(size, generator=g)
-    return order[val_size:].sort().values, order[:val_size].sort().values
-
-
-def split_record(train_size, val_indices, test_size):
-    """config.json's "splits": the three sizes, and a hash that names the val examples."""
-    text = ",".join(str(i) for i in val_indices.tolist())
-    return {
-        "train": train_size,
-        "val": len(val_indices),
-        "test": test_size,
-        "val_indices_sha256": hashlib.sha256(text.encode()).hexdigest(),
-    }
-
-
-def load_splits(root, seed, device, rank, world):
-    """The spec's train, val and test splits (load_data's, outside --smoke)."""
-    # train and val come from one draw, test from another: three disjoint splits
-    train = synthetic_split(TRAIN_SIZE + VAL_SIZE, 1, SYNTHETIC_NOISE)
-    test = synthetic_split(TEST_SIZE, 3, SYNTHETIC_NOISE)
-    return TensorData(*train, *test, VAL_SIZE, device, rank, world)
-
-
-def to_device(tensor, device):
-    """One host-to-device copy; on CUDA from pinned memory and non-blocking, so it overlaps
-    the work queued before it."""
-    if device.type == "cuda":
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
-
-
-class Inputs:
-    """Batches as the model takes them: in the memory layout of the model's weights
-    (memory_format, which train() sets once the model is built)."""
-
-    def __init__(self, device):
-        self.memory_format = torch.preserve_format
-
-    def __call__(self, x):
-        if x.ndim == 4:  # images: the layout changes before the bytes grow fourfold
-            x = x.to(memory_format=self.memory_format)
-        return x
-
-
-def shard(indices, rank, world):
-    """This rank's part of a global batch: under DDP every rank takes a contiguous slice of
-    the same global batch, so the global batch, its order and a resume mid-epoch are those
-    of a single-process run."""
-    return indices.tensor_split(world)[rank] if world > 1 else indices
-
-
-class TensorData:
-    """A dataset held whole as tensors on the training device: the dataset's training split
-    (x, y) less the VAL_SIZE examples set aside for validation, and its test split."""
-
-    def __init__(self, x, y, x_test, y_test, val_size, device, rank, world):
-        train, val = split_off_val(len(y), val_size)
-        self.splits = split_record(len(train), val, len(y_test))
-        self.x_train, self.y_train = x[train].to(device), y[train].to(device)
-        self.eval_sets = {  # under DDP each rank evaluates every world-th example
-            "val": (x[val][rank::world].to(device), y[val][rank::world].to(device)),
-            "test": (x_test[rank::world].to(device), y_test[rank::world].to(device)),
-        }
-        self.train_size, self.rank, self.world = len(self.x_train), rank, world
-        self.inputs = Inputs(device)
-
-    def train_batches(self, order, first, batch_size, seed, epoch):
-        """Batches `first`, `first + 1`, ... of the epoch whose example order is `order`: their
-        indices reach the device in one copy, not one per batch."""
-        batches = [shard(b, self.rank, self.world) for b in order.split(batch_size)[first:]]
-        if not batches:
-            return
-        sizes = [len(b) for b in batches]
-        rows = torch.cat(batches)[None]  # row 0: the examples
-        for block in to_device(rows, self.x_train.device).split(sizes, dim=1):
-            x = self.x_train[block[0]]
-            yield self.inputs(x), self.y_train[block[0]]
-
-    def eval_batches(self, split, batch_size):
-        """Batches of this rank's part of split "val" or "test"."""
-        x, y = self.eval_sets[split]
-        for i in range(0, len(x), batch_size):
-            yield self.inputs(x[i : i + batch_size]), y[i : i + batch_size]
-
-
-def load_data(root, smoke, seed, device, rank=0, world=1):
-    """The train, val and test splits, ready to hand out this rank's batches on `device`."""
-    if smoke:  # 16 examples each
-        train, test = synthetic_split(32, 1, 1.0), synthetic_split(16, 3, 1.0)
-        return TensorData(*train, *test, 16, device, rank, world)
-    return load_splits(root, seed, device, rank, world)
-
 
 # ----------------------------------------------------------------------------------------
 # Model
@@ -603,7 +473,21 @@ def train(args, rank, world, device, stop):
         },
     }
 
-    data = load_data(args.data_root, args.smoke, args.seed, device, rank, world)
+    data = load_data(
+        args.data_root,
+        args.smoke,
+        args.seed,
+        device,
+        rank,
+        world,
+        dataset=DATASET,
+        input_shape=INPUT_SHAPE,
+        num_classes=NUM_CLASSES,
+        train_size=TRAIN_SIZE,
+        val_size=VAL_SIZE,
+        test_size=TEST_SIZE,
+        synthetic_noise=SYNTHETIC_NOISE,
+    )
     config["splits"] = data.splits
     steps_per_epoch = (data.train_size + batch_size - 1) // batch_size
     total_steps = epochs * steps_per_epoch
