@@ -198,6 +198,21 @@ def test_image_folder_trains_with_pillow(workers, tmp_path):
     assert [splits[k] for k in ("train", "val", "test")] == [8, 4, 12]  # test: val/
 
 
+def test_image_folders_without_pillow_are_one_line(tmp_path, monkeypatch):
+    """Pillow is imported where images are decoded (the support module needs torch alone);
+    missing, the run says so before any loader worker starts."""
+    folder = image_folder_scripts(tmp_path, 2)
+    write_image_folder(tmp_path / "images")
+    monkeypatch.setitem(sys.modules, "PIL", None)  # `from PIL import Image` fails
+    result = run_inprocess(
+        folder / "train_fixed.py", "--data-root", tmp_path / "images", "--out", tmp_path / "run"
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: image folders are decoded by Pillow: pip install pillow"
+    ]
+
+
 def test_a_small_image_folder_validates_on_a_tenth_of_train_by_default(tmp_path):
     """The folder's size is known only at run time: no fixed val_size to outgrow it."""
     spec = (GENERATED.parent / "specs" / "imagenet100_efficientnet_b0.yaml").read_text()

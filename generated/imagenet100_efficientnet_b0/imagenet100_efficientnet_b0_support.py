@@ -726,6 +726,15 @@ class LoaderData:
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
+def pillow():
+    """PIL.Image, imported where images are decoded: the module itself needs only torch."""
+    try:
+        from PIL import Image
+    except ImportError:
+        fail("image folders are decoded by Pillow: pip install pillow")
+    return Image
+
+
 def list_images(root, split, num_classes):
     """(path, label) of every image in root/<split>/<class>/, labels in sorted class order."""
     folder = Path(root) / split
@@ -757,8 +766,7 @@ class ImageFolder(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, index):
-        from PIL import Image  # Pillow: needed by image folders alone
-
+        Image = pillow()
         path, label = self.samples[index]
         size = self.size
         try:
@@ -786,8 +794,7 @@ class ImageFolder(torch.utils.data.Dataset):
 
 
 def random_resized_crop(img, g, size):
-    from PIL import Image
-
+    Image = pillow()
     w, h = img.size
     for _ in range(10):
         area = w * h * (0.08 + 0.92 * torch.rand(1, generator=g).item())
@@ -837,6 +844,7 @@ def imagefolder_data(
     augment,
 ):
     """An image folder's train, val and test splits (load_data's, outside --smoke)."""
+    pillow()  # missing, a message now rather than a traceback in a loader worker
     splits = folder_splits(root, seed, dataset, num_classes, val_size, image_size, augment)
     return LoaderData(*splits, inputs, rank, world, seed, workers)
 
