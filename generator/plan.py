@@ -39,6 +39,15 @@ NORMALIZATION = {
 # train.loggers: the PyPI package each tracker comes from (the extra of the same name).
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow-skinny"}
 
+# The standard-library modules the support module always imports, those a data source adds
+# (templates/data/<source>.py.jinja), and those import_factory and call_factory add.
+SUPPORT_IMPORTS = frozenset(
+    "argparse ast contextlib fcntl gc hashlib json math os shutil signal socket statistics sys "
+    "time warnings".split()
+)
+DATA_IMPORTS = {"cifar": ("pickle",), "custom": ("contextlib", "operator", "random")}
+FACTORY_IMPORTS = ("importlib", "inspect")
+
 SEED_COMMENT = ("seeds init, data order and dropout", "seeds init, data order, dropout and noise")
 
 
@@ -104,6 +113,7 @@ class RenderModel:
     no_decay: bool = False  # optimizer.no_decay: two parameter groups, one without decay
     policy: str = ""  # the eps(t) policy's module under generator/method/ ("" in a baseline)
     policy_arguments: tuple[str, ...] = ()  # its constructor keywords: constants, lower case
+    data_arguments: tuple[str, ...] = ()  # load_data's keywords: the data constants, lower case
     # the names this arm's script takes from the spec's support module (render fills it in)
     support_imports: tuple[str, ...] = ()
 
@@ -257,6 +267,21 @@ class SupportModel:
         return tuple(sorted({arm.data_source for arm in self.arms}))
 
     @property
+    def datasets(self) -> tuple[tuple[str, str], ...]:
+        """(dataset, its data source) of every dataset the arms read: load_data's dispatch."""
+        return tuple(sorted({(arm.dataset, arm.data_source) for arm in self.arms}))
+
+    @property
+    def stdlib_imports(self) -> tuple[str, ...]:
+        """The standard-library modules the module imports: its own, and those of the data
+        sources, factories and library models the arms use (PIL, mnist1d, torchvision and
+        timm are imported where used)."""
+        extra = {m for arm in self.arms for m in DATA_IMPORTS.get(arm.data_source, ())}
+        extra |= set(FACTORY_IMPORTS) if self.any("factories") else set()
+        extra |= {"importlib"} if self.imports_by_name else set()
+        return tuple(sorted(SUPPORT_IMPORTS | extra))
+
+    @property
     def arches(self) -> tuple[str, ...]:
         """The model templates the arms build, templates/model/<arch>.py.jinja, each once."""
         return tuple(sorted({arm.arch for arm in self.arms}))
@@ -383,12 +408,11 @@ def eps_formula(spec: Spec, kind: str) -> tuple[str, str]:
     }[kind]
 
 
-def constants(spec: Spec, arm: str, kind: str) -> tuple[Constant, ...]:
+def data_constants(spec: Spec) -> list[Constant]:
+    """The data section's constants: the arm passes them to load_data (DATA_ROOT, the
+    default of --data-root, as its first argument; the rest by name, see data_arguments)."""
     shape, classes = input_shape(spec)
     c = [
-        Constant("SPEC_NAME", spec.name, "the spec this script was generated from"),
-        Constant("ARM", arm, "the ablation arm"),
-        Constant("SEED", spec.seed, SEED_COMMENT[kind != "baseline"]),
         Constant("DATASET", spec.data.dataset, "--smoke swaps in synthetic data of this shape"),
         Constant("DATA_ROOT", spec.data.root, "folder holding (or caching) the data"),
         Constant("INPUT_SHAPE", shape, "one example, without the batch dimension"),
@@ -425,7 +449,23 @@ def constants(spec: Spec, arm: str, kind: str) -> tuple[Constant, ...]:
             Constant("NORM_MEAN", mean, "per-channel mean of the training images"),
             Constant("NORM_STD", std, "per-channel std of the training images"),
         ]
-    c.append(Constant("BATCH_SIZE", spec.data.batch_size, "examples per optimizer step"))
+    return c
+
+
+def data_arguments(spec: Spec) -> tuple[str, ...]:
+    """load_data's keywords in an arm's call: its data constants but DATA_ROOT, lower case."""
+    return tuple(c.name.lower() for c in data_constants(spec) if c.name != "DATA_ROOT")
+
+
+def constants(spec: Spec, arm: str, kind: str) -> tuple[Constant, ...]:
+    shape, _ = input_shape(spec)
+    c = [
+        Constant("SPEC_NAME", spec.name, "the spec this script was generated from"),
+        Constant("ARM", arm, "the ablation arm"),
+        Constant("SEED", spec.seed, SEED_COMMENT[kind != "baseline"]),
+        *data_constants(spec),
+        Constant("BATCH_SIZE", spec.data.batch_size, "examples per optimizer step"),
+    ]
     model = spec.model
     if model.arch == "mlp":
         c.append(Constant("IN_FEATURES", math.prod(shape), "flattened input size"))
@@ -596,6 +636,7 @@ def plan(spec: Spec, doc: Located) -> list[RenderModel]:
                 no_decay=bool(s.optimizer.no_decay),
                 policy=POLICIES.get(kind, ""),
                 policy_arguments=policy_arguments(kind) if kind in POLICIES else (),
+                data_arguments=data_arguments(s),
             )
         )
     return models

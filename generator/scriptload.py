@@ -9,6 +9,7 @@ from sys.modules before and after, so every script gets its own folder's copy.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import runpy
 import sys
@@ -49,3 +50,29 @@ def load_script(
 
 def _support_names(script: str | Path) -> list[str]:
     return [p.stem for p in Path(script).resolve().parent.glob("*_support.py")]
+
+
+def data_settings(ns: dict[str, Any]) -> dict[str, Any]:
+    """The keywords the script loaded as `ns` passes load_data in its own call: its data
+    settings, the values of its constants."""
+    tree = ast.parse(Path(ns["__file__"]).read_text())
+    (call,) = [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "load_data"
+    ]
+    return {k.arg: ns[k.value.id] for k in call.keywords}
+
+
+def arm_data(
+    ns: dict[str, Any],
+    root: str | Path,
+    smoke: bool,
+    seed: int,
+    device: Any,
+    rank: int = 0,
+    world: int = 1,
+) -> Any:
+    """The data of the script loaded as `ns`, as its train() loads it: the support module's
+    load_data with the script's data settings."""
+    return ns["load_data"](str(root), smoke, seed, device, rank, world, **data_settings(ns))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 import re
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import sys
 import pytest
 from conftest import GENERATED, LOADER, MINIMAL, REPO, cli, generate
 
-from generator.scriptload import load_script
+from generator.scriptload import data_settings, load_script
 
 FOLDERS = sorted(p for p in GENERATED.iterdir() if p.is_dir())
 
@@ -112,3 +113,24 @@ def test_a_probe_in_another_interpreter_loads_the_script_beside_its_support(tmp_
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "mnist1d_cnn_support"
+
+
+def keywords(function, required=False):
+    """The keyword-only parameters of `function` (those without a default, if `required`)."""
+    return {
+        p.name
+        for p in inspect.signature(function).parameters.values()
+        if p.kind == p.KEYWORD_ONLY and not (required and p.default is not p.empty)
+    }
+
+
+@pytest.mark.parametrize("folder", FOLDERS, ids=lambda p: p.name)
+def test_each_arm_passes_load_data_what_its_data_source_takes(folder):
+    # --smoke never calls the dataset's source: its keywords are checked here, every arm's
+    for script in sorted(folder.glob("train_*.py")):
+        ns = load_script(script)
+        settings = data_settings(ns)
+        load_data = ns["load_data"]
+        source = load_data.__globals__["DATA_SOURCES"][settings["dataset"]]
+        assert set(settings) <= keywords(load_data) | keywords(source), script.name
+        assert keywords(load_data, True) | keywords(source, True) <= set(settings), script.name
