@@ -364,7 +364,7 @@ def train(args, rank, world, device, stop, experiment=None):
             rank,
             f"error: {what} in steps {since}..{step - 1} (epoch {epoch + 1}; read every "
             f"{CHECK_EVERY} steps): the learning rate ({lr:.3g}) "
-            f"or the noise is likely too large; "
+            "or the noise is likely too large; "
             f"the last good checkpoint is {run.out / 'last.pt'}",
             error=True,
         )
