@@ -144,6 +144,35 @@ class RenderModel:
         return f"`{self.eps_formula}`" + (f"; {self.eps_values}" if self.eps_values else "")
 
     @property
+    def doc_head_lines(self) -> tuple[str, ...]:
+        """The docstring under its title: the spec's description and the arm's sentence, the
+        method's lines, and where the spec has its own code, how the script finds it."""
+        lines = self.about_lines + ("",) + self.method_lines
+        if not self.factories:
+            return lines
+        return (
+            lines
+            + ("", "The spec's own code, imported by name when the run starts:")
+            + tuple(f"    {ref}" for ref in self.factory_refs)
+            + (
+                "Install those modules, or put the folder that holds them on PYTHONPATH (perturbgen ablate",
+                f"puts the spec file's folder there): PYTHONPATH=SPEC_FOLDER python {self.script}",
+            )
+        )
+
+    @property
+    def replicas_note(self) -> str:
+        """What the docstring adds to "the replicas stay bit-identical" in a perturbing arm."""
+        return " (every rank draws the same noise)" if self.perturbs else ""
+
+    @property
+    def tracker_line(self) -> str:
+        """The docstring's line on the experiment trackers, with its newline ("" if none)."""
+        if not self.logs:
+            return ""
+        return f"The run is also logged to {', '.join(self.loggers)} (train.loggers; see ExperimentLog).\n"
+
+    @property
     def about_lines(self) -> tuple[str, ...]:
         """The docstring's opening under its title: the spec's description (if any), then
         the sentence naming the arm."""
@@ -239,6 +268,17 @@ class RenderModel:
         """Whether the script holds the phase detector: its eps(t) policy needs the phase
         (phase_only and full)."""
         return self.perturbs and policy(self.kind).needs_detector
+
+    @property
+    def method_modules(self) -> tuple[str, ...]:
+        """The modules of generator/method/ the arm's method section emits, in order: the
+        detector where its eps(t) needs the phase, the policy, a peer's own modules."""
+        return ("detector",) * self.detector + (self.policy,) + self.peer_modules
+
+    @property
+    def detector_template(self) -> str:
+        """templates/perturbation/<name>.py.jinja: the detector make_perturbation builds."""
+        return "detector" if self.detector else "none"
 
     @property
     def detector_takes_norm(self) -> bool:

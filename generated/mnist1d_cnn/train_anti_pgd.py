@@ -400,12 +400,12 @@ def train(args, rank, world, device, stop, experiment=None):
                 lambda: scaler_step(scaler, optimizer), step, lr, loss, grad_norm
             )
             stepped = eps is not None  # None: the grad scaler skipped this step
+            sums["eps"] += eps or 0.0  # the noise this step applied (a skipped step: none)
             if stepped:
                 ema.update(step + 1)  # after the noise: the average of the weights as they are
             timer.stop()  # a skipped step's compute counts
             if not stepped:  # but it is no step: no count, no noise, no detector sample
                 continue
-            sums["eps"] += eps
             if grad_norm is not None:
                 sums["clipped"] = sums["clipped"] + (grad_norm > CLIP_GRAD_NORM)  # no host sync
             step += 1

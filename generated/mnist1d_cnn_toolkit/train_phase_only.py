@@ -513,6 +513,7 @@ def train(args, rank, world, device, stop, experiment=None):
                 lambda: scaler_step(scaler, optimizer), step, lr, loss, grad_norm
             )
             stepped = eps is not None  # None: the grad scaler skipped this step
+            sums["eps"] += eps or 0.0  # the noise this step applied (a skipped step: none)
             if stepped:
                 ema.update(step + 1)  # after the noise: the average of the weights as they are
             timer.stop()  # a skipped step's compute counts
@@ -521,7 +522,6 @@ def train(args, rank, world, device, stop, experiment=None):
             if change is not None:
                 run.phase_change(epoch + 1, change)
             sums["phase_steps"][perturbation.detector.phase] += 1
-            sums["eps"] += eps
             if grad_norm is not None:
                 sums["clipped"] = sums["clipped"] + (grad_norm > CLIP_GRAD_NORM)  # no host sync
             step += 1
