@@ -52,7 +52,7 @@ import time
 import warnings
 from pathlib import Path
 
-from generator.scriptload import load_script
+from generator.scriptload import arm_data, load_script
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # this checkout's generator, not an installed one
@@ -333,9 +333,8 @@ def handwritten_rate(script, data_root, device, epochs, batch):
 
     ns = load_script(str(script), run_name="gpu_check")
     cuda = device == "cuda"
-    x, y, _, _ = ns["load_cifar"](data_root)
-    train, _ = ns["split_off_val"](len(y), ns["VAL_SIZE"])
-    x, y = x[train].to(device), y[train].to(device)
+    data = arm_data(ns, data_root, False, 0, torch.device("cpu"))  # the script's own split
+    x, y = data.x_train.to(device), data.y_train.to(device)
     mean = torch.tensor(ns["NORM_MEAN"], device=device).view(1, 3, 1, 1)
     std = torch.tensor(ns["NORM_STD"], device=device).view(1, 3, 1, 1)
     model = ns["build_model"]().to(device, memory_format=torch.channels_last)

@@ -44,7 +44,8 @@ EPS_FULL = "generator/method/eps_full.py"
 NOISE = "generator/method/noise.py"
 ANTI_PGD = "generator/method/anti_pgd.py"
 SUMMARY = "generator/method/summary.py"  # the scripts' summary and the report share it
-TRAINING = "templates/_training.py.jinja"
+FEATURES = "templates/_features.py.jinja"  # EMA and early stopping (the support module)
+RUN = "templates/_run.py.jinja"  # evaluation and micro-batches (the support module)
 DETECTOR_TESTS = "tests/test_detector.py::"
 STATS_TESTS = "tests/test_stats.py::"
 METHOD_TESTS = "tests/test_method_mutants.py::"
@@ -203,26 +204,25 @@ MUTANTS = [
     ),
     Mutant(
         "ema_decay_swapped",
-        TRAINING,
-        "torch._foreach_lerp_(*self.pairs, 1 - EMA_DECAY)",
-        "torch._foreach_lerp_(*self.pairs, EMA_DECAY)",
+        FEATURES,
+        "torch._foreach_lerp_(*self.pairs, 1 - self.decay)",
+        "torch._foreach_lerp_(*self.pairs, self.decay)",
         (
             "tests/test_ema_early_stop_groups.py::test_ema_is_the_recurrence_over_the_raw_trajectory",
         ),
     ),
     Mutant(
         "label_smoothing_in_val_loss",
-        TRAINING,
+        RUN,
         'F.cross_entropy(logits.float(), yb, reduction="sum")',
-        'F.cross_entropy(logits.float(), yb, reduction="sum"'
-        "{% if m.smooths %}, label_smoothing=LABEL_SMOOTHING{% endif %})",
+        'F.cross_entropy(logits.float(), yb, reduction="sum", label_smoothing=0.1)',
         ("tests/test_step_features.py::test_label_smoothing_is_in_the_training_loss_only",),
     ),
     Mutant(
         "accumulation_weight_1_over_k",
-        TRAINING,
-        "weight, last = len(y) / len(yb), i == len(chunks) - 1",
-        "weight, last = 1 / len(chunks), i == len(chunks) - 1",
+        RUN,
+        "yield x, y, len(y) / len(yb)",
+        "yield x, y, 1 / len(chunks)",
         ("tests/test_step_features.py::test_micro_batches_give_the_big_batch_gradient",),
     ),
     Mutant(

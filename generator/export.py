@@ -27,7 +27,7 @@ from generator.plan import (
     perturbation_class,
     plan,
 )
-from generator.render import BLACK_MODE, GenerationError, environment, load_spec
+from generator.render import BLACK_MODE, GenerationError, environment, load_spec, pyrepr
 
 MODULE = "adaptive_perturbation.py"  # the default file name, and the golden record's
 GOLDEN_ARM = "full"  # the arm each spec folder of the golden record carries as MODULE
@@ -62,6 +62,58 @@ EXPORTED = (
 )
 
 FIXED = ("SPEC_NAME", "ARM", "SEED")  # not settings: seed is a constructor argument of its own
+
+# The template under templates/export/ of each method class the drop-in class extends: it
+# holds the drop-in's methods that differ by arm (what happens around the optimizer step).
+VARIANTS = {
+    "Perturbation": "parameter_noise",
+    "SampledPerturbation": "sampled_parameter_noise",
+    "GradientNoise": "gradient_noise",
+    "AntiPGD": "anti_pgd",
+}
+
+# Docstring text that differs by arm: ExportModel's *_lines pick and fill it.
+# How parameter noise enters, said of a loop whose optimizer is the user's (a peer's noise
+# is said by plan.noise_rule).
+DROP_IN_NOISE = """\
+After every real optimizer step the parameters the optimizer trains receive Gaussian noise:"""
+# What eps(t)'s clock counts (fixed has no clock).
+PHASE = "p is the phase the detector reports (exploration, convergence, fine_tuning)"
+STEPS = "t counts optimizer steps from 0."
+CLOCKS = {
+    "phase_only": (f"{PHASE}.",),
+    "full": (f"{PHASE};", "t_p counts optimizer steps since p began."),
+    "schedule_only": (STEPS,),
+    "gradient_noise": (STEPS,),
+    "anti_pgd": (STEPS,),
+}
+LR_DOC = """\
+Noise scale 'lr': eps(t) is multiplied by lr_t / lr_0, lr_t the optimizer's learning rate at
+the step and lr_0 the reference learning rate: the constructor argument `lr`, by default the
+spec's optimizer.lr ({lr}). An optimizer that starts at another learning rate
+multiplies every eps by its ratio to lr_0; pass lr=<that learning rate> to keep the spec's
+eps values. The module prints lr_0 once when built and warns when the optimizer starts
+elsewhere."""
+HOOKS_DOC = """\
+The optimizer's step hooks do what must happen around its step: before it, the step's
+learning rate; after it, that the step happened."""
+SAMPLED_HOOKS_DOC = """\
+The optimizer's step hooks do what must happen around its step: before it, the step's
+learning rate and, on a detector sample step, the gradient norm and a snapshot of the
+parameters; after it, that the step happened."""
+STATE_DOC = """\
+perturb.eps is the eps of the last step (None before the first), perturb.phase the
+phase's name (None in arms without a detector); state_dict() and load_state_dict() hold
+the noise generators, {detector}the step count and the settings, for an exact resume.
+Under DDP build it on every rank, with the same seed: every rank draws the same noise.{ranks}"""
+RANKS = "Rank 0's detector decides, and its phase is broadcast to the other ranks."
+STEP_DOC = """\
+After optimizer.step(): the noise; returns eps. None back means the grad scaler skipped
+the step (its gradients hold inf or NaN): no step, no noise, no count."""
+SAMPLED_STEP_DOC = """\
+After optimizer.step(): on a sample step the detector's sample, with this step's
+training loss, then the noise; returns eps. None back means the grad scaler skipped
+the step (its gradients hold inf or NaN): no step, no noise, no count."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +166,53 @@ class ExportModel:
     @property
     def reference_lr(self) -> float:
         return self.value("LR")
+
+    @property
+    def variant(self) -> str:
+        """The template under templates/export/ with the drop-in class's methods for this arm."""
+        return VARIANTS[self.perturbation_class]
+
+    @property
+    def method_modules(self) -> tuple[str, ...]:
+        """The modules under generator/method/ the module holds, in the order they build on
+        each other: the detector and its sampling only where eps(t) reads the phase."""
+        detector = ("detector",) if self.detector else ()
+        sampling = ("sampling",) if self.detector else ()
+        return ("seeds", *detector, self.policy, "noise", *self.peer_modules, *sampling)
+
+    @property
+    def intro_lines(self) -> tuple[str, ...]:
+        """The module docstring's account of the noise: how it enters, eps(t), what its clock
+        counts, and under noise scale 'lr' the reference learning rate, between blank lines."""
+        sentence = self.noise_rule[0] if self.peer_modules else DROP_IN_NOISE
+        rule = (self.noise_rule[1], self.eps_formula, self.eps_values)
+        lines = (sentence, *(f"    {line}" for line in rule), *CLOCKS.get(self.kind, ()))
+        if not self.scales_with_lr:
+            return lines
+        return (*lines, "", *LR_DOC.format(lr=pyrepr(self.reference_lr)).splitlines(), "")
+
+    @property
+    def example_arguments(self) -> str:
+        """AdaptivePerturbation's keywords in the docstring's plain loop: the seed, and lr_0
+        where the noise follows the learning rate."""
+        lr = f", lr={pyrepr(self.reference_lr)}" if self.scales_with_lr else ""
+        return f"seed=0{lr}"
+
+    @property
+    def hook_lines(self) -> tuple[str, ...]:
+        """The class docstring's account of what the optimizer's step hooks take."""
+        return tuple((SAMPLED_HOOKS_DOC if self.detector else HOOKS_DOC).splitlines())
+
+    @property
+    def state_lines(self) -> tuple[str, ...]:
+        """The class docstring's account of the state, and of the ranks under DDP."""
+        detector, ranks = ("the detector, ", f"\n{RANKS}") if self.detector else ("", "")
+        return tuple(STATE_DOC.format(detector=detector, ranks=ranks).splitlines())
+
+    @property
+    def step_doc_lines(self) -> tuple[str, ...]:
+        """step()'s docstring: what it does after the optimizer step."""
+        return tuple((SAMPLED_STEP_DOC if self.detector else STEP_DOC).splitlines())
 
 
 def export_model(arm: RenderModel, module: str = MODULE) -> ExportModel:

@@ -39,6 +39,15 @@ NORMALIZATION = {
 # train.loggers: the PyPI package each tracker comes from (the extra of the same name).
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow-skinny"}
 
+# The standard-library modules the support module always imports, those a data source adds
+# (templates/data/<source>.py.jinja), and those import_factory and call_factory add.
+SUPPORT_IMPORTS = frozenset(
+    "argparse ast contextlib fcntl gc hashlib json math os shutil signal socket statistics sys "
+    "time warnings".split()
+)
+DATA_IMPORTS = {"cifar": ("pickle",), "custom": ("contextlib", "operator", "random")}
+FACTORY_IMPORTS = ("importlib", "inspect")
+
 SEED_COMMENT = ("seeds init, data order and dropout", "seeds init, data order, dropout and noise")
 
 
@@ -104,6 +113,7 @@ class RenderModel:
     no_decay: bool = False  # optimizer.no_decay: two parameter groups, one without decay
     policy: str = ""  # the eps(t) policy's module under generator/method/ ("" in a baseline)
     policy_arguments: tuple[str, ...] = ()  # its constructor keywords: constants, lower case
+    data_arguments: tuple[str, ...] = ()  # load_data's keywords: the data constants, lower case
     # the names this arm's script takes from the spec's support module (render fills it in)
     support_imports: tuple[str, ...] = ()
 
@@ -111,6 +121,92 @@ class RenderModel:
     def support_module(self) -> str:
         """The module beside the scripts that every arm of the spec shares (its import name)."""
         return support_module(self.spec_name)
+
+    @property
+    def optimizer_family(self) -> str:
+        """The optimizer's template, templates/optimizer/<family>.py.jinja: Adam and AdamW
+        share one (optimizer_class names which)."""
+        return "sgd" if self.optimizer == "sgd" else "adam"
+
+    @property
+    def optimizer_class(self) -> str:
+        """torch.optim's class of the spec's optimizer."""
+        return {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}[self.optimizer]
+
+    @property
+    def readme_arm(self) -> str:
+        """The README table's arm cell: its kind, and the sections an extra baseline overrides."""
+        return f"{self.kind} (overrides: {self.override})" if self.override else self.kind
+
+    @property
+    def readme_eps(self) -> str:
+        """The README table's eps(t) cell: the formula, and the spec's numbers in it."""
+        return f"`{self.eps_formula}`" + (f"; {self.eps_values}" if self.eps_values else "")
+
+    @property
+    def doc_head_lines(self) -> tuple[str, ...]:
+        """The docstring under its title: the spec's description and the arm's sentence, the
+        method's lines, and where the spec has its own code, how the script finds it."""
+        lines = self.about_lines + ("",) + self.method_lines
+        if not self.factories:
+            return lines
+        return (
+            lines
+            + ("", "The spec's own code, imported by name when the run starts:")
+            + tuple(f"    {ref}" for ref in self.factory_refs)
+            + (
+                "Install those modules, or put the folder that holds them on PYTHONPATH (perturbgen ablate",
+                f"puts the spec file's folder there): PYTHONPATH=SPEC_FOLDER python {self.script}",
+            )
+        )
+
+    @property
+    def replicas_note(self) -> str:
+        """What the docstring adds to "the replicas stay bit-identical" in a perturbing arm."""
+        return " (every rank draws the same noise)" if self.perturbs else ""
+
+    @property
+    def tracker_line(self) -> str:
+        """The docstring's line on the experiment trackers, with its newline ("" if none)."""
+        if not self.logs:
+            return ""
+        return f"The run is also logged to {', '.join(self.loggers)} (train.loggers; see ExperimentLog).\n"
+
+    @property
+    def about_lines(self) -> tuple[str, ...]:
+        """The docstring's opening under its title: the spec's description (if any), then
+        the sentence naming the arm."""
+        return self.description_lines + ("",) * bool(self.description_lines) + (self.arm_line,)
+
+    @property
+    def arm_line(self) -> str:
+        """The docstring's sentence naming the arm: of the ablation, or an extra baseline."""
+        if self.override:
+            return f"Arm `{self.arm}`: an extra baseline, the spec with its own {self.override} section(s)."
+        return f"Arm `{self.arm}` of an ablation of adaptive perturbation training."
+
+    @property
+    def method_lines(self) -> tuple[str, ...]:
+        """The docstring's account of the arm's noise: the update, eps(t) with the spec's
+        numbers, and what its symbols count."""
+        if not self.perturbs:
+            return (
+                "No perturbation: plain training, the reference every other arm is compared with.",
+            )
+        sentence, update = self.noise_rule
+        lines = (sentence, f"    {update}", f"    {self.eps_formula}", f"    {self.eps_values}")
+        if self.kind == "full":
+            return lines + (
+                "p is the phase the detector reports (exploration, convergence, fine_tuning);",
+                "t_p counts optimizer steps since p began.",
+            )
+        if self.detector:
+            return lines + (
+                "p is the phase the detector reports (exploration, convergence, fine_tuning).",
+            )
+        if self.kind == "fixed":
+            return lines
+        return lines + ("t counts optimizer steps from 0.",)
 
     @property
     def perturbs(self) -> bool:
@@ -145,16 +241,11 @@ class RenderModel:
         return "wandb" in self.loggers or "mlflow" in self.loggers
 
     @property
-    def tracker_packages(self) -> dict[str, str]:
-        """The PyPI package of each tracker, for the error a missing one gets."""
-        return {name: TRACKER_PACKAGES[name] for name in self.loggers}
-
-    @property
     def static_graph(self) -> bool:
         """DDP's static_graph: only where the graph is known to be the same at every step
         (a built-in architecture; no no_sync micro-batches, under which DDP's static graph
         mis-counts gradients, pytorch#143580; not compiled, a pairing not measured)."""
-        library = self.arch in ("custom", "torchvision", "timm")
+        library = self.arch == "custom" or self.arch in LIBRARY_ARCHES
         return not (library or self.accumulates or self.compile)
 
     @property
@@ -179,10 +270,25 @@ class RenderModel:
         return self.perturbs and policy(self.kind).needs_detector
 
     @property
+    def method_modules(self) -> tuple[str, ...]:
+        """The modules of generator/method/ the arm's method section emits, in order: the
+        detector where its eps(t) needs the phase, the policy, a peer's own modules."""
+        return ("detector",) * self.detector + (self.policy,) + self.peer_modules
+
+    @property
+    def detector_template(self) -> str:
+        """templates/perturbation/<name>.py.jinja: the detector make_perturbation builds."""
+        return "detector" if self.detector else "none"
+
+    @property
     def detector_takes_norm(self) -> bool:
         """Whether the detector samples the pre-clip gradient norm that clipping measured,
         handed to perturbation.step, instead of measuring it itself."""
         return self.detector and self.clips
+
+
+# model.arch values whose network an optional package builds (imported when it is built)
+LIBRARY_ARCHES = ("torchvision", "timm")
 
 
 @dataclass(frozen=True)
@@ -201,9 +307,41 @@ class SupportModel:
         return tuple(sorted({arm.data_source for arm in self.arms}))
 
     @property
+    def datasets(self) -> tuple[tuple[str, str], ...]:
+        """(dataset, its data source) of every dataset the arms read: load_data's dispatch."""
+        return tuple(sorted({(arm.dataset, arm.data_source) for arm in self.arms}))
+
+    @property
+    def stdlib_imports(self) -> tuple[str, ...]:
+        """The standard-library modules the module imports: its own, and those of the data
+        sources, factories and library models the arms use (PIL, mnist1d, torchvision and
+        timm are imported where used)."""
+        extra = {m for arm in self.arms for m in DATA_IMPORTS.get(arm.data_source, ())}
+        extra |= set(FACTORY_IMPORTS) if self.any("factories") else set()
+        extra |= {"importlib"} if self.imports_by_name else set()
+        return tuple(sorted(SUPPORT_IMPORTS | extra))
+
+    @property
     def arches(self) -> tuple[str, ...]:
         """The model templates the arms build, templates/model/<arch>.py.jinja, each once."""
         return tuple(sorted({arm.arch for arm in self.arms}))
+
+    @property
+    def tracker_packages(self) -> dict[str, str]:
+        """The PyPI package of every tracker ExperimentLog opens (whichever an arm asks for),
+        for the error a missing one gets."""
+        return dict(TRACKER_PACKAGES)
+
+    @property
+    def library_arches(self) -> tuple[str, ...]:
+        """The arches whose models come from an optional package, imported when built."""
+        return tuple(arch for arch in self.arches if arch in LIBRARY_ARCHES)
+
+    @property
+    def imports_by_name(self) -> bool:
+        """Whether the module imports modules by name when a run starts (importlib): a
+        user's factory, or a library model's package."""
+        return self.any("factories") or bool(self.library_arches)
 
     def any(self, field: str) -> bool:
         """Whether any arm's `field` is true (e.g. "crop_flip", "loader_data", "logs")."""
@@ -310,12 +448,11 @@ def eps_formula(spec: Spec, kind: str) -> tuple[str, str]:
     }[kind]
 
 
-def constants(spec: Spec, arm: str, kind: str) -> tuple[Constant, ...]:
+def data_constants(spec: Spec) -> list[Constant]:
+    """The data section's constants: the arm passes them to load_data (DATA_ROOT, the
+    default of --data-root, as its first argument; the rest by name, see data_arguments)."""
     shape, classes = input_shape(spec)
     c = [
-        Constant("SPEC_NAME", spec.name, "the spec this script was generated from"),
-        Constant("ARM", arm, "the ablation arm"),
-        Constant("SEED", spec.seed, SEED_COMMENT[kind != "baseline"]),
         Constant("DATASET", spec.data.dataset, "--smoke swaps in synthetic data of this shape"),
         Constant("DATA_ROOT", spec.data.root, "folder holding (or caching) the data"),
         Constant("INPUT_SHAPE", shape, "one example, without the batch dimension"),
@@ -352,14 +489,30 @@ def constants(spec: Spec, arm: str, kind: str) -> tuple[Constant, ...]:
             Constant("NORM_MEAN", mean, "per-channel mean of the training images"),
             Constant("NORM_STD", std, "per-channel std of the training images"),
         ]
-    c.append(Constant("BATCH_SIZE", spec.data.batch_size, "examples per optimizer step"))
+    return c
+
+
+def data_arguments(spec: Spec) -> tuple[str, ...]:
+    """load_data's keywords in an arm's call: its data constants but DATA_ROOT, lower case."""
+    return tuple(c.name.lower() for c in data_constants(spec) if c.name != "DATA_ROOT")
+
+
+def constants(spec: Spec, arm: str, kind: str) -> tuple[Constant, ...]:
+    shape, _ = input_shape(spec)
+    c = [
+        Constant("SPEC_NAME", spec.name, "the spec this script was generated from"),
+        Constant("ARM", arm, "the ablation arm"),
+        Constant("SEED", spec.seed, SEED_COMMENT[kind != "baseline"]),
+        *data_constants(spec),
+        Constant("BATCH_SIZE", spec.data.batch_size, "examples per optimizer step"),
+    ]
     model = spec.model
     if model.arch == "mlp":
         c.append(Constant("IN_FEATURES", math.prod(shape), "flattened input size"))
         c.append(Constant("HIDDEN", tuple(model.hidden), "hidden layer widths"))
     elif model.arch == "cnn1d":
         c.append(Constant("WIDTH", model.width, "channels of each convolution"))
-    elif model.arch in ("torchvision", "timm"):
+    elif model.arch in LIBRARY_ARCHES:
         c += [
             Constant("LIBRARY_MODEL", model.name, f"the {model.arch} model, random init"),
             Constant("MODEL_ARGS", model.args, "its further keyword arguments"),
@@ -413,28 +566,22 @@ def constants(spec: Spec, arm: str, kind: str) -> tuple[Constant, ...]:
         Constant("CHANNELS_LAST", spec.train.channels_last, "NHWC conv weights and images"),
         Constant("CHECK_EVERY", spec.train.check_every, "optimizer steps between check points"),
     ]
-    t = spec.train
-    if t.clip_grad_norm is not None:
-        c.append(Constant("CLIP_GRAD_NORM", t.clip_grad_norm, "max global gradient L2 norm"))
-    if t.accumulate > 1:
-        c.append(Constant("ACCUMULATE", t.accumulate, "micro-batches per optimizer step"))
-    if t.label_smoothing > 0:
-        c.append(Constant("LABEL_SMOOTHING", t.label_smoothing, "of the training loss only"))
+    t, ema, stop = spec.train, spec.train.ema, spec.train.early_stop
+    c += [  # features the same in every arm, off by default
+        Constant("AMP", t.amp, "autocast: none, bf16, or fp16 with a grad scaler"),
+        Constant("COMPILE", t.compile, "torch.compile the model"),
+        Constant("ACCUMULATE", t.accumulate, "micro-batches per optimizer step"),
+        Constant("CLIP_GRAD_NORM", t.clip_grad_norm, "max global gradient L2 norm, or None"),
+        Constant("LABEL_SMOOTHING", t.label_smoothing, "of the training loss only"),
+        Constant("EMA_DECAY", ema.decay if ema else None, "EMA of the weights, or None"),
+        Constant("EMA_EVERY", ema.every if ema else 1, "optimizer steps between EMA updates"),
+        Constant("EARLY_STOP_PATIENCE", stop.patience if stop else None, "epochs, or None"),
+        Constant("EARLY_STOP_MIN_DELTA", stop.min_delta if stop else 0.0, "val acc gain"),
+    ]
     if spec.train.loggers:
         c += [
             Constant("LOGGERS", tuple(spec.train.loggers), "experiment trackers logged to"),
             Constant("LOG_EVERY", spec.train.log_every, "optimizer steps between step scalars"),
-        ]
-    ema, stop = spec.train.ema, spec.train.early_stop
-    if ema:
-        c += [
-            Constant("EMA_DECAY", ema.decay, "weight of the old average at each EMA update"),
-            Constant("EMA_EVERY", ema.every, "optimizer steps between EMA updates"),
-        ]
-    if stop:
-        c += [
-            Constant("EARLY_STOP_PATIENCE", stop.patience, "epochs without val-acc improvement"),
-            Constant("EARLY_STOP_MIN_DELTA", stop.min_delta, "val acc gain that counts"),
         ]
     p = spec.perturbation
     if kind != "baseline":
@@ -529,6 +676,7 @@ def plan(spec: Spec, doc: Located) -> list[RenderModel]:
                 no_decay=bool(s.optimizer.no_decay),
                 policy=POLICIES.get(kind, ""),
                 policy_arguments=policy_arguments(kind) if kind in POLICIES else (),
+                data_arguments=data_arguments(s),
             )
         )
     return models

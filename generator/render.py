@@ -58,6 +58,12 @@ def pyrepr(value: Any) -> str:
     raise GenerationError(f"cannot emit a value of type {type(value).__name__}")
 
 
+def keywords(names: tuple[str, ...]) -> str:
+    """Keyword arguments that pass constants of the same names: ("lr", "decay") ->
+    "lr=LR, decay=DECAY, " (the trailing comma lets black put one per line)."""
+    return "".join(f"{name}={name.upper()}, " for name in names)
+
+
 @cache
 def environment() -> jinja2.Environment:
     env = jinja2.Environment(
@@ -69,6 +75,7 @@ def environment() -> jinja2.Environment:
         autoescape=False,
     )
     env.filters["pyrepr"] = pyrepr
+    env.filters["keywords"] = keywords
     # the method's own Python (generator/method/), emitted as it is: the generator's source,
     # never user text
     env.globals["method_source"] = method_source
@@ -194,7 +201,7 @@ def script_source(model: RenderModel, support: str) -> str:
     """An arm's script before black (format_sources formats many at once): it imports from
     the support module (source `support`) exactly the names its own code uses."""
     shared = {target.id for node in ast.parse(support).body for target in _bound(node)}
-    draft = ast.parse(_render("train.py.jinja", model))
+    draft = ast.parse(_render("train.py.jinja", replace(model, support_imports=tuple(sorted(shared)))))
     own = {target.id for node in draft.body for target in _bound(node)}
     used = {n.id for n in ast.walk(draft) if isinstance(n, ast.Name)} & shared - own
     return _render("train.py.jinja", replace(model, support_imports=tuple(sorted(used))))

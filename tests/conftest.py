@@ -124,7 +124,7 @@ def evaluate_on_test(script: Path, checkpoint: Path, data_root: Path) -> tuple[f
     model = ns["build_model"]()
     model.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
     model.eval()
-    x, y = ns["load_data"](str(data_root), False, 0, torch.device("cpu")).eval_sets["test"]
+    x, y = scriptload.arm_data(ns, data_root, False, 0, torch.device("cpu")).eval_sets["test"]
     with torch.no_grad():
         logits = model(x)
     return (

@@ -15,7 +15,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from generator.scriptload import load_script
+from generator.scriptload import arm_data, load_script
 
 script, module, steps, epochs, seed, out = sys.argv[1:]
 steps, epochs, seed = int(steps), int(epochs), int(seed)
@@ -25,7 +25,7 @@ ap = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(ap)
 
 device = torch.device("cpu")
-data = ns["load_data"](ns["DATA_ROOT"], False, seed, device)
+data = arm_data(ns, ns["DATA_ROOT"], False, seed, device)
 batch_size = ns["BATCH_SIZE"]
 steps_per_epoch = (data.train_size + batch_size - 1) // batch_size
 warmup_steps = round(ns["WARMUP_EPOCHS"] * steps_per_epoch)

@@ -136,7 +136,9 @@ def test_every_arm_applies_the_features_alike(tmp_path, bn_net, amp):
     no undefined or unused name in any arm."""
     folder = generate(tmp_path, FEATURES, f"train.amp={amp}")
     base = (folder / "train_baseline.py").read_text()
-    assert "class EMA" in base and "def stops_early" in base and "def decay_groups" in base
+    assert "ema = EMA(model, EMA_DECAY, EMA_EVERY, build_model, memory_format)" in base
+    assert "stops_early(state['history'], EARLY_STOP_PATIENCE" in base.replace('"', "'")
+    assert "decay_groups(model, NO_DECAY)" in base
     for arm in ("fixed", "full"):
         problems = arm_differences(base, (folder / f"train_{arm}.py").read_text())
         assert not problems, arm + "\n" + "\n".join(problems)
@@ -280,7 +282,7 @@ def test_the_stop_epoch_on_scripted_curves(tmp_path):
         history = []
         for epoch, acc in enumerate(curve, 1):
             history.append({"val_acc": acc})
-            if module.stops_early(history):
+            if module.stops_early(history, module.EARLY_STOP_PATIENCE, 0.125):
                 return epoch
         return None
 
@@ -290,7 +292,8 @@ def test_the_stop_epoch_on_scripted_curves(tmp_path):
     # a rise of exactly min_delta does not count, and the best moves only on a counted rise:
     assert stop_epoch([0.25, 0.3125, 0.375]) == 3  # creeping up by less than min_delta
     assert stop_epoch([0.25, 0.3125, 0.40625]) is None  # 0.40625 > 0.25 + 0.125 counts
-    assert module.epochs_without_improvement([]) == 0
+    assert module.stops_early([{"val_acc": 0.5}] * 9, None, 0.125) is False  # no early stop
+    assert module.EARLY_STOP_MIN_DELTA == 0.125
 
 
 def test_a_run_stops_early_is_completed_and_resumes_as_stopped(tmp_path, bn_net):

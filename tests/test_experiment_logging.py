@@ -120,18 +120,23 @@ def test_arms_still_differ_by_the_perturbation_alone(scripts):
         assert not problems, arm + "\n" + "\n".join(problems)
 
 
-def test_only_the_trackers_asked_for_are_in_a_script(tmp_path):
+def test_only_the_trackers_asked_for_are_imported(tmp_path, monkeypatch):
     only_tb = MINIMAL.replace(
         "stability_window: 2}", "stability_window: 2, loggers: [tensorboard]}"
     )
     script = generate(tmp_path, only_tb) / "train_fixed.py"
     source = script.read_text()
-    assert "SummaryWriter" in source
+    assert "\nLOGGERS = (\"tensorboard\",)  #" in source and "    ExperimentLog,\n" in source
     assert not any(word in source.lower() for word in ("wandb", "w&b", "mlflow"))
     parser = script_namespace(script)["build_parser"]()
     flags = {a.option_strings[-1] for a in parser._actions}
     assert not flags & {"--log-group", "--log-root"}  # TensorBoard groups by folder alone
-    # the golden scripts of specs that log to nothing hold no logging code
+    for module in ("wandb", "mlflow"):  # the support module's other trackers stay unimported
+        monkeypatch.setitem(sys.modules, module, None)
+    result = run_inprocess(script, "--out", tmp_path / "run", "--smoke")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "run" / "tensorboard").is_dir()
+    # the golden scripts and support modules of specs that log to nothing hold no logging code
     quiet = [
         folder
         for folder in GENERATED.iterdir()
@@ -140,8 +145,11 @@ def test_only_the_trackers_asked_for_are_in_a_script(tmp_path):
             "loggers"
         ]
     ]
-    golden = [p.read_text() for folder in quiet for p in folder.glob("train_*.py")]
-    assert len(quiet) >= 5 and not any("ExperimentLog" in s or "--log-group" in s for s in golden)
+    golden = [p.read_text() for folder in quiet for p in folder.glob("*.py")]
+    assert len(quiet) >= 5 and not any("ExperimentLog" in s for s in golden)
+    # (the shared parser offers --log-group only to an arm that names a grouping tracker)
+    scripts = [p.read_text() for folder in quiet for p in folder.glob("train_*.py")]
+    assert not any("LOGGERS" in s or "experiment.log" in s for s in scripts)
 
 
 @pytest.mark.parametrize(
@@ -256,6 +264,39 @@ def test_every_tracker_holds_the_run(straight):
     ]
     assert sorted(history) == val_acc
     assert mlrun.data.metrics["summary/test_acc"] == summary["test_acc"]
+
+
+def test_the_support_module_logs_any_arm_from_its_arguments(scripts, tmp_path, monkeypatch):
+    """ExperimentLog reads no script constant: trackers, spec, arm and group arrive as
+    arguments, so one support module serves arms that log differently (here W&B alone, from
+    the support module of scripts that log to all three)."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    experiment = script_namespace(scripts[0] / "train_full.py")["ExperimentLog"](
+        ("wandb",), "other", "arm_x", group="grp"
+    )
+    out = tmp_path / "run"
+    out.mkdir()
+    experiment.start(out, "other-arm_x-seed3", {"seed": 3}, 0, False)
+    experiment.log({"train/loss": 0.5, "train/eps": float("nan")}, 1)
+    experiment.summary({"steps": 1, "status": "completed", "test_acc": 0.75})
+    experiment.close()
+    import wandb
+
+    wandb.teardown()  # the service writes the run's file out, as at the end of a process
+    (records,) = wandb_records(out)
+    (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert (run.display_name, run.run_group, run.job_type, run.project) == (
+        "other-arm_x-seed3",
+        "grp",
+        "arm_x",
+        "other",
+    )
+    history = wandb_history(records)
+    assert history["train/loss"] == [(1, 0.5)] and "train/eps" not in history  # NaN: dropped
+    assert history["summary/test_acc"] == [(1, 0.75)]
+    assert json.loads((out / "loggers.json").read_text()) == {"wandb": run.run_id}
+    assert not (out / "tensorboard").exists()
 
 
 def test_logging_changes_no_training(straight, scripts, tmp_path):

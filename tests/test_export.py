@@ -17,6 +17,10 @@ import torch
 import torch.nn.functional as F
 from conftest import GENERATED, REPO, cli, load_module, readme_snippets
 
+from generator.export import VARIANTS, export_model
+from generator.plan import plan
+from generator.render import load_spec, templates_dir
+
 SPEC = REPO / "specs" / "synthetic_mlp.yaml"
 MODULES = sorted(GENERATED.glob("*/adaptive_perturbation.py"))
 # the detector samples every step over a window of 4: phase changes within a few dozen steps
@@ -164,7 +168,9 @@ def test_scale_lr_names_its_reference_lr_and_warns_once_when_the_optimizer_diffe
     said, eps = [], []
     for kwargs in ({}, {}, {"lr": 0.1}, {"lr": 0.1, "warmup": True}):
         torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+        model = torch.nn.Sequential(
+            torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)
+        )
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         if kwargs.pop("warmup", False):
             torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)
@@ -195,6 +201,79 @@ def test_an_absolute_scale_module_says_nothing_about_the_lr(capsys):
     train(model, optimizer, perturb, 1)
     perturb.remove()
     assert capsys.readouterr().err == ""
+
+
+# -- the render model: what varies by arm is a field, and the class's variants are files ----
+
+
+def export_models(*overrides: str) -> dict:
+    """The export render model of each perturbing arm of mnist1d_cnn (all six kinds)."""
+    spec, doc = load_spec(REPO / "specs" / "mnist1d_cnn.yaml", list(overrides))
+    return {m.arm: export_model(m) for m in plan(spec, doc) if m.perturbs}
+
+
+def test_each_kind_picks_its_class_variant_and_the_method_modules_it_needs():
+    models = export_models()
+    assert {arm: m.variant for arm, m in models.items()} == {
+        "fixed": "parameter_noise",
+        "schedule_only": "parameter_noise",
+        "phase_only": "sampled_parameter_noise",
+        "full": "sampled_parameter_noise",
+        "gradient_noise": "gradient_noise",
+        "anti_pgd": "anti_pgd",
+    }
+    assert models["fixed"].method_modules == ("seeds", "eps_fixed", "noise")
+    assert models["full"].method_modules == ("seeds", "detector", "eps_full", "noise", "sampling")
+    assert models["anti_pgd"].method_modules == (
+        *("seeds", "eps_anti_pgd", "noise", "drawn", "anti_pgd"),
+    )
+
+
+def test_the_docstrings_lines_follow_the_arm():
+    absolute, lr = export_models(), export_models("perturbation.scale=lr")
+    fixed = absolute["fixed"]
+    assert fixed.intro_lines == (
+        (
+            "After every real optimizer step the parameters the optimizer trains receive "
+            "Gaussian noise:"
+        ),
+        "    theta <- theta + eps(t) * xi,   xi ~ N(0, I) from a dedicated generator",
+        "    eps(t) = eps_fixed",
+        "    eps_fixed = 0.001",
+    )
+    assert fixed.example_arguments == "seed=0"
+    assert (
+        absolute["phase_only"].intro_lines[-1].endswith("(exploration, convergence, fine_tuning).")
+    )
+    assert absolute["full"].intro_lines[-1] == "t_p counts optimizer steps since p began."
+    gradient = absolute["gradient_noise"].intro_lines
+    assert gradient[0].startswith("Before every optimizer step the gradient receives")
+    assert gradient[-1] == "t counts optimizer steps from 0."
+    full = lr["full"].intro_lines
+    paragraph = full[full.index("") :]  # between blank lines, with the spec's optimizer.lr
+    assert paragraph[0] == paragraph[-1] == "" and "spec's optimizer.lr (0.1)." in paragraph[3]
+    assert lr["full"].example_arguments == "seed=0, lr=0.1"
+    for arm, m in absolute.items():
+        detector = arm in ("phase_only", "full")
+        assert ("the detector, " in m.state_lines[2]) == detector, arm
+        assert ("Rank 0's detector decides" in m.state_lines[-1]) == detector, arm
+        assert ("a snapshot of the" in m.hook_lines[1]) == detector, arm
+        assert ("the detector's sample" in m.step_doc_lines[0]) == detector, arm
+        # as the docstrings indent them (the class's by 4, step()'s by 8): under 100 columns
+        assert all(len(line) < 96 for line in m.hook_lines + m.state_lines), arm
+        assert all(len(line) < 92 for line in m.step_doc_lines), arm
+
+
+def test_the_export_templates_read_like_their_output():
+    """No template of the module over 400 lines, at most 5 control tags (if, elif, else, for)
+    per 100 lines; every class variant the render model can name is a file."""
+    templates = templates_dir()
+    for path in [templates / "adaptive_perturbation.py.jinja", *templates.glob("export/*")]:
+        text = path.read_text()
+        lines, tags = text.count("\n"), len(re.findall(r"\{%-?\s*(if|elif|else|for)\b", text))
+        assert lines <= 400 and tags * 100 <= 5 * max(lines, 100), (path.name, lines, tags)
+    for variant in VARIANTS.values():
+        assert (templates / "export" / f"{variant}.py.jinja").is_file(), variant
 
 
 # -- the proof: the same method as the scripts ---------------------------------------------

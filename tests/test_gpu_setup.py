@@ -49,10 +49,13 @@ def test_every_arm_sets_up_the_gpu_alike(script):
         function(tree, "build_optimizer")
     )
     main = ast.unparse(function(tree, "main"))
-    assert "setup_distributed(args.device)\n    use_fast_cuda_kernels(device)" in main
-    # DDP's wrapper is shared: the folder's support module holds it, the arm holds none
+    assert "with training_process(args.device, out, DETERMINISTIC" in main
+    # the process set-up and DDP's wrapper are shared: the folder's support module holds
+    # them, the arm holds none
     (support,) = script.parent.glob("*_support.py")
     shared = ast.parse(support.read_text())
+    process = ast.unparse(function(shared, "training_process"))
+    assert "setup_distributed(device_name)\n    use_fast_cuda_kernels(device, deterministic)" in process
     (ddp,) = calls(function(shared, "wrap_ddp"), "DistributedDataParallel")
     settings = keywords(ddp)
     assert settings["gradient_as_bucket_view"] == "True"
@@ -116,7 +119,11 @@ def backend_state():
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_fast_cuda_kernels_on_a_gpu_only(deterministic, backend_state, tmp_path):
     folder = generate(tmp_path, MINIMAL, f"train.deterministic={str(deterministic).lower()}")
-    use_fast_cuda_kernels = namespace(folder / "train_fixed.py")["use_fast_cuda_kernels"]
+    ns = load_script(str(folder / "train_fixed.py"), support=True)
+
+    def use_fast_cuda_kernels(device):
+        ns["use_fast_cuda_kernels"](device, ns["DETERMINISTIC"])
+
     torch.set_float32_matmul_precision("highest")
     torch.backends.cudnn.benchmark = False
     use_fast_cuda_kernels(torch.device("cpu"))  # the CPU is left alone: the golden bits

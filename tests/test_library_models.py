@@ -144,17 +144,18 @@ for script, *args in json.loads(sys.argv[1]):
         sys.exit(f"{script} {args} returned {code}")
 """
 
-# Prints, per script in argv[1:], its build_model()'s parameter count and that of the
-# library's own builder called with the same name and class count.
+# Prints, per (arch, script) pair in argv[1:], the script's build_model()'s parameter count
+# and that of the library's own builder called with the same name and class count.
 COUNT_BOTH = LOADER + """\
 import sys
-for script in sys.argv[1:]:
+import timm, torchvision
+for arch, script in zip(sys.argv[1::2], sys.argv[2::2]):
     ns = load_script(script, run_name="perturbgen_test")
     name, classes = ns["LIBRARY_MODEL"], ns["NUM_CLASSES"]
-    if "timm" in ns and ns["timm"] is not None:
-        own = ns["timm"].create_model(name, pretrained=False, num_classes=classes)
+    if arch == "timm":
+        own = timm.create_model(name, pretrained=False, num_classes=classes)
     else:
-        own = ns["torchvision"].models.get_model_builder(name)(weights=None, num_classes=classes)
+        own = torchvision.models.get_model_builder(name)(weights=None, num_classes=classes)
     count = lambda model: sum(p.numel() for p in model.parameters())
     print(count(ns["build_model"]()), count(own))
 """
@@ -261,7 +262,7 @@ def test_parameter_counts_are_the_published_ones(lib_python, tmp_path):
     scripts = []
     for arch, name in PUBLISHED:
         spec = spec_text(arch, name).replace("num_classes: 10", "num_classes: 1000")
-        scripts.append(generate(tmp_path / f"{arch}_{name}", spec) / "train_baseline.py")
+        scripts += [arch, generate(tmp_path / f"{arch}_{name}", spec) / "train_baseline.py"]
     lines = in_lib_env(lib_python, COUNT_BOTH, *scripts, cwd=tmp_path).splitlines()
     counts = {key: tuple(map(int, line.split())) for key, line in zip(PUBLISHED, lines)}
     assert counts == {key: (n, n) for key, n in PUBLISHED.items()}

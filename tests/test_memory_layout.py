@@ -11,7 +11,7 @@ import torch
 from conftest import MINIMAL, generate, run_inprocess
 
 from generator.method.noise import STORAGE_CHECK_EVERY
-from generator.scriptload import load_script
+from generator.scriptload import arm_data, load_script
 
 ARMS = MINIMAL.replace("[baseline, fixed]", "[baseline, fixed, full]")
 
@@ -33,7 +33,7 @@ def arms(tmp_path_factory):
     "convert", [torch.nn.Module.half, lambda m: m.to(memory_format=torch.channels_last)]
 )
 def test_a_conversion_after_construction_is_caught_at_the_next_check(arms, arm, convert):
-    ns = load_script(str(arms / f"train_{arm}.py"), run_name="perturbgen_test")
+    ns = load_script(str(arms / f"train_{arm}.py"), run_name="perturbgen_test", support=True)
     model = small_convnet()
     ns["flatten_parameters"](model)
     perturbation = ns["make_perturbation"](model, 0, torch.device("cpu"), "torch")
@@ -92,7 +92,11 @@ def test_the_epochs_order_crops_and_flips_are_todays_stream(rank, world, first):
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (90, 3, 32, 32), dtype=torch.uint8, generator=g)
     y = torch.randint(0, 10, (90,), generator=g)
-    data = ns["TensorData"](x, y, x[:8], y[:8], 10, torch.device("cpu"), rank, world)
+    support = ns["load_data"].__globals__  # the support module, where the data code lives
+    inputs = support["Inputs"](torch.device("cpu"), ns["NORM_MEAN"], ns["NORM_STD"])
+    data = support["TensorData"](
+        x, y, x[:8], y[:8], inputs, rank, world, dataset="cifar10", val_size=10, crop_flip=True
+    )
     order = torch.randperm(data.train_size, generator=g)
     batches = list(data.train_batches(order, first, 16, 7, 3))
     expected = list(todays_crop_flip_batches(ns, data, order, first, 16, 7, 3, rank, world))
@@ -122,7 +126,7 @@ def test_channels_last_weights_are_views_of_the_flat_buffer(channels_last_fixed)
     torch.manual_seed(0)
     model = ns["build_model"]()
     before = [p.detach().clone() for p in model.parameters()]
-    memory_format = ns["memory_format_for"](model, cpu)
+    memory_format = ns["memory_format_for"](model, cpu, ns["CHANNELS_LAST"])
     assert memory_format == torch.channels_last
     ns["flatten_parameters"](model, memory_format)
     perturbation = ns["make_perturbation"](model, 0, cpu, "torch")  # checks the one buffer
@@ -144,7 +148,9 @@ def test_channels_last_is_auto_for_conv_nets_on_cuda_only(tmp_path):
     ns = load_script(str(folder / "train_baseline.py"), run_name="perturbgen_test")
     assert ns["CHANNELS_LAST"] == "auto"
     conv, mlp = ns["build_model"](), torch.nn.Linear(3, 3)
-    pick = ns["memory_format_for"]
+    def pick(model, device):
+        return ns["memory_format_for"](model, device, ns["CHANNELS_LAST"])
+
     assert pick(conv, torch.device("cpu")) == torch.preserve_format
     assert pick(conv, torch.device("cuda")) == torch.channels_last  # a device, not a tensor
     assert pick(mlp, torch.device("cuda")) == torch.preserve_format
@@ -152,7 +158,7 @@ def test_channels_last_is_auto_for_conv_nets_on_cuda_only(tmp_path):
 
 def test_channels_last_batches_and_an_exact_resume(channels_last_fixed, tmp_path):
     ns = load_script(str(channels_last_fixed), run_name="perturbgen_test")
-    data = ns["load_data"]("data", True, 0, torch.device("cpu"))
+    data = arm_data(ns, "data", True, 0, torch.device("cpu"))
     data.inputs.memory_format = torch.channels_last
     order = torch.randperm(data.train_size)
     for x, _ in [*data.train_batches(order, 0, 8, 0, 0), *data.eval_batches("val", 8)]:
@@ -176,7 +182,7 @@ def test_persistent_loader_workers_see_each_epoch(tmp_path):
     folder = image_folder_scripts(tmp_path, 2)
     write_image_folder(tmp_path / "images")
     ns = load_script(str(folder / "train_fixed.py"), run_name="perturbgen_test")
-    data = ns["load_data"](str(tmp_path / "images"), False, 0, torch.device("cpu"))
+    data = arm_data(ns, tmp_path / "images", False, 0, torch.device("cpu"))
     order = torch.arange(data.train_size)
     epochs = []
     for epoch in range(3):

@@ -215,7 +215,7 @@ def test_a_run_killed_at_random_points_resumes_to_the_uninterrupted_run(tmp_path
 
 def test_metrics_only_grow_by_the_next_epoch(tmp_path):
 
-    ns = load_script(str(generate(tmp_path) / "train_baseline.py"), run_name="test")
+    ns = load_script(str(generate(tmp_path) / "train_baseline.py"), run_name="test", support=True)
     path = tmp_path / "metrics.jsonl"
     log = ns["MetricsLog"](path, [{"epoch": 1}, {"epoch": 2}])
     for epoch in (2, 1, 4):

@@ -167,3 +167,42 @@ def test_every_variant_has_its_own_template_file():
         assert (templates / "data" / f"{source}.py.jinja").is_file(), dataset
     for module in POLICIES.values():
         assert (METHOD / f"{module}.py").is_file(), module
+
+
+@pytest.mark.parametrize(
+    "spec, arguments",
+    [
+        ("mnist1d_cnn", ("val_size",)),
+        ("cifar10_resnet18", ("val_size", "augment", "norm_mean", "norm_std")),
+        (
+            "imagenet100_efficientnet_b0",
+            ("val_size", "image_size", "workers", "augment", "norm_mean", "norm_std"),
+        ),
+        ("synthetic_mlp", ("train_size", "val_size", "test_size", "synthetic_noise")),
+        ("custom_stripes", ("data_factory", "data_args", "workers", "val_size")),
+    ],
+)
+def test_each_arm_passes_its_data_constants_to_load_data(spec, arguments):
+    """load_data's keywords in an arm's call are its data constants, lower case (DATA_ROOT
+    is --data-root's default, passed as the root): the support module reads no constant."""
+    for model in models_for(REPO / "specs" / f"{spec}.yaml").values():
+        expected = ("dataset", "input_shape", "num_classes", *arguments)
+        assert model.data_arguments == expected, model.arm
+        assert {a.upper() for a in expected} <= set(names(model)), model.arm
+
+
+def test_the_support_module_holds_each_dataset_of_the_arms_once(write_spec):
+    """Arms that read different data (today's checks allow only batch_size, augment and
+    workers to differ): load_data dispatches to each source, and the standard-library
+    modules are those the sources need."""
+    from dataclasses import replace
+
+    from generator.plan import support_model
+
+    models = plan(*load_spec(write_spec(MINIMAL)))
+    alone = support_model(models)
+    assert alone.datasets == (("synthetic", "synthetic"),)
+    assert "pickle" not in alone.stdlib_imports and "json" in alone.stdlib_imports
+    mixed = support_model([models[0], replace(models[1], dataset="cifar10")])
+    assert mixed.datasets == (("cifar10", "cifar"), ("synthetic", "synthetic"))
+    assert "pickle" in mixed.stdlib_imports and "random" not in mixed.stdlib_imports

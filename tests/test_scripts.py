@@ -131,9 +131,13 @@ def test_summary_cv_is_the_sample_cv_of_the_last_window(tmp_path):
     the last STABILITY_WINDOW validation losses; stats.cv_pct is the same number."""
     text = MINIMAL.replace("[baseline, fixed]", "[baseline]")
     folder = generate(tmp_path, text, "train.stability_window=3")
-    summarize = load_script(str(folder / "train_baseline.py"), run_name="perturbgen_test")[
-        "summarize"
-    ]
+    ns = load_script(str(folder / "train_baseline.py"), run_name="perturbgen_test")
+
+    def summarize(history, status, step, elapsed_s):
+        return ns["summarize"](
+            "s", "baseline", history, status, step, elapsed_s, 0.9, ns["STABILITY_WINDOW"]
+        )
+
     history = [
         {"epoch": e, "step": 2 * e, "val_acc": 0.5, "val_loss": loss, "train_s": e, "elapsed_s": e}
         for e, loss in enumerate([9.0, 2.0, 3.0, 4.0], 1)

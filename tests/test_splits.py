@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import GENERATED, MINIMAL, evaluate_on_test, generate, run_inprocess
 
-from generator.scriptload import load_script
+from generator.scriptload import arm_data, load_script
 
 MNIST1D = GENERATED / "mnist1d_cnn" / "train_baseline.py"
 
@@ -27,7 +27,7 @@ def scripts(tmp_path_factory):
 
 def splits_of(script, seed=0, root="unused"):
     ns = load_script(str(script), run_name="perturbgen_test")
-    return ns["load_data"](str(root), False, seed, torch.device("cpu"))
+    return arm_data(ns, root, False, seed, torch.device("cpu"))
 
 
 def rows(x):

@@ -129,7 +129,8 @@ def test_each_arm_holds_only_the_code_it_needs(script):
 # perturbation adds, which is documented in README.md ("How the arms differ"):
 #   - the Perturbation section, the constants only the arm has, the optional imports of
 #     the noise kernels (IMPORTS) and the names only the arm imports from the support module;
-#   - its call sites: statements (and dict entries) that use a name of the perturbation
+#   - its call sites: statements (and dict entries and call arguments) that use a name of
+#     the perturbation
 #     (the section's names, those constants, `perturbation`, and what its step returns,
 #     `eps` and `change`) or one of its record keys (KEYS);
 #   - the baseline's optimizer step that an arm hands to perturbation.step (HANDED_OVER),
@@ -167,22 +168,28 @@ def _uses(node, names):
 
 
 class _Normalize(ast.NodeTransformer):
-    """Drops the perturbation's dict entries and blanks the text of messages."""
+    """Drops the perturbation's dict entries and call arguments, and blanks the text of
+    messages."""
 
     def __init__(self, names):
         self.names = names
 
     def visit_Dict(self, node):
-        self.generic_visit(node)  # inner dicts first: an entry holding one is then kept
+        # decided before the inner calls lose their perturbation arguments; an entry holding
+        # a dict is kept, and its own entries are decided in turn
         pairs = [
             (k, v)
             for k, v in zip(node.keys, node.values)
-            if not (k is not None and _uses(k, self.names)) and not _uses(v, self.names)
+            if not (k is not None and _uses(k, self.names))
+            and (isinstance(v, ast.Dict) or not _uses(v, self.names))
         ]
         node.keys, node.values = [k for k, _ in pairs], [v for _, v in pairs]
-        return node
+        return self.generic_visit(node)
 
     def visit_Call(self, node):
+        # an argument that hands the call something of the perturbation's is a call site
+        node.args = [a for a in node.args if not _uses(a, self.names)]
+        node.keywords = [k for k in node.keywords if not _uses(k.value, self.names)]
         called = node.func.id if isinstance(node.func, ast.Name) else None
         for arg in [*node.args, *(k.value for k in node.keywords if k.arg in MESSAGES)]:
             if called in MESSAGES or arg not in node.args:
@@ -194,7 +201,8 @@ class _Normalize(ast.NodeTransformer):
 
 def _lines(statements, depth, names, out):
     """Each statement as (depth, text, is a call site): a compound statement as its header
-    line, then its bodies; one that is a call site as a whole."""
+    line, then its bodies; one that is a call site as a whole. Whether it is one is decided
+    on the statement as written, its text after _Normalize."""
     for node in statements:
         bodies = [f for f in BODIES if getattr(node, f, None)]
         header = node
@@ -203,10 +211,11 @@ def _lines(statements, depth, names, out):
             for f in bodies:
                 setattr(header, f, [])
         site = _uses(header, names)
-        if site or not bodies or ast.unparse(node) in HANDED_OVER:
-            out.append((depth, ast.unparse(node), site))
+        text = ast.unparse(_Normalize(names).visit(copy.deepcopy(node)))
+        if site or not bodies or text in HANDED_OVER:
+            out.append((depth, text, site))
             continue
-        out.append((depth, ast.unparse(header), False))
+        out.append((depth, ast.unparse(_Normalize(names).visit(copy.deepcopy(header))), False))
         for f in bodies:
             if f in ("orelse", "finalbody"):
                 out.append((depth, "else:" if f == "orelse" else "finally:", False))
@@ -257,7 +266,7 @@ def arm_differences(baseline_source, arm_source):
             if n not in section and not (_bound(n) and _bound(n) <= names | {"ARM"})
         ]
         out = []
-        _lines([_Normalize(names).visit(n) for n in body], 0, names, out)
+        _lines(body, 0, names, out)
         kept.append(out)
     base, arm = kept
     problems = []
@@ -308,17 +317,17 @@ def test_the_guard_holds_under_amp(amp, tmp_path):
 
 @pytest.fixture
 def doubled_loss():
-    """train_fixed.py of mnist1d_cnn with `loss = loss * 2.0` after the loss: a change to
+    """train_fixed.py of mnist1d_cnn with `share = share * 2.0` before its backward: a change to
     the training that is not the perturbation."""
     source = (GENERATED / "mnist1d_cnn" / "train_fixed.py").read_text()
-    anchor = "            loss = F.cross_entropy(logits, yb)\n"
+    anchor = "                scaler.scale(share).backward()\n"
     assert source.count(anchor) == 1
-    return source.replace(anchor, anchor + "            loss = loss * 2.0\n")
+    return source.replace(anchor, "                share = share * 2.0\n" + anchor)
 
 
 def test_the_guard_fails_on_a_doubled_loss(doubled_loss):
     base = (GENERATED / "mnist1d_cnn" / "train_baseline.py").read_text()
-    assert arm_differences(base, doubled_loss) == ["+             loss = loss * 2.0"]
+    assert arm_differences(base, doubled_loss) == ["+                 share = share * 2.0"]
 
 
 def test_the_guard_fails_on_a_lost_line_and_on_other_settings():

@@ -82,9 +82,10 @@ def test_render_model_fields_follow_the_settings(write_spec):
     off = plan(*load_spec(write_spec()))
     on = plan(*load_spec(write_spec(STEP_SPEC)))
     names = {"CLIP_GRAD_NORM", "ACCUMULATE", "LABEL_SMOOTHING"}
-    for m in off:
+    for m in off:  # the settings stay, at the values that turn them off
         assert (m.clips, m.accumulates, m.smooths, m.detector_takes_norm) == (False,) * 4
-        assert not names & {c.name for c in m.constants}
+        values = {c.name: c.value for c in m.constants if c.name in names}
+        assert values == {"CLIP_GRAD_NORM": None, "ACCUMULATE": 1, "LABEL_SMOOTHING": 0.0}
     for m in on:
         assert (m.clips, m.accumulates, m.smooths) == (True, True, True)
         assert m.detector_takes_norm is (m.kind == "full")
@@ -229,7 +230,9 @@ def test_label_smoothing_is_in_the_training_loss_only(tmp_path):
         calls.append((logits.detach().double(), target, kwargs, loss.detach().double()))
         return loss
 
-    ns["main"].__globals__["F"] = types.SimpleNamespace(cross_entropy=cross_entropy)
+    fake = types.SimpleNamespace(cross_entropy=cross_entropy)
+    ns["main"].__globals__["F"] = fake  # the training loss, in the script
+    ns["summarize"].__globals__["F"] = fake  # evaluation, in the support module
     run = tmp_path / "run"
     assert ns["main"](["--out", str(run)]) == 0
     train = [c for c in calls if "reduction" not in c[2]]

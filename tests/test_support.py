@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import difflib
+import inspect
+import math
+import re
 import subprocess
 import sys
 
 import pytest
-from conftest import GENERATED, LOADER, MINIMAL, cli, generate
+from conftest import GENERATED, LOADER, MINIMAL, REPO, cli, generate
 
-from generator.scriptload import load_script
+from generator.scriptload import data_settings, load_script
 
 FOLDERS = sorted(p for p in GENERATED.iterdir() if p.is_dir())
 
@@ -59,9 +62,36 @@ def test_the_support_module_needs_torch_and_the_standard_library_only():
 def test_the_ablation_diff_is_short():
     # issue 26's target: baseline -> fixed shows the method and its call sites, on one screen
     folder = GENERATED / "mnist1d_cnn"
-    base, fixed = ((folder / f"train_{a}.py").read_text().splitlines() for a in ("baseline", "fixed"))
+    base, fixed = (
+        (folder / f"train_{a}.py").read_text().splitlines() for a in ("baseline", "fixed")
+    )
     diff = [line for line in difflib.ndiff(base, fixed) if line[:1] in "+-"]
     assert len(diff) <= 150
+
+
+def test_the_arm_scripts_are_nanogpt_sized():
+    # issue 26's targets for mnist1d_cnn: each arm is its settings, its method and its loop
+    folder = GENERATED / "mnist1d_cnn"
+    lines = {
+        a: len((folder / f"train_{a}.py").read_text().splitlines()) for a in ("baseline", "full")
+    }
+    assert lines["baseline"] <= 400 and lines["full"] <= 600, lines
+
+
+TEMPLATES = sorted((REPO / "templates").rglob("*.jinja"))
+CONTROL_TAG = re.compile(r"\{%-?\s*(?:if|elif|else|for)\b")
+
+
+@pytest.mark.parametrize("template", TEMPLATES, ids=lambda p: p.relative_to(REPO).as_posix())
+def test_templates_read_like_their_output(template):
+    # no template over about 400 lines, and at most about 5 control tags per 100 lines,
+    # rounded up (a file under 60 lines may hold 3): variants are files chosen by a
+    # render-model field, and a condition of more than one line is a field
+    text = template.read_text()
+    lines = len(text.splitlines())
+    tags = len(CONTROL_TAG.findall(text))
+    assert lines <= 400, lines
+    assert tags <= math.ceil(5 * max(lines, 60) / 100), (tags, lines)
 
 
 def test_scripts_of_two_folders_of_one_spec_name_load_their_own_support(tmp_path):
@@ -85,3 +115,24 @@ def test_a_probe_in_another_interpreter_loads_the_script_beside_its_support(tmp_
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "mnist1d_cnn_support"
+
+
+def keywords(function, required=False):
+    """The keyword-only parameters of `function` (those without a default, if `required`)."""
+    return {
+        p.name
+        for p in inspect.signature(function).parameters.values()
+        if p.kind == p.KEYWORD_ONLY and not (required and p.default is not p.empty)
+    }
+
+
+@pytest.mark.parametrize("folder", FOLDERS, ids=lambda p: p.name)
+def test_each_arm_passes_load_data_what_its_data_source_takes(folder):
+    # --smoke never calls the dataset's source: its keywords are checked here, every arm's
+    for script in sorted(folder.glob("train_*.py")):
+        ns = load_script(script)
+        settings = data_settings(ns)
+        load_data = ns["load_data"]
+        source = load_data.__globals__["DATA_SOURCES"][settings["dataset"]]
+        assert set(settings) <= keywords(load_data) | keywords(source), script.name
+        assert keywords(load_data, True) | keywords(source, True) <= set(settings), script.name
