@@ -116,6 +116,23 @@ training loss, then the noise; returns eps. None back means the grad scaler skip
 the step (its gradients hold inf or NaN): no step, no noise, no count."""
 
 
+# The class docstring's first sentence, by how the arm's noise enters (the drop-in parameter
+# noise of the method's arms unless a peer says otherwise).
+CLASS_DOC = {
+    "parameters": (
+        "Adds eps(t) * xi to the parameters `optimizer` trains after each of its real steps:",
+        "call perturb.step(loss) after every optimizer.step().",
+    ),
+    "gradient_noise": (
+        "Adds eps(t) * xi to the gradients of the parameters `optimizer` trains before each of",
+        "its real steps: call perturb.step(loss) after every optimizer.step().",
+    ),
+    "anti_pgd": (
+        "Adds xi_(t+1) - xi_t, xi_t = eps(t) * N(0, I), to the parameters `optimizer` trains",
+        "after each of its real steps: call perturb.step(loss) after every optimizer.step().",
+    ),
+}
+
 @dataclass(frozen=True)
 class ExportModel:
     """Everything templates/adaptive_perturbation.py.jinja needs for one arm's module."""
@@ -197,6 +214,12 @@ class ExportModel:
         where the noise follows the learning rate."""
         lr = f", lr={pyrepr(self.reference_lr)}" if self.scales_with_lr else ""
         return f"seed=0{lr}"
+
+    @property
+    def class_lines(self) -> tuple[str, ...]:
+        """The class docstring's first sentence: what the arm's noise does to which tensors,
+        and when."""
+        return CLASS_DOC.get(self.kind, CLASS_DOC["parameters"])
 
     @property
     def hook_lines(self) -> tuple[str, ...]:

@@ -259,8 +259,11 @@ def test_the_docstrings_lines_follow_the_arm():
         assert ("Rank 0's detector decides" in m.state_lines[-1]) == detector, arm
         assert ("a snapshot of the" in m.hook_lines[1]) == detector, arm
         assert ("the detector's sample" in m.step_doc_lines[0]) == detector, arm
+        # the class's first sentence names what the arm's noise reaches
+        reaches = {"gradient_noise": "to the gradients", "anti_pgd": "Adds xi_(t+1) - xi_t"}
+        assert reaches.get(arm, "eps(t) * xi to the parameters") in m.class_lines[0], arm
         # as the docstrings indent them (the class's by 4, step()'s by 8): under 100 columns
-        assert all(len(line) < 96 for line in m.hook_lines + m.state_lines), arm
+        assert all(len(line) < 96 for line in m.class_lines + m.hook_lines + m.state_lines), arm
         assert all(len(line) < 92 for line in m.step_doc_lines), arm
 
 
