@@ -317,6 +317,13 @@ def noise_add(flat, n_noise, eps, key):
         noise_add_kernel[grid](flat, n_noise, eps, key, BLOCK=BLOCK)
 
 
+def flat_order(params):
+    """The flat buffer's order of parameters, one rule for the scripts' flatten_parameters,
+    the exported module's mirror and the gradient noise: tensors with ndim >= 2 (the
+    weights) first, otherwise as given (a stable sort)."""
+    return sorted(params, key=lambda p: p.ndim < 2)
+
+
 def add_noise(part, eps):
     """The torch path and the kernel's reference: target += eps * xi for one slice
     (generator, scratch, target), xi ~ N(0, I) from the slice's generator."""
@@ -627,7 +634,7 @@ class AdaptivePerturbation(SampledPerturbation):
         device = params[0].device
         rank, world = distributed()
         # the scripts' flat layout (their flatten_parameters): weights first, in model order
-        self.params = sorted(params, key=lambda p: p.ndim < 2)
+        self.params = flat_order(params)
         flat = torch.empty(sum(p.numel() for p in self.params), device=device)
         sizes = [p.numel() for p in self.params]
         self.views = [v.view_as(p) for v, p in zip(flat.split(sizes), self.params)]

@@ -1576,7 +1576,7 @@ def flatten_parameters(model, memory_format=torch.preserve_format):
     optimizer; it is also what lets one operation cover all parameters. Under channels-last
     a 4-D weight's slice holds it as (O, H, W, I), permuted to the (O, I, H, W) shape torch
     expects: channels-last strides, and still a view of the one buffer. Returns the buffer."""
-    params = sorted(model.parameters(), key=lambda p: p.ndim < 2)  # stable: weights first
+    params = flat_order(model.parameters())  # weights first
     flat = torch.empty(sum(p.numel() for p in params), device=params[0].device)
     offset = 0
     for p in params:
@@ -1629,6 +1629,13 @@ def noise_add(flat, n_noise, eps, key):
     grid = (triton.cdiv(n_noise, BLOCK),)
     with torch.cuda.device_of(flat):
         noise_add_kernel[grid](flat, n_noise, eps, key, BLOCK=BLOCK)
+
+
+def flat_order(params):
+    """The flat buffer's order of parameters, one rule for the scripts' flatten_parameters,
+    the exported module's mirror and the gradient noise: tensors with ndim >= 2 (the
+    weights) first, otherwise as given (a stable sort)."""
+    return sorted(params, key=lambda p: p.ndim < 2)
 
 
 def add_noise(part, eps):

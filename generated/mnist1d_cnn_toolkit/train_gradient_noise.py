@@ -63,6 +63,7 @@ from mnist1d_cnn_toolkit_support import (
     evaluate,
     evaluate_test,
     fail,
+    flat_order,
     flatten_parameters,
     kernel_for,
     load_data,
@@ -221,7 +222,7 @@ class GradientNoise(DrawnNoise):
         layout's order (flatten_parameters': weights first, otherwise the model's order)."""
         if self.pairs is None:
             chosen, end = [], 0
-            for p in sorted(self.model_params, key=lambda p: p.ndim < 2):
+            for p in flat_order(self.model_params):
                 end += p.numel()
                 if end > self.n_noise:
                     break

@@ -3,6 +3,7 @@
 import torch
 
 from generator.method.drawn import DrawnNoise
+from generator.method.noise import flat_order
 
 
 class GradientNoise(DrawnNoise):
@@ -29,7 +30,7 @@ class GradientNoise(DrawnNoise):
         layout's order (flatten_parameters': weights first, otherwise the model's order)."""
         if self.pairs is None:
             chosen, end = [], 0
-            for p in sorted(self.model_params, key=lambda p: p.ndim < 2):
+            for p in flat_order(self.model_params):
                 end += p.numel()
                 if end > self.n_noise:
                     break

@@ -48,6 +48,13 @@ def noise_add(flat, n_noise, eps, key):
         noise_add_kernel[grid](flat, n_noise, eps, key, BLOCK=BLOCK)
 
 
+def flat_order(params):
+    """The flat buffer's order of parameters, one rule for the scripts' flatten_parameters,
+    the exported module's mirror and the gradient noise: tensors with ndim >= 2 (the
+    weights) first, otherwise as given (a stable sort)."""
+    return sorted(params, key=lambda p: p.ndim < 2)
+
+
 def add_noise(part, eps):
     """The torch path and the kernel's reference: target += eps * xi for one slice
     (generator, scratch, target), xi ~ N(0, I) from the slice's generator."""
