@@ -20,11 +20,19 @@ def save_png(fig: Any, path: Path, dpi: int = 110) -> None:
 
 
 def pyplot() -> Any:
+    """matplotlib's pyplot (Agg), in its default style with a line for every arm told apart:
+    Optuna's plots switch the whole process to ggplot, whose 7 colours repeat at an 8th arm,
+    so each of our plots starts from the default and cycles ten colours solid, then dashed,
+    then dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from cycler import cycler
 
+    plt.style.use("default")
+    colours = plt.rcParams["axes.prop_cycle"]
+    plt.rcParams["axes.prop_cycle"] = cycler(linestyle=["-", "--", ":"]) * colours
     return plt
 
 

@@ -80,3 +80,32 @@ def test_slice_panels_leave_room_for_their_names(study):
     labels = [p.xaxis.label for p in panels]
     ticks = [t for p in panels for t in shown(p.xaxis)]
     assert not overlapping(labels + ticks)
+
+
+def test_every_arm_of_a_budget_plot_has_a_line_of_its_own(study, tmp_path):
+    # after Optuna's plots (which switch the process to ggplot's 7 colours), 12 arms: 12
+    # distinct (colour, line style) pairs; the 8th arm repeated the 1st's colour before
+    from optuna.visualization import matplotlib as ovm
+
+    from generator.tune_report_md import budget_plot
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # optuna's "experimental" warning
+        ovm.plot_optimization_history(study)
+    curve = {"n": 3, "expected": [0.5, 0.6, 0.7], "low": [0.4] * 3, "high": [0.8] * 3}
+    info = {"curves": {f"arm{i}": curve for i in range(12)}, "objective": "final_val_acc"}
+    info["spec_name"] = "s"
+    plt = pyplot()
+    shown = []
+    original = plt.Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        shown.extend((line.get_color(), line.get_linestyle()) for line in fig.axes[0].lines)
+        return original(fig, *args, **kwargs)
+
+    plt.Figure.savefig = keep
+    try:
+        budget_plot(info, tmp_path / "budget.png")
+    finally:
+        plt.Figure.savefig = original
+    assert len(shown) == 12 and len(set(shown)) == 12
