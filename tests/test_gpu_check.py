@@ -23,14 +23,16 @@ def dry_run(out):
     )
 
 
-@pytest.mark.timeout(600)  # two whole dry runs, each 2 min on a busy 2-core machine
+@pytest.mark.timeout(600)  # a whole dry run, 2 min on a busy 2-core machine
 def test_gpu_check_dry_run(tmp_path):
-    """Run twice into the same folder: the second run starts afresh (it used to find every
-    arm's run folder taken by the first)."""
+    """Into a folder an earlier check wrote: the run starts afresh (a second check used to
+    find every arm's run folder taken by the first, and refused)."""
     pytest.importorskip("triton", reason="the triton package is a test dependency")
-    for _ in range(2):
-        result = dry_run(tmp_path)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    earlier = tmp_path / "arms" / "synthetic_mlp" / "baseline-none"
+    earlier.mkdir(parents=True)
+    (earlier / "last.pt").write_bytes(b"an earlier check's checkpoint")
+    result = dry_run(tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["ok"] and report["dry_run"]
     arms = {(r["spec"], r["arm"], r["kernel"]) for r in report["arms"] if r["ok"]}
