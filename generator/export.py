@@ -20,6 +20,7 @@ from generator.errors import SpecError, SpecErrors
 from generator.messages import did_you_mean
 from generator.method import policy
 from generator.plan import (
+    CLOCKS,
     Constant,
     RenderModel,
     noise_rule,
@@ -77,16 +78,6 @@ VARIANTS = {
 # is said by plan.noise_rule).
 DROP_IN_NOISE = """\
 After every real optimizer step the parameters the optimizer trains receive Gaussian noise:"""
-# What eps(t)'s clock counts (fixed has no clock).
-PHASE = "p is the phase the detector reports (exploration, convergence, fine_tuning)"
-STEPS = "t counts optimizer steps from 0."
-CLOCKS = {
-    "phase_only": (f"{PHASE}.",),
-    "full": (f"{PHASE};", "t_p counts optimizer steps since p began."),
-    "schedule_only": (STEPS,),
-    "gradient_noise": (STEPS,),
-    "anti_pgd": (STEPS,),
-}
 LR_DOC = """\
 Noise scale 'lr': eps(t) is multiplied by lr_t / lr_0, lr_t the optimizer's learning rate at
 the step and lr_0 the reference learning rate: the constructor argument `lr`, by default the
@@ -132,6 +123,7 @@ CLASS_DOC = {
         "after each of its real steps: call perturb.step(loss) after every optimizer.step().",
     ),
 }
+
 
 @dataclass(frozen=True)
 class ExportModel:

@@ -72,6 +72,16 @@ NOISE_RULES = {
         "theta <- theta + xi_(t+1) - xi_t,   xi_t = eps(t) * N(0, I) from a dedicated generator",
     ),
 }
+# What eps(t)'s clock counts, for docstrings (fixed has no clock).
+PHASE = "p is the phase the detector reports (exploration, convergence, fine_tuning)"
+STEPS = "t counts optimizer steps from 0."
+CLOCKS = {
+    "phase_only": (f"{PHASE}.",),
+    "full": (f"{PHASE};", "t_p counts optimizer steps since p began."),
+    "schedule_only": (STEPS,),
+    "gradient_noise": (STEPS,),
+    "anti_pgd": (STEPS,),
+}
 PARAMETER_NOISE = (
     "After every optimizer step each parameter receives Gaussian noise:",
     "theta <- theta + eps(t) * xi,   xi ~ N(0, I) from a dedicated generator",
@@ -95,21 +105,15 @@ class RenderModel:
     dataset: str
     input_shape: tuple[int, ...]
     num_classes: int
-    image_data: bool  # uint8 images, normalised per channel on the device
     crop_flip: bool  # CIFAR's pad-crop-flip augmentation, done on tensors
     arch: str
     optimizer: str
     schedule: str
-    amp: str
     compile: bool
     constants: tuple[Constant, ...]
     factory_refs: tuple[str, ...] = ()  # "model.factory = pkg.mod:attr" per user factory
-    clips: bool = False  # train.clip_grad_norm is set: clip, and log clip_frac
     accumulates: bool = False  # train.accumulate > 1: micro-batches per optimizer step
-    smooths: bool = False  # train.label_smoothing > 0, in the training loss only
     loggers: tuple[str, ...] = ()  # train.loggers: experiment trackers, in the spec's order
-    ema: bool = False  # train.ema: an EMA of the weights, validated and tested beside them
-    early_stop: bool = False  # train.early_stop: stop when val accuracy stalls
     no_decay: bool = False  # optimizer.no_decay: two parameter groups, one without decay
     policy: str = ""  # the eps(t) policy's module under generator/method/ ("" in a baseline)
     policy_arguments: tuple[str, ...] = ()  # its constructor keywords: constants, lower case
@@ -195,18 +199,7 @@ class RenderModel:
             )
         sentence, update = self.noise_rule
         lines = (sentence, f"    {update}", f"    {self.eps_formula}", f"    {self.eps_values}")
-        if self.kind == "full":
-            return lines + (
-                "p is the phase the detector reports (exploration, convergence, fine_tuning);",
-                "t_p counts optimizer steps since p began.",
-            )
-        if self.detector:
-            return lines + (
-                "p is the phase the detector reports (exploration, convergence, fine_tuning).",
-            )
-        if self.kind == "fixed":
-            return lines
-        return lines + ("t counts optimizer steps from 0.",)
+        return lines + CLOCKS.get(self.kind, ())
 
     @property
     def perturbs(self) -> bool:
@@ -234,11 +227,6 @@ class RenderModel:
     def logs(self) -> bool:
         """Whether the script logs to experiment trackers (train.loggers is not empty)."""
         return bool(self.loggers)
-
-    @property
-    def grouped(self) -> bool:
-        """Whether a tracker groups runs (W&B group, MLflow experiment): --log-group."""
-        return "wandb" in self.loggers or "mlflow" in self.loggers
 
     @property
     def static_graph(self) -> bool:
@@ -279,12 +267,6 @@ class RenderModel:
     def detector_template(self) -> str:
         """templates/perturbation/<name>.py.jinja: the detector make_perturbation builds."""
         return "detector" if self.detector else "none"
-
-    @property
-    def detector_takes_norm(self) -> bool:
-        """Whether the detector samples the pre-clip gradient norm that clipping measured,
-        handed to perturbation.step, instead of measuring it itself."""
-        return self.detector and self.clips
 
 
 # model.arch values whose network an optional package builds (imported when it is built)
@@ -658,21 +640,15 @@ def plan(spec: Spec, doc: Located) -> list[RenderModel]:
                 dataset=s.data.dataset,
                 input_shape=shape,
                 num_classes=classes,
-                image_data=s.data.dataset in NORMALIZATION,
                 crop_flip=s.data.dataset in ("cifar10", "cifar100"),
                 arch=s.model.arch,
                 optimizer=s.optimizer.name,
                 schedule=s.schedule.name,
-                amp=s.train.amp,
                 compile=s.train.compile,
                 constants=constants(s, arm, kind),
                 factory_refs=factory_refs(s),
-                clips=s.train.clip_grad_norm is not None,
                 accumulates=s.train.accumulate > 1,
-                smooths=s.train.label_smoothing > 0,
                 loggers=tuple(s.train.loggers),
-                ema=s.train.ema is not None,
-                early_stop=s.train.early_stop is not None,
                 no_decay=bool(s.optimizer.no_decay),
                 policy=POLICIES.get(kind, ""),
                 policy_arguments=policy_arguments(kind) if kind in POLICIES else (),

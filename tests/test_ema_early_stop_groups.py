@@ -109,7 +109,9 @@ def test_bad_fields_are_one_line_errors(write_spec, old, new, line, message):
 
 def test_early_stop_is_refused_in_a_spec_to_tune(write_spec):
     text = MINIMAL.replace("epochs: 2,", "epochs: 2, early_stop: {patience: 3},")
-    path = write_spec(text + "tune: {arms: [fixed], space: {optimizer.lr: {low: 0.01, high: 1}}}\n")
+    path = write_spec(
+        text + "tune: {arms: [fixed], space: {optimizer.lr: {low: 0.01, high: 1}}}\n"
+    )
     message = (
         "train.early_stop: must be left out of a spec that perturbgen tune searches (its "
         "pruner stops poor trials; a trial's runs must all run train.epochs)"
@@ -122,10 +124,18 @@ def test_render_model_fields_are_off_by_default_and_on_when_asked(write_spec, bn
         spec, doc = load_spec(write_spec(text), [])
         return plan(spec, doc)
 
-    assert not any(m.ema or m.early_stop or m.no_decay for m in models(MINIMAL))
+    def settings(m):
+        return {c.name: c.value for c in m.constants}
+
+    for m in models(MINIMAL):  # every script states the features, at the values that are off
+        off = settings(m)
+        assert off["EMA_DECAY"] is None and off["EARLY_STOP_PATIENCE"] is None
+        assert not m.no_decay and "NO_DECAY" not in off
     on = models(FEATURES)
-    assert all(m.ema and m.early_stop and m.no_decay for m in on)
-    names = {c.name: c.value for c in on[0].constants}
+    assert all(m.no_decay for m in on)
+    assert all(settings(m)["EMA_DECAY"] is not None for m in on)
+    assert all(settings(m)["EARLY_STOP_PATIENCE"] is not None for m in on)
+    names = settings(on[0])
     assert names["NO_DECAY"] == ("bias", "norm") and names["EMA_EVERY"] == 2
     assert names["EARLY_STOP_PATIENCE"] == 2 and names["EMA_DECAY"] == 0.9
 
