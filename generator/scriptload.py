@@ -42,10 +42,10 @@ def load_script(
     what every arm shares, reached through one arm."""
     with beside(script):
         namespace = runpy.run_path(str(script), run_name=run_name)
-        shared = [
-            vars(sys.modules[name]) for name in _support_names(script) if name in sys.modules
-        ]
-    return {**shared[0], **namespace} if support and shared else namespace
+        if not support:
+            return namespace
+        shared = [vars(sys.modules[n]) for n in _support_names(script) if n in sys.modules]
+    return {**shared[0], **namespace} if shared else namespace
 
 
 def _support_names(script: str | Path) -> list[str]:

@@ -267,14 +267,10 @@ def test_the_docstrings_lines_follow_the_arm():
         assert all(len(line) < 92 for line in m.step_doc_lines), arm
 
 
-def test_the_export_templates_read_like_their_output():
-    """No template of the module over 400 lines, at most 5 control tags (if, elif, else, for)
-    per 100 lines; every class variant the render model can name is a file."""
+def test_every_class_variant_is_a_template():
+    """Every class variant the render model can name is a file (the module's templates are
+    held to the project's template budget with all the others, tests/test_support.py)."""
     templates = templates_dir()
-    for path in [templates / "adaptive_perturbation.py.jinja", *templates.glob("export/*")]:
-        text = path.read_text()
-        lines, tags = text.count("\n"), len(re.findall(r"\{%-?\s*(if|elif|else|for)\b", text))
-        assert lines <= 400 and tags * 100 <= 5 * max(lines, 100), (path.name, lines, tags)
     for variant in VARIANTS.values():
         assert (templates / "export" / f"{variant}.py.jinja").is_file(), variant
 

@@ -642,10 +642,14 @@ def argument_parser(spec, arm, epochs, batch_size, data_root, seed, kernel=None,
     return parser
 
 
+def run_name(arm, smoke, seed):
+    """ARM-seedN, or ARM-smoke with --smoke: the default run folder's and tracker run's name."""
+    return f"{arm}-smoke" if smoke else f"{arm}-seed{seed}"
+
+
 def run_folder(args, spec, arm):
     """--out, or runs/SPEC/ARM-seedN (ARM-smoke with --smoke)."""
-    name = f"{arm}-smoke" if args.smoke else f"{arm}-seed{args.seed}"
-    return Path(args.out or f"runs/{spec}/{name}")
+    return Path(args.out or f"runs/{spec}/{run_name(arm, args.smoke, args.seed)}")
 
 
 def use_fast_cuda_kernels(device, deterministic):
@@ -745,8 +749,7 @@ class Run:
             "train_s": 0.0,
             "elapsed_s": 0.0,
         }
-        self.best_acc, self.last_checkpoint = -1.0, -math.inf  # epoch 1 writes last.pt
-        self.experiment = None
+        self.last_checkpoint = -math.inf  # so that epoch 1 writes last.pt
 
     def open(self, config, stateful, script, experiment=None):
         """Continue from last.pt when resuming, then (rank 0) write config.json and copy the
@@ -761,18 +764,17 @@ class Run:
         history = self.state["history"]
         self.best_acc = max((h["val_acc"] for h in history), default=-1.0)
         self.session, self.before = time.perf_counter(), self.state["elapsed_s"]
+        self.experiment = experiment if self.rank == 0 else None  # rank 0 alone logs
         if self.rank == 0:  # lock_run_folder made the folder
             write_text_atomic(self.out / "config.json", json.dumps(config, indent=2) + "\n")
             copy_sources(script, self.out)
             self.metrics = MetricsLog(self.out / "metrics.jsonl", history)
             write_jsonl(self.out / "phases.jsonl", self.state["phases"])  # empty: no detector
             if experiment is not None:  # one tracker run per run folder: SPEC-ARM-seedN
-                run = f"{config['arm']}-" + (
-                    "smoke" if config["smoke"] else f"seed{config['seed']}"
+                name = (
+                    f"{config['spec']}-{run_name(config['arm'], config['smoke'], config['seed'])}"
                 )
-                name = f"{config['spec']}-{run}"
                 experiment.start(self.out, name, config, self.state["step"], self.resuming)
-                self.experiment = experiment
         return False
 
     def restore(self, path):
@@ -887,10 +889,7 @@ def micro_batches(model, xb, yb, k):
 def scaler_step(scaler, optimizer):
     """scaler.step(optimizer), then the scale's update. False when an fp16 grad scaler
     skipped the step (non-finite gradients; it then lowers the scale): no step at all.
-    A disabled scaler (no fp16) steps and says True, reading nothing from the device."""
-    if not scaler.is_enabled():
-        optimizer.step()
-        return True
+    A disabled scaler (no fp16) steps, and its scale is 1.0 without reading the device."""
     scale = scaler.get_scale()
     scaler.step(optimizer)
     scaler.update()

@@ -504,8 +504,9 @@ def train(args, rank, world, device, stop, experiment=None):
                     logits = forward(x)
                     share = weight * F.cross_entropy(logits, y, label_smoothing=LABEL_SMOOTHING)
                 scaler.scale(share).backward()
-                loss = loss + share.detach()
-                window.add(share.detach().float() * len(yb), (logits.argmax(1) == y).sum(), len(y))
+                share = share.detach()
+                loss = loss + share
+                window.add(share.float() * len(yb), (logits.argmax(1) == y).sum(), len(y))
             scaler.unscale_(optimizer)  # true gradients before clipping and the step
             grad_norm = clip_gradients(model, CLIP_GRAD_NORM)  # the norm before clipping
             # the step, then the arm's noise (a detector samples the loss and the norm)
