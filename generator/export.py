@@ -19,9 +19,9 @@ import jinja2
 from generator.errors import SpecError, SpecErrors
 from generator.messages import did_you_mean
 from generator.method import policy
+from generator.constants import Constant
 from generator.plan import (
     CLOCKS,
-    Constant,
     RenderModel,
     noise_rule,
     peer_modules,

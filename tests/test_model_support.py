@@ -8,7 +8,8 @@ import ast
 import pytest
 from conftest import GENERATED, REPO, SCRIPTS, generate, run_inprocess
 
-from generator.plan import LIBRARY_ARCHES, plan, support_model
+from generator.constants import LIBRARY_ARCHES
+from generator.plan import plan, support_model
 from generator.render import load_spec
 from generator.scriptload import load_script
 
