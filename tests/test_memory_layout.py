@@ -71,7 +71,9 @@ def todays_crop_flip_batches(ns, data, order, first, batch_size, seed, epoch, ra
     std = torch.tensor(ns["NORM_STD"]).view(1, -1, 1, 1)
     for batch in range(first, -(-len(order) // batch_size)):
         idx = order[batch * batch_size : (batch + 1) * batch_size].tensor_split(world)[rank]
-        g = torch.Generator().manual_seed(ns["derived_seed"](seed, "augment", epoch * 2**20 + batch))
+        g = torch.Generator().manual_seed(
+            ns["derived_seed"](seed, "augment", epoch * 2**20 + batch)
+        )
         n = len(idx)
         dy, dx = torch.randint(0, 9, (n,), generator=g), torch.randint(0, 9, (n,), generator=g)
         flip = torch.rand(n, generator=g) < 0.5
@@ -148,6 +150,7 @@ def test_channels_last_is_auto_for_conv_nets_on_cuda_only(tmp_path):
     ns = load_script(str(folder / "train_baseline.py"), run_name="perturbgen_test")
     assert ns["CHANNELS_LAST"] == "auto"
     conv, mlp = ns["build_model"](), torch.nn.Linear(3, 3)
+
     def pick(model, device):
         return ns["memory_format_for"](model, device, ns["CHANNELS_LAST"])
 
@@ -192,5 +195,5 @@ def test_persistent_loader_workers_see_each_epoch(tmp_path):
         assert torch.equal(loaded, data.inputs(expected)), epoch
         epochs.append(loaded)
     assert not torch.equal(epochs[0], epochs[1])  # the crops do change with the epoch
-    (loader,) = data.loaders.values()  # one loader, its workers kept from pass to pass
+    loader = data.loader  # one loader for every split, its workers kept from pass to pass
     assert loader.persistent_workers and loader.prefetch_factor == 2

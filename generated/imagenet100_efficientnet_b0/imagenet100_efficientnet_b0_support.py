@@ -1244,38 +1244,48 @@ class EpochBatches:
         return len(self.batches)
 
 
+class SplitSets(torch.utils.data.Dataset):
+    """Every split behind one loader: the example at key (split, index)."""
+
+    def __init__(self, sets):
+        self.sets = sets
+
+    def __getitem__(self, key):
+        split, index = key
+        return self.sets[split][index]
+
+
 class LoaderData:
     """Examples loaded by DataLoader workers, batch by batch: the training batches in the
     order of (seed, epoch), so a resume mid-epoch and DDP's split of each global batch are
-    those of the tensor datasets. One loader per split, its workers kept from pass to pass."""
+    those of the tensor datasets. One loader serves every split, its workers kept from pass
+    to pass: they are forked once, at the first pass, before any loader thread exists (a
+    loader per split forked the later splits' workers beside the first one's queue threads,
+    and a child that inherited a lock held at that moment hung the run)."""
 
     def __init__(self, splits, train_set, eval_sets, inputs, rank, world, seed, workers):
         self.splits, self.train_set, self.eval_sets = splits, train_set, eval_sets
-        self.train_size, self.device, self.workers = len(self.train_set), inputs.device, workers
-        self.rank, self.world, self.seed = rank, world, seed
-        self.inputs, self.loaders = inputs, {}
+        self.train_size, self.device = len(self.train_set), inputs.device
+        self.rank, self.world, self.inputs = rank, world, inputs
+        # The first pass draws the workers' base seed from the loader's generator; from the
+        # global stream (the model's dropout) that draw would shift every later mask when a
+        # resume starts mid-epoch. The workers' own streams are never used: each example is
+        # loaded under streams seeded from (seed, split, epoch, index) (custom data:
+        # CheckedSplit; image folders seed their crops so).
+        persistent = {"persistent_workers": True, "prefetch_factor": 2} if workers else {}
+        self.loader = torch.utils.data.DataLoader(  # prefetch: batches per worker
+            SplitSets({"train": train_set, **eval_sets}),
+            batch_sampler=EpochBatches(),
+            num_workers=workers,
+            collate_fn=collate,
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(derived_seed(seed, f"loader-{rank}")),
+            **persistent,
+        )
 
-    def _load(self, split, dataset, batches, seed):
-        # A loader's first pass draws its workers' base seed from the loader's generator;
-        # from the global stream (the model's dropout) that draw would shift every later mask
-        # when a resume starts a pass mid-epoch. The workers' own streams are never used: each
-        # example is loaded under streams seeded from (seed, split, epoch, index) (custom data:
-        # CheckedSplit; image folders seed their crops so). The loader of this session's first
-        # pass of a split is kept for the rest (persistent workers).
-        if split not in self.loaders:
-            workers = {"persistent_workers": True, "prefetch_factor": 2} if self.workers else {}
-            self.loaders[split] = torch.utils.data.DataLoader(  # prefetch: batches per worker
-                dataset,
-                batch_sampler=EpochBatches(),
-                num_workers=self.workers,
-                collate_fn=collate,
-                pin_memory=self.device.type == "cuda",
-                generator=torch.Generator().manual_seed(seed),
-                **workers,
-            )
-        loader = self.loaders[split]
-        loader.batch_sampler.batches = batches
-        for x, y in loader:  # pinned on CUDA: the copies overlap the step before
+    def _load(self, split, batches):
+        self.loader.batch_sampler.batches = [[(split, i) for i in b] for b in batches]
+        for x, y in self.loader:  # pinned on CUDA: the copies overlap the step before
             if x is None:
                 fail(y)
             yield self.inputs(to_device(x, self.device)), to_device(y, self.device)
@@ -1283,15 +1293,12 @@ class LoaderData:
     def train_batches(self, order, first, batch_size, seed, epoch):
         self.train_set.epoch.fill_(epoch)  # shared memory: persistent workers see it too
         batches = [shard(b, self.rank, self.world) for b in order.split(batch_size)[first:]]
-        loader_seed = derived_seed(seed, f"loader-{self.rank}", epoch)
-        yield from self._load("train", self.train_set, [b.tolist() for b in batches], loader_seed)
+        yield from self._load("train", [b.tolist() for b in batches])
 
     def eval_batches(self, split, batch_size):
         """Batches of this rank's part of split "val" or "test"."""
-        dataset = self.eval_sets[split]
-        indices = torch.arange(self.rank, len(dataset), self.world).split(batch_size)
-        loader_seed = derived_seed(self.seed, f"{split}-loader-{self.rank}")
-        yield from self._load(split, dataset, [b.tolist() for b in indices], loader_seed)
+        indices = torch.arange(self.rank, len(self.eval_sets[split]), self.world).split(batch_size)
+        yield from self._load(split, [b.tolist() for b in indices])
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
